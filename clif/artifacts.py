@@ -1,0 +1,148 @@
+"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, output/stage dir checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .cli import UserError
+from .concepts import Concept
+
+MANIFEST = "clif_manifest.json"
+ENCODER_KEYS = {"sd": None, "sdxl": ("clip_l", "clip_g")}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def embedding_tensors(family: str, concept: Concept, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file content of one concept: `{token: [n, D]}` (SD) or `{clip_l, clip_g}` (SDXL)."""
+    keys = ENCODER_KEYS[family]
+    if keys is None:
+        return {concept.token: rows[0].float()}
+    return {k: r.float() for k, r in zip(keys, rows)}
+
+
+def save_embeddings(out: Path, family: str, concepts: list[Concept], rows: list[list[torch.Tensor]],
+                    meta: dict[str, str]) -> None:
+    """Write embeddings/<name>.safetensors for each concept; rows[i][e] = concept i's rows in encoder e."""
+    for c, r in zip(concepts, rows):
+        header = {**meta, "clif.token": c.token, "clif.num_vectors": str(c.num_vectors),
+                  "clif.initializer": c.initializer, "clif.class": c.class_word}
+        atomic_save_safetensors(embedding_tensors(family, c, r), out / "embeddings" / f"{c.name}.safetensors", header)
+
+
+def load_embedding_file(path: Path, family: str) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """Rows per encoder and header metadata of one embedding file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        keys = ENCODER_KEYS[family] or list(f.keys())
+        missing = [k for k in keys if k not in f.keys()]
+        if missing or (ENCODER_KEYS[family] is None and len(keys) != 1):
+            raise UserError(f"{path} is not a {family} embedding file (keys {list(f.keys())})")
+        return [f.get_tensor(k) for k in keys], meta
+
+
+def read_manifest(stage_dir: str | Path) -> dict:
+    path = Path(stage_dir) / MANIFEST
+    if not Path(stage_dir).is_dir():
+        raise UserError(f"stage dir {stage_dir} does not exist")
+    if not path.is_file():
+        raise UserError(f"{stage_dir} is not a finished CLIF stage output (no {MANIFEST})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"invalid {path}: {err}") from None
+
+
+def check_stage_compatible(manifest: dict, stage_dir: str | Path, family: str, fingerprint: str, base: str) -> None:
+    """Refuse a stage dir made for another family or base model."""
+    if manifest.get("family") != family:
+        raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, "
+                        f"but {base} is {family!r}")
+    if manifest.get("base_fingerprint") != fingerprint:
+        raise UserError(f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, "
+                        f"not on {base} (text encoder weights differ)")
+
+
+def stage_rows(manifest: dict, stage_dir: str | Path, family: str) -> dict[str, tuple[dict, list[torch.Tensor]]]:
+    """name -> (manifest concept entry, rows per encoder) of a stage output."""
+    result = {}
+    for entry in manifest.get("concepts", []):
+        path = Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors"
+        if not path.is_file():
+            raise UserError(f"{stage_dir}: embedding file {path.name} is missing")
+        rows, _ = load_embedding_file(path, family)
+        result[entry["name"]] = (entry, rows)
+    return result
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / MANIFEST).exists() or any(path.glob("checkpoint-*")) or (path / "run_args.json").exists()
+
+
+def check_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
+    """Refuse (before anything is written) an output dir that holds something, unless resuming or overwriting a run."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output dir {path} is a file")
+    if not path.exists() or not any(path.iterdir()) or resuming:
+        return
+    if not overwrite:
+        raise UserError(f"output dir {path} already holds files; pass --overwrite to replace a previous run "
+                        "or --resume_from_checkpoint to continue it")
+    if not is_run_dir(path):
+        raise UserError(f"output dir {path} is not a CLIF run; refusing to delete it even with --overwrite")
+
+
+def clear_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
+    """Delete a previous run (already checked by check_output_dir) and create the folder."""
+    path = Path(path)
+    if overwrite and not resuming and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def write_manifest(out: Path, *, stage: str, family: str, base: str, fingerprint: str, concepts: list[Concept],
+                   args: dict, inputs: list[str], files: dict[str, list[str]] | None = None, extra: dict | None = None) -> None:
+    entries = []
+    for c in concepts:
+        d = c.describe()
+        d["files"] = [f"embeddings/{c.name}.safetensors"]
+        entries.append(d)
+    atomic_write_json(out / MANIFEST, {"stage": stage, "family": family, "base_model": base,
+                                       "base_fingerprint": fingerprint, "concepts": entries, "args": args,
+                                       "inputs": inputs, "files": files or {}, **(extra or {})})

@@ -1,0 +1,154 @@
+"""Training data of stages 2 and 3: caption templates, preprocessing, the deterministic sample stream, latent cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .concepts import Concept
+from .tokens import expand_prompt
+
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a rendition in the style of {}", "a nice painting in the style of {}", "a small painting in the style of {}",
+    "a weird painting in the style of {}", "a large painting in the style of {}",
+]
+
+
+def preprocess(img: Image.Image, resolution: int, center_crop: bool) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """RGB image -> ([3, R, R] in [-1, 1], original (h, w), crop top-left in the resized image)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    crop = (0, 0)
+    if center_crop:
+        side = min(w, h)
+        top, left = (h - side) // 2, (w - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        scale = resolution / side
+        crop = (round(top * scale), round(left * scale))
+    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return x.permute(2, 0, 1).float().div(127.5).sub(1.0), (h, w), crop
+
+
+class _Decode(torch.utils.data.Dataset):
+    def __init__(self, paths, resolution, center_crop):
+        self.paths, self.resolution, self.center_crop = paths, resolution, center_crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            x, size, crop = preprocess(im, self.resolution, self.center_crop)
+        return x, torch.tensor([*size, *crop])
+
+
+@dataclass
+class Sample:
+    """One micro-batch as the loop needs it."""
+
+    pixels: torch.Tensor | None  # [B, 3, R, R] (None with a latent cache)
+    image_index: torch.Tensor  # [B]
+    flip: torch.Tensor  # [B] bool
+    captions: list[str]
+    time_ids: torch.Tensor  # [B, 6] SDXL size/crop conditioning
+
+
+class ConceptImages:
+    """Every image of the concepts, decoded and preprocessed once (few-shot sets fit in memory).
+
+    The sample stream is random-access: item j of the stream is image perm_e[j mod N] of epoch e = j // N,
+    with its flip and caption template drawn from a generator seeded by (seed, e). So micro-batch k of a
+    run is a pure function of (seed, k), which makes resume and multi-process sharding exact.
+    """
+
+    def __init__(self, concepts: list[Concept], resolution: int, center_crop: bool, *, property: str = "object",
+                 random_flip: bool = False, seed: int = 0, num_workers: int = 0):
+        self.concepts, self.resolution, self.seed, self.random_flip = concepts, resolution, seed, random_flip
+        self.templates = STYLE_TEMPLATES if property == "style" else OBJECT_TEMPLATES
+        paths, owners = [], []
+        for ci, c in enumerate(concepts):
+            paths += c.images
+            owners += [ci] * len(c.images)
+        loader = torch.utils.data.DataLoader(_Decode(paths, resolution, center_crop), batch_size=8,
+                                             num_workers=num_workers)
+        xs, metas = zip(*loader)
+        self.pixels = torch.cat(xs)
+        meta = torch.cat(metas)
+        self.time_ids = torch.cat([meta, torch.tensor([[resolution, resolution]] * len(paths))], dim=1).float()
+        self.owner = torch.tensor(owners)
+        self._epochs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def steps_for_epochs(self, epochs: int, global_batch: int, accumulation: int) -> int:
+        return max(1, math.ceil(epochs * len(self) / (global_batch * accumulation)))
+
+    def _epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if e not in self._epochs:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            perm = torch.randperm(len(self), generator=g)
+            flip = (torch.rand(len(self), generator=g) < 0.5) & self.random_flip
+            tmpl = torch.randint(len(self.templates), (len(self),), generator=g)
+            self._epochs = {e: (perm, flip, tmpl)}  # keep one epoch: the stream is read in order
+        return self._epochs[e]
+
+    def micro_batch(self, k: int, global_batch: int, rank: int = 0, local_batch: int | None = None,
+                    with_pixels: bool = True) -> Sample:
+        """Micro-batch k of the stream, the slice of process `rank`."""
+        local_batch = local_batch or global_batch
+        start = k * global_batch + rank * local_batch
+        idx, flips, caps = [], [], []
+        for j in range(start, start + local_batch):
+            perm, flip, tmpl = self._epoch(j // len(self))
+            i = int(perm[j % len(self)])
+            c = self.concepts[int(self.owner[i])]
+            idx.append(i)
+            flips.append(bool(flip[j % len(self)]))
+            caps.append(expand_prompt(self.templates[int(tmpl[j % len(self)])].format(c.token), self.concepts))
+        index, flip_t = torch.tensor(idx), torch.tensor(flips)
+        pixels = None
+        if with_pixels:
+            pixels = self.pixels[index]
+            pixels = torch.where(flip_t[:, None, None, None], pixels.flip(-1), pixels)
+        return Sample(pixels, index, flip_t, caps, self.time_ids[index])
+
+
+class LatentCache:
+    """VAE posterior (mean, std) of every image and of its flipped copy, computed once."""
+
+    def __init__(self, vae, images: ConceptImages, device, dtype, batch_size: int = 8):
+        means, stds = [], []
+        with torch.no_grad():
+            for flipped in (False, True):
+                for s in range(0, len(images), batch_size):
+                    x = images.pixels[s:s + batch_size]
+                    x = x.flip(-1) if flipped else x
+                    dist = vae.encode(x.to(device, dtype)).latent_dist
+                    means.append(dist.mean.float())
+                    stds.append(dist.std.float())
+        n = len(images)
+        self.mean = torch.cat(means).view(2, n, *means[0].shape[1:])
+        self.std = torch.cat(stds).view(2, n, *stds[0].shape[1:])
+
+    def posterior(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        f = sample.flip.long().to(self.mean.device)
+        i = sample.image_index.to(self.mean.device)
+        return self.mean[f, i], self.std[f, i]

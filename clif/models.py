@@ -1,0 +1,120 @@
+"""Loading a base pipeline and the one seam between SD 1.x/2.x and SDXL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cli import UserError
+
+
+def _read_model_index(path: str, revision: str | None) -> dict:
+    """model_index.json of a local folder or a hub id (offline cache allowed); UserError when absent."""
+    local = Path(path)
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        return json.loads((local / "model_index.json").read_text())
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"model folder {path} does not exist")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except Exception as err:  # hub / network errors come in many types
+        raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
+
+
+def detect_family(path: str, revision: str | None = None) -> str:
+    """'sdxl' when the pipeline has a second text encoder, else 'sd'."""
+    index = _read_model_index(path, revision)
+    if "unet" not in index or "text_encoder" not in index:
+        raise UserError(f"{path} is not a Stable Diffusion pipeline (class {index.get('_class_name')})")
+    return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] else "sd"
+
+
+@dataclass
+class DiffusionModel:
+    """Tokenizers, text encoders, UNet, VAE and noise scheduler of one base model, family hidden behind methods."""
+
+    family: str
+    base: str
+    tokenizers: list
+    text_encoders: list
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale(self) -> float:
+        return self.vae.config.scaling_factor
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids of `prompts` for each tokenizer, padded to 77."""
+        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in self.tokenizers]
+
+    def encode_prompt(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the UNet is conditioned on: (hidden states, pooled embedding or None), as the pipelines compute it."""
+        if self.family == "sd":
+            enc = self.text_encoders[0]
+            return enc(input_ids[0].to(enc.device))[0], None
+        hidden, pooled = [], None
+        for enc, ids in zip(self.text_encoders, input_ids):
+            out = enc(ids.to(enc.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection encoder (the last one)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+        """Extra UNet inputs: SDXL's pooled text embedding and size/crop time ids."""
+        if self.family == "sd":
+            return {}
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}}
+
+    def fingerprint(self) -> str:
+        """A short hash of the text encoders' vocabulary rows: identifies the base model wherever it is stored."""
+        h = hashlib.sha256()
+        for enc in self.text_encoders:
+            w = enc.get_input_embeddings().weight[:2048].detach().float().cpu().contiguous()
+            h.update(w.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_model(path: str, *, revision: str | None = None, variant: str | None = None) -> DiffusionModel:
+    """Load the components of a SD 1.x/2.x or SDXL pipeline (hub id or local folder) for training, on CPU, fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    family = detect_family(path, revision)
+    kw = {"revision": revision}
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
+        if family == "sdxl":
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                        variant=variant, **kw))
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except OSError as err:
+        raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
+    for m in (*encoders, unet, vae):
+        m.requires_grad_(False)
+        m.eval()
+    return DiffusionModel(family, path, tokenizers, encoders, unet, vae, scheduler)

@@ -1,0 +1,138 @@
+"""Mechanics shared by the diffusion training stages: accelerator, precision, optimizer, noise, the loss step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .cli import UserError
+from .data import ConceptImages, LatentCache, Sample
+from .models import DiffusionModel
+
+
+def make_accelerator(args, output_dir: str):
+    """An Accelerator logging to <output_dir>/logs; gradient accumulation is done by the loop itself."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    report = None if args.report_to == "none" else args.report_to
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=report,
+                       project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs"))
+
+
+def frozen_dtype(accelerator) -> torch.dtype:
+    """Precision of the frozen weights: half on GPU under mixed precision, fp32 otherwise."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_frozen(model: DiffusionModel, device, dtype: torch.dtype, *, gradient_checkpointing: bool) -> None:
+    """Move the frozen modules to `device` in `dtype`, with SDPA attention (the diffusers default in torch 2)."""
+    model.unet.to(device, dtype)
+    for enc in model.text_encoders:
+        enc.to(device, dtype)
+    # SDXL's VAE overflows in fp16 (config force_upcast): keep it in fp32.
+    vae_dtype = torch.float32 if getattr(model.vae.config, "force_upcast", False) else dtype
+    model.vae.to(device, vae_dtype)
+    if gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for enc in model.text_encoders:
+            enc.gradient_checkpointing_enable()
+            enc.train()  # transformers only checkpoints in train mode; CLIP has no dropout
+
+
+def check_optimizer_flags(args) -> None:
+    """Fail early and clearly when --use_8bit_adam cannot work."""
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
+
+
+def make_optimizer(param_groups: list[dict], args) -> torch.optim.Optimizer:
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+               eps=args.adam_epsilon)
+
+
+def make_lr_scheduler(args, optimizer, max_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                         num_training_steps=max_steps)
+
+
+def resolve_steps(args, data: ConceptImages, num_processes: int, default_steps: int) -> int:
+    """Optimizer steps of the run: --max_train_steps, else --num_train_epochs, else the stage default."""
+    if args.max_train_steps:
+        return args.max_train_steps
+    if args.num_train_epochs:
+        return data.steps_for_epochs(args.num_train_epochs, args.train_batch_size * num_processes,
+                                     args.gradient_accumulation_steps)
+    return default_steps
+
+
+def scaled_lr(lr: float, args, num_processes: int) -> float:
+    return lr * args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else lr
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for epsilon or v targets."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    w = torch.clamp(snr, max=gamma) / snr
+    return w * snr / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else w
+
+
+class NoiseSource:
+    """All per-step random draws, from one generator on the training device.
+
+    Draws are made for the whole global batch and sliced per process, so N processes see exactly the
+    numbers one process would with the same global batch. The state is saved in checkpoints.
+    """
+
+    def __init__(self, seed: int, device, global_batch: int, rank: int, local_batch: int):
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.device, self.global_batch = device, global_batch
+        self.sl = slice(rank * local_batch, (rank + 1) * local_batch)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn((self.global_batch, *shape), generator=self.gen, device=self.device)[self.sl]
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.global_batch,), generator=self.gen, device=self.device)[self.sl]
+
+
+def diffusion_loss(model: DiffusionModel, sample: Sample, cache: LatentCache | None, noise: NoiseSource, *,
+                   dtype: torch.dtype, noise_offset: float = 0.0, snr_gamma: float | None = None,
+                   per_sample: bool = False) -> torch.Tensor:
+    """The denoising loss of one micro-batch (epsilon or v target from the scheduler config)."""
+    device = noise.device
+    if cache is not None:
+        mean, std = cache.posterior(sample)
+    else:
+        with torch.no_grad():
+            dist = model.vae.encode(sample.pixels.to(device, model.vae.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+    latents = (mean + std * noise.randn(*mean.shape[1:])) * model.vae_scale
+    eps = noise.randn(*latents.shape[1:])
+    if noise_offset:
+        eps = eps + noise_offset * noise.randn(latents.shape[1], 1, 1)
+    sched = model.noise_scheduler
+    t = noise.randint(sched.config.num_train_timesteps)
+    noisy = sched.add_noise(latents, eps, t)
+    target = eps if model.prediction_type == "epsilon" else sched.get_velocity(latents, eps, t)
+    hidden, pooled = model.encode_prompt(model.tokenize(sample.captions))
+    pred = model.unet(noisy.to(dtype), t, hidden.to(dtype), **model.unet_kwargs(pooled, sample.time_ids)).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma:
+        loss = loss * snr_weights(sched, t, snr_gamma)
+    return loss if per_sample else loss.mean()
