@@ -88,11 +88,17 @@ class DiffusionModel:
 
     def fingerprint(self) -> str:
         """A short hash of the text encoders' vocabulary rows: identifies the base model wherever it is stored."""
-        h = hashlib.sha256()
-        for enc in self.text_encoders:
-            w = enc.get_input_embeddings().weight[:2048].detach().float().cpu().contiguous()
-            h.update(w.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return fingerprint(self.text_encoders)
+
+
+def fingerprint(text_encoders: list) -> str:
+    """Hash of the first vocabulary rows of each text encoder."""
+    h = hashlib.sha256()
+    for enc in text_encoders:
+        # hashed at fp16 so that a pipeline loaded in half precision has the same fingerprint
+        w = enc.get_input_embeddings().weight[:2048].detach().cpu().to(torch.float16).contiguous()
+        h.update(w.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(path: str, *, revision: str | None = None, variant: str | None = None) -> DiffusionModel:

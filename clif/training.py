@@ -29,12 +29,12 @@ def frozen_dtype(accelerator) -> torch.dtype:
 
 def place_frozen(model: DiffusionModel, device, dtype: torch.dtype, *, gradient_checkpointing: bool) -> None:
     """Move the frozen modules to `device` in `dtype`, with SDPA attention (the diffusers default in torch 2)."""
-    model.unet.to(device, dtype)
-    for enc in model.text_encoders:
-        enc.to(device, dtype)
     # SDXL's VAE overflows in fp16 (config force_upcast): keep it in fp32.
     vae_dtype = torch.float32 if getattr(model.vae.config, "force_upcast", False) else dtype
-    model.vae.to(device, vae_dtype)
+    for module, dt in [(model.unet, dtype), (model.vae, vae_dtype), *[(e, dtype) for e in model.text_encoders]]:
+        module.to(device)
+        if dt != torch.float32:  # .to(fp32) of an fp32 model only triggers a diffusers warning
+            module.to(dt)
     if gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for enc in model.text_encoders:
@@ -136,3 +136,16 @@ def diffusion_loss(model: DiffusionModel, sample: Sample, cache: LatentCache | N
     if snr_gamma:
         loss = loss * snr_weights(sched, t, snr_gamma)
     return loss if per_sample else loss.mean()
+
+
+def all_reduce_grads(params: list[torch.Tensor], accelerator) -> None:
+    """Average gradients over processes in one flat all-reduce (no DDP wrapper needed for a few rows or LoRA)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    flat = accelerator.reduce(flat, "mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()

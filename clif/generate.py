@@ -1,0 +1,125 @@
+"""Generation with any stage's output through stock diffusers loaders (so the files are what gets tested)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+from .cli import UserError
+from .models import detect_family, fingerprint
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+}
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def auto_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA (fp16) > MPS (fp16) > CPU (fp32), unless --dtype names one."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return device, torch.float32 if device.type == "cpu" else torch.float16
+    return device, table[dtype]
+
+
+def load_embeddings_into(pipe, stage_dir: str | Path, family: str) -> list[dict]:
+    """Load every concept embedding of a stage dir with stock `load_textual_inversion`; returns the concepts."""
+    manifest = artifacts.read_manifest(stage_dir)
+    for entry in manifest["concepts"]:
+        path = Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors"
+        if family == "sd":
+            pipe.load_textual_inversion(str(path))
+        else:  # SDXL files hold clip_l / clip_g: one call per text encoder (documented in README)
+            rows, _ = artifacts.load_embedding_file(path, family)
+            pipe.load_textual_inversion(rows[0], token=entry["token"], text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(rows[1], token=entry["token"], text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+    if (Path(stage_dir) / LORA_FILE).is_file():
+        pipe.load_lora_weights(str(stage_dir))
+    return manifest["concepts"]
+
+
+def load_pipeline(base: str, stage_dir: str | None, *, device, dtype, scheduler: str | None = None,
+                  revision: str | None = None, variant: str | None = None):
+    """The base pipeline, checked against and loaded with the stage dir's embeddings (and LoRA)."""
+    from diffusers import DiffusionPipeline
+
+    import diffusers
+
+    family = detect_family(base, revision)
+    manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
+    if manifest is not None and manifest.get("family") != family:
+        raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, but {base} is {family!r}")
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, revision=revision, variant=variant, **extra)
+    except OSError as err:
+        raise UserError(f"cannot load model {base!r}: {str(err).splitlines()[0]}") from None
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    if manifest is not None:
+        if manifest.get("base_fingerprint") != fingerprint(encoders):
+            raise UserError(f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, not on {base}")
+        load_embeddings_into(pipe, stage_dir, family)
+    if scheduler:
+        cls = getattr(diffusers, SCHEDULERS[scheduler])
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), family
+
+
+def slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")[:n] or "prompt"
+
+
+def generate(pipe, prompts: list[str], *, n: int, seed: int, batch_size: int, settings: dict, out: Path,
+             lora_scale: float | None = None, progress=None) -> list[Path]:
+    """Image i of each prompt uses torch.Generator('cpu').manual_seed(seed + i); writes <stem>.png + <stem>.json."""
+    from .images import save_png
+
+    call = {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
+    if lora_scale is not None:
+        call["cross_attention_kwargs"] = {"scale": lora_scale}
+    written = []
+    for pi, prompt in enumerate(prompts):
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
+            images = pipe([prompt] * len(idx), generator=gens, **call).images
+            for i, im in zip(idx, images):
+                stem = f"{pi:03d}-{slug(prompt)}-{i:03d}"
+                save_png(im, out / f"{stem}.png")
+                sidecar = {"prompt": prompt, "seed": seed + i, "prompt_index": pi, "image_index": i,
+                           "lora_scale": lora_scale, **settings}
+                artifacts.atomic_write_json(out / f"{stem}.json", sidecar)
+                written.append(out / f"{stem}.png")
+            if progress is not None:
+                progress.update(len(idx))
+    return written
+
+
+def read_prompts_file(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid {path}: {err}") from None
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise UserError(f"{path} must hold a JSON list of prompt strings")
+        return data
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]

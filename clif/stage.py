@@ -1,0 +1,82 @@
+"""Setting a training stage up (concepts, model, tokens, start rows) and writing its outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import artifacts, tokens
+from .cli import UserError
+from .concepts import Concept, load_concept_set
+from .models import DiffusionModel, load_model
+
+
+@dataclass
+class StageInputs:
+    """Everything validated before the first expensive step."""
+
+    concepts: list[Concept]
+    model: DiffusionModel
+    start_rows: list[list[torch.Tensor]]  # per concept, per encoder: [num_vectors, D]
+    fingerprint: str
+    first_new_id: int
+    stage_manifest: dict | None
+
+
+def prepare(args, *, stage_required: bool = False) -> StageInputs:
+    """Read the concept set, the base model and (optionally) an earlier stage dir; add the placeholder tokens."""
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
+    concepts = load_concept_set(args.train_data_dir, initializer=args.initializer, class_word=args.class_word,
+                                num_vectors=args.num_vectors)
+    stage_dir = getattr(args, "stage_dir", None)
+    if stage_required and not stage_dir:
+        raise UserError("--stage_dir is required (the output of an earlier stage)")
+    manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
+    model = load_model(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+    fingerprint = model.fingerprint()
+    saved: dict = {}
+    if manifest is not None:
+        artifacts.check_stage_compatible(manifest, stage_dir, model.family, fingerprint,
+                                         args.pretrained_model_name_or_path)
+        saved = artifacts.stage_rows(manifest, stage_dir, model.family)
+        missing = [c.name for c in concepts if c.name not in saved]
+        if missing:
+            raise UserError(f"{stage_dir} has no embeddings for concept(s) {', '.join(missing)}")
+        for c in concepts:  # token and vector count are fixed by the earlier stage
+            entry, rows = saved[c.name]
+            c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
+    first_new_id = len(model.tokenizers[0])
+    tokens.add_placeholder_tokens(model.tokenizers, concepts)
+    start = []
+    for c in concepts:
+        if c.name in saved:
+            start.append([r.float() for r in saved[c.name][1]])
+        else:
+            start.append([tokens.initializer_rows(t, e, c) for t, e in zip(model.tokenizers, model.text_encoders)])
+    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest)
+
+
+def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
+    """Put the trainable rows (fp32) into every text encoder of the model."""
+    per_encoder = [[rows[e] for rows in inp.start_rows] for e in range(len(inp.model.text_encoders))]
+    return tokens.install(inp.model.text_encoders, per_encoder, inp.first_new_id)
+
+
+def current_rows(inp: StageInputs, modules: list[tokens.ConceptEmbedding]) -> list[list[torch.Tensor]]:
+    return [[tokens.concept_rows(m, i, inp.concepts).detach().float().cpu() for m in modules]
+            for i in range(len(inp.concepts))]
+
+
+def write_stage_outputs(out: Path, stage: str, inp: StageInputs, modules: list[tokens.ConceptEmbedding],
+                        args, extra_files: dict[str, list[str]] | None = None) -> None:
+    """Embeddings + manifest of this stage into `out` (the final dir or a checkpoint)."""
+    meta = {"clif.stage": stage, "clif.family": inp.model.family,
+            "clif.base_model": str(args.pretrained_model_name_or_path)}
+    artifacts.save_embeddings(out, inp.model.family, inp.concepts, current_rows(inp, modules), meta)
+    inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
+    artifacts.write_manifest(out, stage=stage, family=inp.model.family, base=str(args.pretrained_model_name_or_path),
+                             fingerprint=inp.fingerprint, concepts=inp.concepts, args=vars(args), inputs=inputs,
+                             files=extra_files)

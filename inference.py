@@ -1,0 +1,90 @@
+"""Generate images with the output of any CLIF stage (embeddings, and LoRA when present).
+
+Image i of each prompt uses torch.Generator("cpu").manual_seed(seed + i): any single image can be
+regenerated elsewhere, and a stock diffusers pipeline loading the same files gives the same pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from clif import cli
+from clif.generate import SCHEDULERS, auto_device_dtype, generate, load_pipeline, read_prompts_file
+from clif.images import grid, save_png
+
+PROG = "inference.py"
+
+
+def parse_args(argv: list[str] | None):
+    p = cli.make_parser(PROG, __doc__)
+    cli.add_model_args(p)
+    p.add_argument("--stage_dir", default=None,
+                   help="Output dir of any stage (or one of its checkpoint-<step> folders); omit for the bare base model.")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="Prompt (repeatable); write concept tokens as trained, e.g. '<dog2> on the beach'.")
+    p.add_argument("--prompts_file", default=None, help="Text file, one prompt a line (# comments), or a JSON list.")
+    p.add_argument("--output_dir", required=True, help="Where <stem>.png, <stem>.json and contact_sheet.png go.")
+    p.add_argument("--overwrite", action="store_true", help="Write into an output dir that already holds files.")
+    p.add_argument("--num_images_per_prompt", type=cli.positive(int), default=4, help="Images per prompt.")
+    p.add_argument("--seed", type=int, default=0, help="Image i of a prompt uses seed + i.")
+    p.add_argument("--num_inference_steps", type=cli.positive(int), default=50, help="Denoising steps.")
+    p.add_argument("--guidance_scale", type=cli.non_negative(float), default=7.5, help="Classifier-free guidance.")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the model's own).")
+    p.add_argument("--height", type=cli.positive(int), default=None, help="Image height (default: the model's).")
+    p.add_argument("--width", type=cli.positive(int), default=None, help="Image width (default: the model's).")
+    p.add_argument("--batch_size", type=cli.positive(int), default=4, help="Images generated together.")
+    p.add_argument("--lora_scale", type=cli.non_negative(float), default=None,
+                   help="Strength of the stage-3 LoRA (default 1.0 when the stage dir has one).")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="auto: fp16 on GPU, fp32 on CPU.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    with cli.user_errors(PROG):
+        return run(args)
+
+
+def run(args) -> list[Path]:
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise cli.UserError("no prompt: pass --prompt (repeatable) or --prompts_file")
+    for side in ("height", "width"):
+        v = getattr(args, side)
+        if v is not None and v % 8:
+            raise cli.UserError(f"--{side} {v} is not a multiple of 8")
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise cli.UserError(f"output dir {out} already holds files; pass --overwrite to write into it")
+    device, dtype = auto_device_dtype(args.dtype)
+    pipe, family = load_pipeline(args.pretrained_model_name_or_path, args.stage_dir, device=device, dtype=dtype,
+                                 scheduler=args.scheduler, revision=args.revision, variant=args.variant)
+    lora_scale = args.lora_scale
+    if lora_scale is None and args.stage_dir and (Path(args.stage_dir) / "pytorch_lora_weights.safetensors").exists():
+        lora_scale = 1.0
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    default_size = pipe.unet.config.sample_size * vae_factor
+    settings = {
+        "base_model": args.pretrained_model_name_or_path, "stage_dir": args.stage_dir, "family": family,
+        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+        "height": args.height or default_size, "width": args.width or default_size,
+        "scheduler": type(pipe.scheduler).__name__, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(prompts) * args.num_images_per_prompt
+    with tqdm(total=total, desc="images") as bar:
+        paths = generate(pipe, prompts, n=args.num_images_per_prompt, seed=args.seed, batch_size=args.batch_size,
+                         settings=settings, out=out, lora_scale=lora_scale, progress=bar)
+    from PIL import Image
+
+    images = [Image.open(p) for p in paths]
+    save_png(grid(images, cols=args.num_images_per_prompt), out / "contact_sheet.png")
+    print(f"wrote {len(paths)} images to {out}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
