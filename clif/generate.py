@@ -65,7 +65,7 @@ def load_pipeline(base: str, stage_dir: str | None, *, device, dtype, scheduler:
         raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, but {base} is {family!r}")
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, revision=revision, variant=variant, **extra)
+        pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, revision=revision, variant=variant, **extra)
     except OSError as err:
         raise UserError(f"cannot load model {base!r}: {str(err).splitlines()[0]}") from None
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
