@@ -92,7 +92,9 @@ def run(args) -> None:
     # ---- loop: one optimizer step = gradient_accumulation_steps micro-batches of the sample stream
     accum = args.gradient_accumulation_steps
     bar = tqdm(total=max_steps, initial=step, desc="ti", disable=not accelerator.is_local_main_process)
+    timer = training.StepTimer(device)
     while step < max_steps:
+        timer.start()
         total = 0.0
         for micro in range(accum):
             sample = data.micro_batch(step * accum + micro, global_b, rank, local_b, with_pixels=cache is None)
@@ -107,6 +109,7 @@ def run(args) -> None:
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        timer.stop()
         logs = {"loss": accelerator.reduce(total, "mean").item(), "lr": lr_scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm)}
         accelerator.log(logs, step=step)
@@ -125,6 +128,7 @@ def run(args) -> None:
     # ---- save
     if accelerator.is_main_process:
         save_artifacts(Path(args.output_dir))
+        artifacts.atomic_write_json(Path(args.output_dir) / "run_stats.json", timer.stats())
         logger.info(f"wrote {args.output_dir}")
     del optimizer, modules, params
     accelerator.free_memory()

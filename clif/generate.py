@@ -10,7 +10,7 @@ import torch
 
 from . import artifacts
 from .cli import UserError
-from .models import detect_family, fingerprint
+from .models import detect_family, fingerprint, quiet_loading
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
@@ -59,6 +59,7 @@ def load_pipeline(base: str, stage_dir: str | None, *, device, dtype, scheduler:
 
     import diffusers
 
+    quiet_loading()
     family = detect_family(base, revision)
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
     if manifest is not None and manifest.get("family") != family:

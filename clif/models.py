@@ -101,11 +101,21 @@ def fingerprint(text_encoders: list) -> str:
     return h.hexdigest()[:16]
 
 
+def quiet_loading() -> None:
+    """No per-file loading bars: our own progress bars and one-line errors stay readable."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_model(path: str, *, revision: str | None = None, variant: str | None = None) -> DiffusionModel:
     """Load the components of a SD 1.x/2.x or SDXL pipeline (hub id or local folder) for training, on CPU, fp32."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    quiet_loading()
     family = detect_family(path, revision)
     kw = {"revision": revision}
     try:

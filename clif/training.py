@@ -149,3 +149,36 @@ def all_reduce_grads(params: list[torch.Tensor], accelerator) -> None:
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g)
         offset += g.numel()
+
+
+class StepTimer:
+    """Wall time of optimizer steps (checkpoint/validation excluded) and peak memory, for run_stats.json."""
+
+    def __init__(self, device):
+        import time
+
+        self.device, self.clock, self.times, self._t = device, time.perf_counter, [], None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._t = self.clock()
+
+    def stop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(self.clock() - self._t)
+
+    def stats(self) -> dict:
+        import resource
+        import statistics
+
+        steady = self.times[1:] or self.times  # the first step pays for warm-up
+        out = {"steps_timed": len(steady), "median_step_ms": 1000 * statistics.median(steady) if steady else None,
+               "mean_step_ms": 1000 * statistics.fmean(steady) if steady else None, "device": str(self.device),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
