@@ -17,7 +17,7 @@ from clif.images import grid, save_png
 PROG = "inference.py"
 
 
-def parse_args(argv: list[str] | None):
+def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
     p.add_argument("--stage_dir", default=None,
@@ -39,7 +39,11 @@ def parse_args(argv: list[str] | None):
                    help="Strength of the stage-3 LoRA (default 1.0 when the stage dir has one).")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="auto: fp16 on GPU, fp32 on CPU.")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -23,14 +23,18 @@ DEFAULT_STEPS = 1500
 logger = get_logger(__name__)
 
 
-def parse_args(argv: list[str] | None):
+def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
     cli.add_data_args(p)
     p.add_argument("--stage_dir", default=None,
                    help="Start from an earlier stage's output (stage 1): its tokens and embeddings.")
     cli.add_training_args(p, lr=5e-4, steps=DEFAULT_STEPS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

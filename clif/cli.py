@@ -120,10 +120,10 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int) -> N
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                             "constant_with_warmup"], help="Learning-rate schedule.")
     g.add_argument("--lr_warmup_steps", type=non_negative(int), default=0, help="Warm-up steps of the schedule.")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=positive(float), default=1.0, help="Gradient clipping norm.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA only).")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
