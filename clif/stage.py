@@ -80,3 +80,16 @@ def write_stage_outputs(out: Path, stage: str, inp: StageInputs, modules: list[t
     artifacts.write_manifest(out, stage=stage, family=inp.model.family, base=str(args.pretrained_model_name_or_path),
                              fingerprint=inp.fingerprint, concepts=inp.concepts, args=vars(args), inputs=inputs,
                              files=extra_files)
+
+
+def start_run(args, resuming: bool, name: str):
+    """After validation: the Accelerator, the (cleared) output dir with run_args.json, and the trackers."""
+    from .training import make_accelerator
+
+    accelerator = make_accelerator(args, args.output_dir)
+    if accelerator.is_main_process:
+        artifacts.clear_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)
+        artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))
+        accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
+    accelerator.wait_for_everyone()
+    return accelerator
