@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clif import cli
-from clif.generate import SCHEDULERS, auto_device_dtype, generate, load_pipeline, read_prompts_file
+from clif.generate import SCHEDULERS, auto_device_dtype, call_default, generate, load_pipeline, read_prompts_file
 from clif.images import grid, save_png
 
 PROG = "inference.py"
@@ -30,7 +30,8 @@ def build_parser():
     p.add_argument("--num_images_per_prompt", type=cli.positive(int), default=4, help="Images per prompt.")
     p.add_argument("--seed", type=int, default=0, help="Image i of a prompt uses seed + i.")
     p.add_argument("--num_inference_steps", type=cli.positive(int), default=50, help="Denoising steps.")
-    p.add_argument("--guidance_scale", type=cli.non_negative(float), default=7.5, help="Classifier-free guidance.")
+    p.add_argument("--guidance_scale", type=cli.non_negative(float), default=None,
+                   help="Classifier-free guidance (default: the pipeline's own, 7.5 for SD 1.x/2.x, 5.0 for SDXL).")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the model's own).")
     p.add_argument("--height", type=cli.positive(int), default=None, help="Image height (default: the model's).")
     p.add_argument("--width", type=cli.positive(int), default=None, help="Image width (default: the model's).")
@@ -73,7 +74,8 @@ def run(args) -> list[Path]:
     default_size = pipe.unet.config.sample_size * vae_factor
     settings = {
         "base_model": args.pretrained_model_name_or_path, "stage_dir": args.stage_dir, "family": family,
-        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else call_default(pipe, "guidance_scale"),
         "height": args.height or default_size, "width": args.width or default_size,
         "scheduler": type(pipe.scheduler).__name__, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
     }

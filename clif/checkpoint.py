@@ -62,15 +62,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    out = {"noise_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+def _rng_tensors(gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
+    out = {f"noise_generator.{i}": g.get_state() for i, g in enumerate(gens)}
+    out["torch_cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         out["torch_cuda"] = torch.cuda.get_rng_state()
     return out
 
 
 def save_checkpoint(output_dir: str | Path, step: int, trainables: dict[str, torch.Tensor], optimizer,
-                    lr_scheduler, scaler, generator: torch.Generator, *, limit: int | None,
+                    lr_scheduler, scaler, generators: list[torch.Generator], *, limit: int | None,
                     write_artifacts: Callable[[Path], None]) -> Path:
     """Write checkpoint-<step>/ atomically (built under a temporary name, then renamed) and prune old ones."""
     final = Path(output_dir) / f"checkpoint-{step}"
@@ -80,7 +81,7 @@ def save_checkpoint(output_dir: str | Path, step: int, trainables: dict[str, tor
     atomic_save_safetensors(trainables, tmp / "trainables.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-    atomic_save_safetensors(_rng_tensors(generator), tmp / "rng.safetensors")
+    atomic_save_safetensors(_rng_tensors(generators), tmp / "rng.safetensors")
     write_artifacts(tmp)  # embeddings (+ LoRA) and manifest: a checkpoint is also a usable stage dir
     atomic_write_json(tmp / "state.json", {
         "step": step, "optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(),
@@ -94,7 +95,7 @@ def save_checkpoint(output_dir: str | Path, step: int, trainables: dict[str, tor
 
 
 def load_checkpoint(path: Path, trainables: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
-                    generator: torch.Generator) -> int:
+                    generators: list[torch.Generator]) -> int:
     """Restore everything save_checkpoint wrote, in place; returns the optimizer step to continue from."""
     state = json.loads((path / "state.json").read_text())
     saved = load_file(str(path / "trainables.safetensors"))
@@ -111,7 +112,8 @@ def load_checkpoint(path: Path, trainables: dict[str, torch.Tensor], optimizer, 
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     rng = load_file(str(path / "rng.safetensors"))
-    generator.set_state(rng["noise_generator"])
+    for i, g in enumerate(generators):
+        g.set_state(rng[f"noise_generator.{i}"])
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])

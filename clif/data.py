@@ -81,7 +81,8 @@ class ConceptImages:
     def __init__(self, concepts: list[Concept], resolution: int, center_crop: bool, *, property: str = "object",
                  random_flip: bool = False, seed: int = 0, num_workers: int = 0):
         self.concepts, self.resolution, self.seed, self.random_flip = concepts, resolution, seed, random_flip
-        self.templates = STYLE_TEMPLATES if property == "style" else OBJECT_TEMPLATES
+        # "fixed": the caption is the concept's token itself (class images of prior preservation)
+        self.templates = {"style": STYLE_TEMPLATES, "fixed": ["{}"]}.get(property, OBJECT_TEMPLATES)
         paths, owners = [], []
         for ci, c in enumerate(concepts):
             paths += c.images

@@ -81,6 +81,13 @@ def load_pipeline(base: str, stage_dir: str | None, *, device, dtype, scheduler:
     return pipe.to(device), family
 
 
+def call_default(pipe, name: str):
+    """The default of one argument of the pipeline's __call__ (e.g. guidance_scale: 7.5 SD, 5.0 SDXL)."""
+    import inspect
+
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")[:n] or "prompt"
 

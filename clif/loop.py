@@ -17,20 +17,23 @@ class StepRunner:
 
     def __init__(self, args, accelerator, model, params: list[torch.Tensor], optimizer, lr_scheduler,
                  noise: training.NoiseSource, trainables: dict[str, torch.Tensor],
-                 write_artifacts: Callable[[Path], None], max_steps: int, desc: str):
+                 write_artifacts: Callable[[Path], None], max_steps: int, desc: str,
+                 extra_noise: list[training.NoiseSource] = ()):
         self.args, self.accelerator, self.model = args, accelerator, model
         self.params, self.optimizer, self.lr_scheduler, self.noise = params, optimizer, lr_scheduler, noise
         self.trainables, self.write_artifacts, self.max_steps = trainables, write_artifacts, max_steps
+        self.generators = [noise.gen] + [n.gen for n in extra_noise]  # all saved in checkpoints
         self.out = Path(args.output_dir)
         self.step = 0
         self.timer = training.StepTimer(accelerator.device)
         self.desc = desc
         self.bar = None
+        self.losses: list[float] = []  # per optimizer step (global mean), kept in run_stats.json
 
     def resume(self, path: Path | None) -> None:
         if path is not None:
             self.step = checkpoint.load_checkpoint(path, self.trainables, self.optimizer, self.lr_scheduler,
-                                                   self.accelerator.scaler, self.noise.gen)
+                                                   self.accelerator.scaler, self.generators)
 
     def micro_steps(self) -> range:
         """Indices of the micro-batches of the next optimizer step (they address the sample stream)."""
@@ -61,12 +64,13 @@ class StepRunner:
         logs = {"loss": acc.reduce(loss.detach().float(), "mean").item(), "lr": self.lr_scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm), **(extra_logs or {})}
         acc.log(logs, step=self.step)
+        self.losses.append(logs["loss"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
         last = self.step == self.max_steps
         if acc.is_main_process and (self.step % args.checkpointing_steps == 0 or last):
             checkpoint.save_checkpoint(self.out, self.step, self.trainables, self.optimizer, self.lr_scheduler,
-                                       acc.scaler, self.noise.gen, limit=args.checkpoints_total_limit,
+                                       acc.scaler, self.generators, limit=args.checkpoints_total_limit,
                                        write_artifacts=self.write_artifacts)
         if acc.is_main_process and args.validation_prompt and (self.step % args.validation_steps == 0 or last):
             render_validation(self.model, args.validation_prompt, num_images=args.num_validation_images,
@@ -83,7 +87,7 @@ class StepRunner:
         acc = self.accelerator
         if acc.is_main_process:
             self.write_artifacts(self.out)
-            artifacts.atomic_write_json(self.out / "run_stats.json", self.timer.stats())
+            artifacts.atomic_write_json(self.out / "run_stats.json", {**self.timer.stats(), "losses": self.losses})
         # Freeing before end_training avoids a rare gloo abort at exit of multi-process runs.
         self.optimizer = self.params = self.trainables = None
         acc.free_memory()

@@ -1,0 +1,196 @@
+"""Stage 3: LoRA + embeddings, stock-diffusers equality, kohya export, resume, loss, full-size architecture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, run_cli, ti_args
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import inference
+import train_lora
+import train_ti
+
+
+def lora_args(model, data, stage, out, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--stage_dir", str(stage),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--max_train_steps", "3", "--learning_rate", "5e-3",
+            "--embedding_learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "2", "--report_to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def ti_runs(tiny_models, concept_set, tmp_path_factory):
+    runs = {}
+    for family, model in tiny_models.items():
+        out = tmp_path_factory.mktemp("ti") / family
+        train_ti.main(ti_args(model, concept_set, out, "--max_train_steps", "2"))
+        runs[family] = out
+    return runs
+
+
+def _stock(model, family):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, **({} if family == "sdxl" else {"safety_checker": None}))
+
+
+def _load_embeddings(pipe, family, files: dict[str, dict[str, torch.Tensor]]):
+    for token, state in files.items():
+        if family == "sdxl":
+            pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(state[token] if token in state else next(iter(state.values())), token=token)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, tmp_path):
+    model, out = tiny_models[family], tmp_path / "lora"
+    extra = ["--export_kohya", "--cache_latents"] + (["--train_text_encoder_lora"] if family == "sd15" else [])
+    train_lora.main(lora_args(model, concept_set, ti_runs[family], out, *extra))
+    manifest = json.loads((out / "clif_manifest.json").read_text())
+    assert manifest["stage"] == "lora" and manifest["inputs"] == [str(ti_runs[family].resolve())]
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 2  # rank/alpha round-trip (flattened keys)
+    # the embeddings kept training (lr 1e-2): stage-3 rows differ from stage-2 rows
+    a = load_file(str(ti_runs[family] / "embeddings" / "redball.safetensors"))
+    b = load_file(str(out / "embeddings" / "redball.safetensors"))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+    prompt = "a <redball> next to a <bluebox>"
+    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+                            "--num_images_per_prompt", "2", "--batch_size", "2", "--num_inference_steps", "3",
+                            "--output_dir", str(tmp_path / "gen")])
+    ours = [np.asarray(Image.open(p)) for p in paths]
+    call = dict(num_inference_steps=3, height=64, width=64)
+
+    pipe = _stock(model, family)  # the README snippet: embeddings + load_lora_weights(dir)
+    _load_embeddings(pipe, family, {f"<{n}>": load_file(str(out / "embeddings" / f"{n}.safetensors"))
+                                    for n in ("redball", "bluebox")})
+    pipe.load_lora_weights(str(out))
+    stock = pipe([prompt] * 2, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)], **call).images
+    for x, y in zip(ours, stock):
+        assert np.array_equal(x, np.asarray(y)), np.abs(x.astype(int) - np.asarray(y).astype(int)).max()
+
+    # kohya export: real alpha, bundled embeddings; diffusers needs the bundle_emb keys split off.
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
+    bundle = {k: v for k, v in kohya.items() if k.startswith("bundle_emb.")}
+    pipe = _stock(model, family)
+    per_token: dict[str, dict] = {}
+    for k, v in bundle.items():
+        name, key = k.split(".", 2)[1:]
+        per_token.setdefault(f"<{name}>", {})[key] = v
+    _load_embeddings(pipe, family, per_token)
+    pipe.load_lora_weights({k: v for k, v in kohya.items() if k not in bundle})
+    from_kohya = pipe([prompt] * 2, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)], **call).images
+    for x, y in zip(ours, from_kohya):
+        assert np.abs(x.astype(int) - np.asarray(y).astype(int)).max() <= 2
+    # A different LoRA scale changes the image (the LoRA is really applied).
+    half = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+                           "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--lora_scale", "0",
+                           "--output_dir", str(tmp_path / "gen0")])
+    assert not np.array_equal(np.asarray(Image.open(half[0])), ours[0])
+
+
+def test_lora_resume_is_bit_identical(tiny_sd15, concept_set, ti_runs, tmp_path):
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--random_flip", "--snr_gamma", "5",
+             "--lora_dropout", "0.1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_lora.main(lora_args(tiny_sd15, concept_set, ti_runs["sd15"], full, *extra))
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    train_lora.main(lora_args(tiny_sd15, concept_set, ti_runs["sd15"], part, *extra, "--resume_from_checkpoint",
+                              "latest"))
+    for f in ("pytorch_lora_weights.safetensors", "embeddings/redball.safetensors", "embeddings/bluebox.safetensors"):
+        a, b = load_file(str(full / f)), load_file(str(part / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    c2 = load_file(str(full / "checkpoint-2" / "trainables.safetensors"))
+    c4 = load_file(str(full / "checkpoint-4" / "trainables.safetensors"))
+    assert any(k.startswith("embedding.") for k in c4) and any(k.startswith("unet.") for k in c4)
+    assert not all(torch.equal(c2[k], c4[k]) for k in c2)
+
+
+def test_frozen_embeddings_and_prior_preservation(tiny_sd15, concept_set, ti_runs, tmp_path):
+    out = tmp_path / "lora"
+    class_dir = tmp_path / "class"
+    train_lora.main(lora_args(tiny_sd15, concept_set, ti_runs["sd15"], out, "--embedding_learning_rate", "0",
+                              "--with_prior_preservation", "--class_prompt", "a photo of a ball", "--class_data_dir",
+                              str(class_dir), "--num_class_images", "3", "--max_train_steps", "2"))
+    assert len(list(class_dir.glob("*.png"))) == 3  # generated once, cached
+    for n in ("redball", "bluebox"):
+        a = load_file(str(ti_runs["sd15"] / "embeddings" / f"{n}.safetensors"))
+        b = load_file(str(out / "embeddings" / f"{n}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0 freezes the rows exactly
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "dreambench-mini").is_dir(), reason="../shared/data/dreambench-mini absent")
+def test_loss_falls_when_overfitting_two_concepts(tiny_sd15, tmp_path):
+    root = tmp_path / "db"
+    root.mkdir()
+    spec = [{"name": n, "token": f"<{n}>", "initializer": c, "images": str(SHARED_DATA / "dreambench-mini" / n)}
+            for n, c in (("dog2", "dog"), ("teapot", "teapot"))]
+    (root / "concepts.json").write_text(json.dumps({"concepts": spec}))
+    ti = tmp_path / "ti"
+    train_ti.main(ti_args(tiny_sd15, root, ti, "--max_train_steps", "1"))
+    out = tmp_path / "lora"
+    train_lora.main(lora_args(tiny_sd15, root, ti, out, "--max_train_steps", "40", "--learning_rate", "1e-2",
+                              "--rank", "8", "--lora_alpha", "8", "--cache_latents", "--train_batch_size", "4"))
+    losses = json.loads((out / "run_stats.json").read_text())["losses"]
+    assert len(losses) == 40
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.9 * first, (first, last)
+
+
+def test_lora_bad_inputs(tiny_models, concept_set, ti_runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    cases = [
+        (lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--rank", "0"), "must be > 0"),
+        (lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--lora_targets", "to_q,to_nothing"),
+         "to_nothing"),
+        (lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--with_prior_preservation"),
+         "--class_prompt"),
+        (lora_args(tiny_models["sd15"], concept_set, ti_runs["sdxl"], out), "family 'sdxl'"),
+        (lora_args(tiny_models["sd15"], concept_set, tmp_path / "missing", out), "does not exist"),
+    ]
+    for argv, needle in cases:
+        code, err = run_cli(train_lora.main, argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_full_sd15_architecture_one_step(tmp_path, concept_set):
+    """The real SD1.5 architecture (random weights, no download): stage 2 then one stage-3 step at 256 px."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from benchmark import build_full_sd15
+
+    from clif.synthetic import write_concept_set
+
+    model = build_full_sd15(tmp_path / "sd15")
+    data = write_concept_set(tmp_path / "data", n_concepts=2, n_images=2, size=256)
+    common = ["--resolution", "256", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
+              "--max_train_steps", "1", "--report_to", "none", "--cache_latents"]
+    base = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data)]
+    train_ti.main([*base, "--output_dir", str(tmp_path / "ti"), *common])
+    train_lora.main([*base, "--stage_dir", str(tmp_path / "ti"), "--output_dir", str(tmp_path / "lora"), *common])
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 2 * 4 * 32  # up/down x q,k,v,out x 32 attention blocks of SD1.5 (16 transformers x 2 attn)
+    rows = load_file(str(tmp_path / "lora" / "embeddings" / "redball.safetensors"))["<redball>"]
+    assert rows.shape == (2, 768) and torch.isfinite(rows).all()

@@ -1,0 +1,162 @@
+"""Stage 3 of CLIF: LoRA on the UNet attention layers trained jointly with the concept token embeddings.
+
+Starts from a stage-2 output (--stage_dir): tokens and embeddings come from its manifest.
+Launch with `accelerate launch train_lora.py ...` (see run_train_lora.sh) or call main([...]) in-process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate.logging import get_logger
+
+from clif import artifacts, checkpoint, cli, lora, prior, training
+from clif.concepts import Concept, list_images
+from clif.data import ConceptImages, LatentCache
+from clif.loop import StepRunner
+from clif.stage import current_rows, install_embeddings, prepare, start_run, write_stage_outputs
+
+PROG = "train_lora.py"
+DEFAULT_STEPS = 1000
+logger = get_logger(__name__)
+
+
+def build_parser():
+    p = cli.make_parser(PROG, __doc__)
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    p.add_argument("--stage_dir", required=True, help="Stage-2 output: tokens and starting embeddings.")
+    cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=cli.positive(int), default=16, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=cli.positive(float), default=None, help="LoRA alpha (default: = rank).")
+    g.add_argument("--lora_dropout", type=cli.non_negative(float), default=0.0, help="Dropout on the LoRA input.")
+    g.add_argument("--lora_targets", default=",".join(lora.DEFAULT_UNET_TARGETS),
+                   help="Comma list of UNet layer names (suffixes) that get LoRA.")
+    g.add_argument("--train_text_encoder_lora", action="store_true",
+                   help="Also train a LoRA on the text encoders' attention (q,k,v,out projections).")
+    g.add_argument("--text_encoder_lr", type=cli.positive(float), default=None,
+                   help="Learning rate of the text-encoder LoRA (default: --learning_rate).")
+    g.add_argument("--embedding_learning_rate", type=cli.non_negative(float), default=5e-5,
+                   help="Learning rate of the concept token rows; 0 freezes them.")
+    g.add_argument("--snr_gamma", type=cli.positive(float), default=None, help="Min-SNR loss weighting (5.0 is usual).")
+    g.add_argument("--export_kohya", action="store_true",
+                   help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).")
+    g = p.add_argument_group("prior preservation")
+    g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-image loss.")
+    g.add_argument("--class_data_dir", default=None, help="Class images; missing ones are generated and cached here.")
+    g.add_argument("--class_prompt", default=None, help="Caption of the class images, e.g. 'a photo of a dog'.")
+    g.add_argument("--num_class_images", type=cli.positive(int), default=100, help="Class images to use.")
+    g.add_argument("--prior_loss_weight", type=cli.non_negative(float), default=1.0, help="Weight of the class loss.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    with cli.user_errors(PROG):
+        run(args)
+
+
+def check_args(args) -> None:
+    if args.with_prior_preservation and not (args.class_prompt and args.class_data_dir):
+        raise cli.UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+
+
+def run(args) -> None:
+    # ---- validate everything before the first expensive step; nothing is written until then
+    check_args(args)
+    resuming = args.resume_from_checkpoint is not None
+    artifacts.check_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)
+    resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    training.check_optimizer_flags(args)
+    inp = prepare(args, stage_required=True)
+    model, concepts = inp.model, inp.concepts
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    lora.check_targets(model.unet, targets, "UNet")
+    alpha = args.lora_alpha or float(args.rank)
+    accelerator = start_run(args, resuming, "clif_lora")
+    device, dtype = accelerator.device, training.frozen_dtype(accelerator)
+    training.place_frozen(model, device, dtype, gradient_checkpointing=args.gradient_checkpointing)
+
+    if args.with_prior_preservation and prior.missing_class_images(args.class_data_dir, args.num_class_images):
+        if accelerator.is_main_process:  # generated with the untouched base model, once, then cached
+            prior.generate_class_images(model, args.class_data_dir, args.class_prompt, args.num_class_images,
+                                        device=device, dtype=dtype, seed=args.seed)
+        accelerator.wait_for_everyone()
+
+    # ---- trainables: LoRA (fp32) on the frozen half-precision UNet, concept rows (fp32)
+    lr = training.scaled_lr(args.learning_rate, args, accelerator.num_processes)
+    lora_params = lora.add_lora(model.unet, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=targets)
+    trainables = lora.named_lora_params(model.unet, "unet")
+    groups = [{"params": lora_params, "lr": lr}]
+    if args.train_text_encoder_lora:
+        te_params = [p for enc in model.text_encoders for p in lora.add_lora(
+            enc, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=lora.TEXT_TARGETS)]
+        for i, enc in enumerate(model.text_encoders):
+            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
+        groups.append({"params": te_params, "lr": args.text_encoder_lr or lr})
+    modules = install_embeddings(inp)
+    if args.embedding_learning_rate > 0:
+        groups.append({"params": [m.new for m in modules], "lr": args.embedding_learning_rate})
+        trainables.update({f"embedding.{i}": m.new for i, m in enumerate(modules)})
+    else:
+        for m in modules:
+            m.new.requires_grad_(False)
+    params = [p for g in groups for p in g["params"]]
+
+    # ---- data (+ class images), latent caches
+    world, rank, local_b = accelerator.num_processes, accelerator.process_index, args.train_batch_size
+    global_b = local_b * world
+    data = ConceptImages(concepts, args.resolution, args.center_crop, property=args.learnable_property,
+                         random_flip=args.random_flip, seed=args.seed, num_workers=args.dataloader_num_workers)
+    cache = LatentCache(model.vae, data, device, model.vae.dtype) if args.cache_latents else None
+    prior_data = prior_cache = prior_noise = None
+    if args.with_prior_preservation:
+        images = list_images(Path(args.class_data_dir))[: args.num_class_images]
+        cls = Concept(name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1)
+        prior_data = ConceptImages([cls], args.resolution, args.center_crop, property="fixed",
+                                   random_flip=args.random_flip, seed=args.seed + 1,
+                                   num_workers=args.dataloader_num_workers)
+        prior_cache = LatentCache(model.vae, prior_data, device, model.vae.dtype) if args.cache_latents else None
+        prior_noise = training.NoiseSource(args.seed + 1, device, global_b, rank, local_b)
+    if args.cache_latents and not args.validation_prompt:
+        model.vae.to("cpu")
+
+    def save(out: Path) -> None:
+        write_stage_outputs(out, "lora", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]})
+        lora.save_lora(out, model, args.train_text_encoder_lora)
+        if args.export_kohya:
+            lora.export_kohya(out / f"{Path(args.output_dir).name}_kohya.safetensors", model, alpha,
+                              args.train_text_encoder_lora, concepts, current_rows(inp, modules))
+
+    max_steps = training.resolve_steps(args, data, world, DEFAULT_STEPS)
+    optimizer = accelerator.prepare(training.make_optimizer(groups, args))
+    runner = StepRunner(args, accelerator, model, params, optimizer, training.make_lr_scheduler(args, optimizer, max_steps),
+                        training.NoiseSource(args.seed, device, global_b, rank, local_b), trainables, save, max_steps,
+                        "lora", extra_noise=[prior_noise] if prior_noise else [])
+    runner.resume(resume_path)
+    logger.info(f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
+                f"(from {runner.step}), {model.family}, {device}, frozen {dtype}")
+
+    # ---- loop
+    while not runner.done:
+        total = 0.0
+        for k in runner.micro_steps():
+            with accelerator.autocast():
+                loss = training.diffusion_loss(
+                    model, data.micro_batch(k, global_b, rank, local_b, with_pixels=cache is None), cache, runner.noise,
+                    dtype=dtype, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
+                if prior_data is not None:
+                    sample = prior_data.micro_batch(k, global_b, rank, local_b, with_pixels=prior_cache is None)
+                    loss = loss + args.prior_loss_weight * training.diffusion_loss(
+                        model, sample, prior_cache, prior_noise, dtype=dtype, noise_offset=args.noise_offset,
+                        snr_gamma=args.snr_gamma)
+            runner.backward(loss)
+            total += loss.detach() / args.gradient_accumulation_steps
+        runner.finish(total)
+    runner.close()
+    logger.info(f"wrote {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
