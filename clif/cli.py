@@ -76,8 +76,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """Flags naming the concept set (dataset/README.md) and the image preprocessing."""
+def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
+    """Flags naming the concept set (dataset/README.md) and, with `images`, the image preprocessing."""
     g = p.add_argument_group("data")
     g.add_argument("--train_data_dir", required=True,
                    help="Concept set: a folder with concepts.json, or a folder of one sub-folder of images per "
@@ -88,6 +88,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="Plain folders only: class word for every concept (default: classes.json, else 'object').")
     g.add_argument("--num_vectors", type=positive(int), default=2,
                    help="Embedding vectors per placeholder token (plain folders; concepts.json may set its own).")
+    if not images:
+        return
     g.add_argument("--learnable_property", choices=["object", "style"], default="object",
                    help="Which caption templates fill the token.")
     g.add_argument("--resolution", type=positive(int), default=512, help="Training resolution (multiple of 8).")
@@ -100,7 +102,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="VAE-encode every training image and its flipped copy once, then free the VAE.")
 
 
-def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int) -> None:
+def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, validation: bool = True) -> None:
     """Optimisation, precision, checkpointing, validation and logging flags shared by the training stages."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", required=True, help="Where the stage writes its artifacts (DESIGN §6).")
@@ -136,10 +138,13 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int) -> N
     g.add_argument("--checkpoints_total_limit", type=positive(int), default=None, help="Keep at most N checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                   help="Experiment tracker (logs go to <output_dir>/logs).")
+    if not validation:
+        p.set_defaults(validation_prompt=[])
+        return
     g.add_argument("--validation_prompt", action="append", default=[],
                    help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.")
     g.add_argument("--validation_steps", type=positive(int), default=100, help="Render validation images every N steps.")
     g.add_argument("--num_validation_images", type=positive(int), default=2, help="Images per validation prompt.")
     g.add_argument("--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images.")
-    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
-                   help="Experiment tracker (logs go to <output_dir>/logs).")

@@ -45,8 +45,8 @@ class DiffusionModel:
     base: str
     tokenizers: list
     text_encoders: list
-    unet: torch.nn.Module
-    vae: torch.nn.Module
+    unet: torch.nn.Module | None  # None when loaded text_only
+    vae: torch.nn.Module | None
     noise_scheduler: object
 
     @property
@@ -110,8 +110,12 @@ def quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_model(path: str, *, revision: str | None = None, variant: str | None = None) -> DiffusionModel:
-    """Load the components of a SD 1.x/2.x or SDXL pipeline (hub id or local folder) for training, on CPU, fp32."""
+def load_model(path: str, *, revision: str | None = None, variant: str | None = None,
+               text_only: bool = False) -> DiffusionModel:
+    """Load the components of a SD 1.x/2.x or SDXL pipeline (hub id or local folder) for training, on CPU, fp32.
+
+    `text_only` skips the UNet and VAE (stage 1 needs only tokenizers and text encoders).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -125,12 +129,16 @@ def load_model(path: str, *, revision: str | None = None, variant: str | None = 
             tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
             encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
                                                                         variant=variant, **kw))
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+        unet = vae = None
+        if not text_only:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     except OSError as err:
         raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
     for m in (*encoders, unet, vae):
+        if m is None:
+            continue
         m.requires_grad_(False)
         m.eval()
     return DiffusionModel(family, path, tokenizers, encoders, unet, vae, scheduler)

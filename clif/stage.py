@@ -25,9 +25,9 @@ class StageInputs:
     stage_manifest: dict | None
 
 
-def prepare(args, *, stage_required: bool = False) -> StageInputs:
+def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
     """Read the concept set, the base model and (optionally) an earlier stage dir; add the placeholder tokens."""
-    if args.resolution % 8:
+    if getattr(args, "resolution", 8) % 8:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(args.train_data_dir, initializer=args.initializer, class_word=args.class_word,
                                 num_vectors=args.num_vectors)
@@ -35,7 +35,8 @@ def prepare(args, *, stage_required: bool = False) -> StageInputs:
     if stage_required and not stage_dir:
         raise UserError("--stage_dir is required (the output of an earlier stage)")
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
-    model = load_model(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+    model = load_model(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                       text_only=text_only)
     fingerprint = model.fingerprint()
     saved: dict = {}
     if manifest is not None:
@@ -84,8 +85,11 @@ def write_stage_outputs(out: Path, stage: str, inp: StageInputs, modules: list[t
 
 def start_run(args, resuming: bool, name: str):
     """After validation: the Accelerator, the (cleared) output dir with run_args.json, and the trackers."""
+    import logging
+
     from .training import make_accelerator
 
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
     if accelerator.is_main_process:
         artifacts.clear_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)

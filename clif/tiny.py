@@ -95,6 +95,26 @@ def _paired_clip(text_encoder, out: Path, seed: int) -> None:
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(out)
 
 
+def build_clipseg(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIPSeg (text-prompted segmenter) with the real CLIP tokenizer: offline stand-in for
+    CIDAS/clipseg-rd64-refined in tests (its masks are arbitrary but deterministic)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    text = _text_config(TEXT_DIM, TEXT_DIM).to_dict()
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "image_size": 64, "patch_size": 8}
+    model = CLIPSegForImageSegmentation(CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=32,
+                                                      extract_layers=(0, 1, 2), reduce_dim=16,
+                                                      decoder_intermediate_size=32))
+    out = Path(out)
+    model.save_pretrained(out)
+    image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
+                                        image_std=[0.229, 0.224, 0.225])
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(out)
+    return out
+
+
 def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny `family` pipeline folder (and its paired CLIP models) to `out`; returns `out`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -124,6 +144,8 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
                                          unet=unet, scheduler=_scheduler(prediction_type))
+    elif family == "clipseg":
+        return build_clipseg(out, seed)
     else:
         raise ValueError(f"unknown family {family!r}")
     pipe.save_pretrained(out)
@@ -136,7 +158,8 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m clif.tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["sd15", "sdxl"], required=True, help="Model family to mimic.")
+    p.add_argument("--family", choices=["sd15", "sdxl", "clipseg"], required=True,
+                   help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter.")
     p.add_argument("--out", required=True, help="Folder to write the pipeline into.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",

@@ -1,0 +1,68 @@
+"""The frozen CLIP models paired with the diffusion model's text encoders (stage 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .cli import UserError
+
+# text-encoder width -> the public CLIP whose text tower it is
+DEFAULT_PAIRS = {768: "openai/clip-vit-large-patch14", 1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"}
+
+
+def default_pair(base: str, index: int, hidden: int) -> str:
+    """`<base>/paired_clip[_2]` when the base folder ships one (tiny models), else the public CLIP of that width."""
+    local = Path(base) / ("paired_clip" if index == 0 else f"paired_clip_{index + 1}")
+    if local.is_dir():
+        return str(local)
+    if hidden not in DEFAULT_PAIRS:
+        raise UserError(f"no known CLIP model pairs with a {hidden}-wide text encoder; pass --clip_model")
+    return DEFAULT_PAIRS[hidden]
+
+
+class PairedCLIP:
+    """Frozen CLIP image tower + text projection matching one text encoder of the diffusion model."""
+
+    def __init__(self, name_or_path: str, text_encoder, device, dtype: torch.dtype):
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        try:
+            self.model = CLIPModel.from_pretrained(name_or_path, dtype=dtype).to(device).eval().requires_grad_(False)
+            self.processor = CLIPImageProcessor.from_pretrained(name_or_path)
+        except OSError as err:
+            raise UserError(f"cannot load CLIP model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+        width = text_encoder.config.hidden_size
+        if self.model.text_projection.in_features != width:
+            raise UserError(f"CLIP model {name_or_path!r} has a {self.model.text_projection.in_features}-wide text "
+                            f"tower, the diffusion text encoder is {width} wide: not its matching CLIP")
+        self.name, self.device = name_or_path, device
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().float()
+
+    @torch.no_grad()
+    def image_features(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """Projected image features [N, P] (fp32), computed once: the image tower is frozen."""
+        feats = []
+        for s in range(0, len(images), batch_size):
+            px = self.processor(images=images[s:s + batch_size], return_tensors="pt")["pixel_values"]
+            out = self.model.get_image_features(pixel_values=px.to(self.device, self.model.dtype))
+            feats.append(out.pooler_output.float())  # transformers 5: the projected embedding
+        return torch.cat(feats)
+
+    def text_features(self, encoder, input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+        """The encoder's pooled output (final-LN hidden state at the first EOS) through this CLIP's projection."""
+        ids = input_ids.to(encoder.device)
+        hidden = encoder(ids).last_hidden_state  # post final-LN, for CLIPTextModel and ...WithProjection
+        eos = (ids == eos_id).int().argmax(dim=-1)
+        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), eos]
+        return self.model.text_projection(pooled.to(self.model.dtype)).float()
