@@ -19,7 +19,7 @@ from clif.contrastive import TextSide, confusion, generate_common_images, save_c
 from clif.loop import StepRunner
 from clif.losses import clip_loss, gather_features
 from clif.masks import DEFAULT_SEGMENTER, Segmenter
-from clif.paired import PairedCLIP, default_pair
+from clif.paired import PairedCLIP, clip_image_size, default_pair
 from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
 PROG = "train_clif.py"
@@ -77,6 +77,11 @@ def run(args) -> None:
     words = [w.strip() for w in args.common_words.split(",") if w.strip()]
     cache_dir = Path(args.cache_dir)
 
+    # masks (user or segmented, cached) and the pair counts are checked here too, before anything is written
+    size = clip_image_size(names[0])
+    builder = PairBuilder(concepts, size=size, segmenter=Segmenter(args.segmenter, cache_dir / "masks"))
+    builder.counts(args.num_pairs, ratios)
+
     accelerator = start_run(args, resuming, "clif_contrastive")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
     if skip_region:
@@ -90,8 +95,7 @@ def run(args) -> None:
     accelerator.wait_for_everyone()
 
     # ---- pairs (same seed, same pairs, on every process) and their frozen image features
-    builder = PairBuilder(concepts, size=paired[0].image_size, segmenter=Segmenter(args.segmenter, cache_dir / "masks"),
-                          common=common_images(Path(args.train_data_dir), words, cache_dir))
+    builder.add_common(common_images(Path(args.train_data_dir), words, cache_dir))
     pairs = builder.build(args.num_pairs, ratios, args.seed)
     views = builder.views(args.num_views, args.seed + 10_000)
     image_feats = [p.image_features([q.image for q in pairs]) for p in paired]

@@ -74,7 +74,12 @@ class PairBuilder:
         self.concepts, self.size, self.segmenter = concepts, size, segmenter
         self.wholes: list[list[Piece]] = [self._wholes(i, c) for i, c in enumerate(concepts)]
         self.parts: list[list[Piece]] = [self._parts(i, c) for i, c in enumerate(concepts)]
-        self.common: list[Piece] = [p for word, paths in (common or {}).items() for p in self._common(word, paths)]
+        self.common: list[Piece] = []
+        self.add_common(common or {})
+
+    def add_common(self, common: dict[str, list[Path]]) -> None:
+        """Cut out common-concept images (masks from the segmenter, prompted with the word)."""
+        self.common += [p for word, paths in common.items() for p in self._common(word, paths)]
 
     def _mask(self, image: Path, masks_dir: Path | None, prompt: str, part: str | None, size) -> np.ndarray:
         given = user_mask(masks_dir, image, part)

@@ -24,6 +24,16 @@ def default_pair(base: str, index: int, hidden: int) -> str:
     return DEFAULT_PAIRS[hidden]
 
 
+def clip_image_size(name_or_path: str) -> int:
+    """Input resolution of a CLIP model's image tower (reads only its config); UserError when unloadable."""
+    from transformers import CLIPConfig
+
+    try:
+        return CLIPConfig.from_pretrained(name_or_path).vision_config.image_size
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load CLIP model {name_or_path!r}: {str(err).splitlines()[0]}") from None
+
+
 class PairedCLIP:
     """Frozen CLIP image tower + text projection matching one text encoder of the diffusion model."""
 
