@@ -11,7 +11,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clif import cli
-from clif.generate import SCHEDULERS, auto_device_dtype, call_default, generate, load_pipeline, read_prompts_file
+from clif.artifacts import read_manifest
+from clif.generate import (SCHEDULERS, auto_device_dtype, call_default, expand_prompt_set, generate, load_pipeline,
+                           read_prompts_file)
 from clif.images import grid, save_png
 
 PROG = "inference.py"
@@ -25,6 +27,9 @@ def build_parser():
     p.add_argument("--prompt", action="append", default=[],
                    help="Prompt (repeatable); write concept tokens as trained, e.g. '<dog2> on the beach'.")
     p.add_argument("--prompts_file", default=None, help="Text file, one prompt a line (# comments), or a JSON list.")
+    p.add_argument("--prompt_set", default=None,
+                   help="'single' / 'pair' (dataset/prompts_*.txt) or a file of templates with {0} (and {1}): "
+                        "expanded for every concept (pair of concepts) of --stage_dir, the evaluation protocol.")
     p.add_argument("--output_dir", required=True, help="Where <stem>.png, <stem>.json and contact_sheet.png go.")
     p.add_argument("--overwrite", action="store_true", help="Write into an output dir that already holds files.")
     p.add_argument("--num_images_per_prompt", type=cli.positive(int), default=4, help="Images per prompt.")
@@ -55,8 +60,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def run(args) -> list[Path]:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if args.prompt_set:
+        if not args.stage_dir:
+            raise cli.UserError("--prompt_set needs --stage_dir (its concepts fill the templates)")
+        prompts += expand_prompt_set(args.prompt_set, read_manifest(args.stage_dir)["concepts"])
     if not prompts:
-        raise cli.UserError("no prompt: pass --prompt (repeatable) or --prompts_file")
+        raise cli.UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
     for side in ("height", "width"):
         v = getattr(args, side)
         if v is not None and v % 8:

@@ -131,3 +131,26 @@ def read_prompts_file(path: str) -> list[str]:
             raise UserError(f"{path} must hold a JSON list of prompt strings")
         return data
     return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+PROMPT_SETS = Path(__file__).resolve().parents[1] / "dataset"
+
+
+def expand_prompt_set(spec: str, concepts: list[dict]) -> list[str]:
+    """Templates with {0} (single) or {0},{1} (pair) filled with the tokens of every concept / pair of concepts."""
+    from itertools import combinations
+
+    path = PROMPT_SETS / f"prompts_{spec}.txt" if spec in ("single", "pair") else Path(spec)
+    templates = read_prompts_file(str(path))
+    tokens = [c["token"] for c in concepts]
+    out = []
+    for t in templates:
+        if "{1}" in t:
+            if len(tokens) < 2:
+                raise UserError(f"prompt set {spec!r} has two-concept templates but the stage dir has one concept")
+            out += [t.format(a, b) for a, b in combinations(tokens, 2)]
+        elif "{0}" in t:
+            out += [t.format(a) for a in tokens]
+        else:
+            raise UserError(f"template {t!r} in {path} has no {{0}} slot")
+    return out

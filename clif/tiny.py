@@ -115,6 +115,26 @@ def build_clipseg(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_openclip(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random open_clip model, loadable as `local-dir:<out>` (evaluate.py tests and demo)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {
+        "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, indent=2))
+    return out
+
+
 def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny `family` pipeline folder (and its paired CLIP models) to `out`; returns `out`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -146,6 +166,8 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
                                          unet=unet, scheduler=_scheduler(prediction_type))
     elif family == "clipseg":
         return build_clipseg(out, seed)
+    elif family == "openclip":
+        return build_openclip(out, seed)
     else:
         raise ValueError(f"unknown family {family!r}")
     pipe.save_pretrained(out)
@@ -158,8 +180,9 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m clif.tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["sd15", "sdxl", "clipseg"], required=True,
-                   help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter.")
+    p.add_argument("--family", choices=["sd15", "sdxl", "clipseg", "openclip"], required=True,
+                   help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter; "
+                        "openclip: an open_clip model for evaluate.py (--clip_model local-dir:DIR).")
     p.add_argument("--out", required=True, help="Folder to write the pipeline into.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",

@@ -1,0 +1,215 @@
+"""evaluate.py's machinery: backbones (open_clip, optional DINO), the detector, reading image folders, scoring."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import metrics
+from .cli import UserError
+from .concepts import Concept, list_images
+
+
+class Backbone:
+    """An open_clip model ('ViT-B-32' + --clip_pretrained, 'hf-hub:org/repo' or 'local-dir:/path'), frozen."""
+
+    def __init__(self, name: str, pretrained: str | None, device):
+        import open_clip
+
+        schema = name.split(":", 1)[0] if ":" in name else None
+        if schema not in ("hf-hub", "local-dir") and name not in open_clip.list_models():
+            raise UserError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use hf-hub:/local-dir:)")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None if schema else pretrained, device=device)
+            self.tokenizer = open_clip.get_tokenizer(name)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise UserError(f"cannot load CLIP model {name!r} ({pretrained}): {str(err).splitlines()[0]}") from None
+        self.model.eval().requires_grad_(False)
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+        out = [self.model.encode_image(torch.stack([self.preprocess(im) for im in images[s:s + batch_size]])
+                                       .to(self.device)).double().cpu() for s in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        return torch.cat([self.model.encode_text(self.tokenizer(texts[s:s + batch_size]).to(self.device)).double().cpu()
+                          for s in range(0, len(texts), batch_size)])
+
+
+class Dino:
+    """DINO image features (CLS token) from transformers, e.g. facebook/dino-vits16."""
+
+    def __init__(self, name: str, device):
+        from transformers import AutoImageProcessor, AutoModel
+
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(name)
+            self.model = AutoModel.from_pretrained(name).to(device).eval()
+        except OSError as err:
+            raise UserError(f"cannot load DINO model {name!r}: {str(err).splitlines()[0]}") from None
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+        out = []
+        for s in range(0, len(images), batch_size):
+            px = self.processor(images=images[s:s + batch_size], return_tensors="pt")["pixel_values"]
+            out.append(self.model(pixel_values=px.to(self.device)).last_hidden_state[:, 0].double().cpu())
+        return torch.cat(out)
+
+
+class Detector:
+    """Open-vocabulary boxes (OWLv2 from transformers) for the class words of a prompt."""
+
+    def __init__(self, name: str, device, threshold: float = 0.1):
+        from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+        try:
+            self.processor = Owlv2Processor.from_pretrained(name)
+            self.model = Owlv2ForObjectDetection.from_pretrained(name).to(device).eval()
+        except OSError as err:
+            raise UserError(f"cannot load detector {name!r}: {str(err).splitlines()[0]}") from None
+        self.device, self.threshold = device, threshold
+
+    @torch.no_grad()
+    def two_boxes(self, image: Image.Image, words: list[str]) -> list[tuple[int, int, int, int]]:
+        """Up to two non-overlapping boxes, best first, for any of `words`."""
+        from torchvision.ops import box_iou
+
+        inputs = self.processor(text=[[f"a photo of a {w}" for w in words]], images=image, return_tensors="pt")
+        out = self.model(**inputs.to(self.device))
+        side = max(image.size)  # OWLv2 pads to a square
+        res = self.processor.post_process_object_detection(out, threshold=self.threshold,
+                                                           target_sizes=torch.tensor([[side, side]]))[0]
+        chosen: list[torch.Tensor] = []
+        for i in res["scores"].argsort(descending=True):
+            box = res["boxes"][i].cpu()
+            if all(box_iou(box[None], c[None]).item() < 0.5 for c in chosen):
+                chosen.append(box)
+            if len(chosen) == 2:
+                break
+        return [tuple(int(v) for v in b.clamp(min=0).tolist()) for b in chosen]
+
+
+@dataclass
+class Item:
+    path: Path
+    prompt: str
+
+
+def read_folder(folder: str | Path) -> list[Item]:
+    """PNGs with inference.py's JSON sidecars, or a prompts.json {file: prompt} in the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist")
+    mapping = {}
+    if (folder / "prompts.json").is_file():
+        try:
+            mapping = json.loads((folder / "prompts.json").read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid {folder / 'prompts.json'}: {err}") from None
+    items = []
+    for p in list_images(folder):
+        if p.name == "contact_sheet.png":
+            continue
+        if p.name in mapping:
+            items.append(Item(p, mapping[p.name]))
+        elif p.with_suffix(".json").is_file():
+            items.append(Item(p, json.loads(p.with_suffix(".json").read_text())["prompt"]))
+        else:
+            raise UserError(f"{p} has no prompt: no {p.with_suffix('.json').name} sidecar and not in prompts.json")
+    if not items:
+        raise UserError(f"no images in {folder}")
+    return items
+
+
+def _halves(image: Image.Image) -> list[Image.Image]:
+    w, h = image.size
+    return [image.crop((0, 0, w // 2, h)), image.crop((w // 2, 0, w, h))]
+
+
+def score_folder(items: list[Item], concepts: list[Concept], refs: dict[str, torch.Tensor], backbone: Backbone, *,
+                 batch_size: int, margin: float, detector: Detector | None = None, dino=None,
+                 dino_refs: dict[str, torch.Tensor] | None = None, feature_fn=None,
+                 match_refs: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """One row per image: text/image alignment, and for two-concept prompts found/confused.
+
+    Instances are matched to concepts with `feature_fn` against `match_refs` (default: the CLIP backbone
+    and `refs`); tests pass controlled features there.
+    """
+    match_refs = match_refs if match_refs is not None else refs
+    by_token = {c.token: c for c in concepts}
+    class_of = {c.token: c.class_word for c in concepts}
+    images = [Image.open(it.path).convert("RGB") for it in items]
+    feats = backbone.images(images, batch_size)
+    texts = backbone.texts([metrics.replace_tokens(it.prompt, class_of) for it in items], batch_size)
+    score, cos = metrics.clip_score(feats, texts)
+    dino_feats = dino.images(images, batch_size) if dino is not None else None
+    embed = feature_fn or (lambda ims: backbone.images(ims, batch_size))
+    rows = []
+    for k, (it, im) in enumerate(tqdm(list(zip(items, images)), desc="scoring", leave=False)):
+        named = metrics.tokens_in(it.prompt, list(by_token))
+        row = {"file": it.path.name, "prompt": it.prompt, "concepts": [by_token[t].name for t in named],
+               "text_alignment": float(score[k]), "text_cosine": float(cos[k]),
+               "image_alignment": {by_token[t].name: float(metrics.mean_cosine(feats[k:k + 1], refs[by_token[t].name])[0])
+                                   for t in named}}
+        if dino_feats is not None:
+            row["dino_alignment"] = {by_token[t].name: float(metrics.mean_cosine(
+                dino_feats[k:k + 1], dino_refs[by_token[t].name])[0]) for t in named}
+        if len(named) == 2:
+            crops, method = [], "none"
+            if detector is not None:
+                boxes = sorted(detector.two_boxes(im, [by_token[t].class_word for t in named]))
+                if len(boxes) == 2:
+                    crops, method = [im.crop(b) for b in boxes], "detector"
+            if not crops and metrics.says_left_right(it.prompt):
+                crops, method = _halves(im), "halves"
+            sims = None
+            if crops:
+                cf = embed(crops)
+                sims = torch.stack([metrics.mean_cosine(cf, match_refs[by_token[t].name]) for t in named], dim=1)
+            found, confused = metrics.confusion_decision(sims, margin)
+            row.update(found=found, confused=confused, instances=method)
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means over images (text), over (image, concept) entries (image), and the confusion counts."""
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    ia = [v for r in rows for v in r["image_alignment"].values()]
+    per_concept: dict[str, list[float]] = {}
+    for r in rows:
+        for name, v in r["image_alignment"].items():
+            per_concept.setdefault(name, []).append(v)
+    pairs = [r for r in rows if "found" in r]
+    found = [r for r in pairs if r["found"]]
+    out = {"images": len(rows), "text_alignment": mean([r["text_alignment"] for r in rows]),
+           "text_cosine": mean([r["text_cosine"] for r in rows]), "image_alignment": mean(ia),
+           "image_alignment_per_concept": {k: mean(v) for k, v in sorted(per_concept.items())},
+           "pair_images": len(pairs), "attendance": len(found) / len(pairs) if pairs else None,
+           "confusion_rate": sum(r["confused"] for r in found) / len(found) if found else None}
+    dino = [v for r in rows for v in r.get("dino_alignment", {}).values()]
+    if dino:
+        out["dino_alignment"] = mean(dino)
+    return out
+
+
+def per_prompt(rows: list[dict]) -> list[dict]:
+    """Rows grouped by prompt: which prompts fail."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt"], []).append(r)
+    return [{"prompt": p, **{k: v for k, v in summarize(rs).items() if k != "image_alignment_per_concept"}}
+            for p, rs in groups.items()]
