@@ -121,6 +121,9 @@ def run(args) -> None:
         prior_noise = training.NoiseSource(args.seed + 1, device, global_b, rank, local_b)
     if args.cache_latents and not args.validation_prompt:
         model.vae.to("cpu")
+    # nothing on the text side trains: encode each caption once
+    text_cache = training.TextCache(model) if not args.embedding_learning_rate and \
+        not args.train_text_encoder_lora else None
 
     def save(out: Path) -> None:
         write_stage_outputs(out, "lora", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]})
@@ -145,12 +148,12 @@ def run(args) -> None:
             with accelerator.autocast():
                 loss = training.diffusion_loss(
                     model, data.micro_batch(k, global_b, rank, local_b, with_pixels=cache is None), cache, runner.noise,
-                    dtype=dtype, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
+                    dtype=dtype, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma, text_cache=text_cache)
                 if prior_data is not None:
                     sample = prior_data.micro_batch(k, global_b, rank, local_b, with_pixels=prior_cache is None)
                     loss = loss + args.prior_loss_weight * training.diffusion_loss(
                         model, sample, prior_cache, prior_noise, dtype=dtype, noise_offset=args.noise_offset,
-                        snr_gamma=args.snr_gamma)
+                        snr_gamma=args.snr_gamma, text_cache=text_cache)
             runner.backward(loss)
             total += loss.detach() / args.gradient_accumulation_steps
         runner.finish(total)

@@ -50,17 +50,18 @@ def build_full_sd15(out: Path) -> Path:
     return out
 
 
-def run_stage(script: str, model: Path, data: Path, out: Path, steps: int, cache: bool, extra: list[str]) -> dict:
+def run_stage(script: str, model: Path, data: Path, out: Path, steps: int, cache: bool, extra: list[str],
+              resolution: int = 256) -> dict:
     mp = ["--mixed_precision", "fp16"] if _has_cuda() else ["--mixed_precision", "no"]
     cmd = [sys.executable, str(REPO / script), "--pretrained_model_name_or_path", str(model), "--train_data_dir",
-           str(data), "--output_dir", str(out), "--resolution", "256", "--train_batch_size", "1",
+           str(data), "--output_dir", str(out), "--resolution", str(resolution), "--train_batch_size", "1",
            "--gradient_accumulation_steps", "1", "--max_train_steps", str(steps), "--checkpointing_steps",
            str(10 * steps), "--report_to", "none", *mp, *(["--cache_latents"] if cache else []), *extra]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "run_stats.json").read_text())
 
 
-def unet_floor_ms(model: Path, lora: bool, steps: int) -> float:
+def unet_floor_ms(model: Path, lora: bool, steps: int, resolution: int = 256) -> float:
     """Median ms of a bare UNet forward+backward on the training batch shape (1 x 4 x 32 x 32 at 256 px).
 
     Gradient flows to the text conditioning (what TI needs) and, with `lora`, to rank-16 LoRA weights on the
@@ -80,7 +81,7 @@ def unet_floor_ms(model: Path, lora: bool, steps: int) -> float:
     if lora:
         clif_lora.add_lora(unet, rank=16, alpha=16, dropout=0.0, targets=clif_lora.DEFAULT_UNET_TARGETS)
     dim = unet.config.cross_attention_dim
-    x = torch.randn(1, 4, 32, 32, device=device, dtype=dtype)
+    x = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
     times = []
     for _ in range(steps):
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="Optimizer steps per configuration (first one not timed).")
     p.add_argument("--only", choices=["tiny", "full"], default=None)
-    p.add_argument("--stages", default="ti", help="Comma list of stages to time: ti, lora.")
+    p.add_argument("--stages", default="ti", help="Comma list of stages to time: ti, lora, lora_frozen_emb.")
+    p.add_argument("--resolution", type=int, default=256, help="Training resolution.")
+    p.add_argument("--cache_only", action="store_true", help="Only the --cache_latents configurations.")
     p.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     args = p.parse_args(argv)
     from clif.synthetic import write_concept_set
@@ -123,24 +126,25 @@ def main(argv: list[str] | None = None) -> None:
             models["tiny-sd15"] = build("sd15", tmp / "tiny")
         if args.only in (None, "full"):
             models["sd15-arch"] = build_full_sd15(tmp / "full")
-        stages = {"ti": ("train_ti.py", []), "lora": ("train_lora.py", ["--stage_dir", "{ti}"])}
+        stages = {"ti": ("train_ti.py", []), "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
+                  "lora_frozen_emb": ("train_lora.py", ["--stage_dir", "{ti}", "--embedding_learning_rate", "0"])}
         for name, model in models.items():
             ti_dir = None
             for stage in args.stages.split(","):
                 script, extra = stages[stage]
-                for cache in (False, True):
+                for cache in ((True,) if args.cache_only else (False, True)):
                     out = tmp / f"{name}-{stage}-{int(cache)}"
                     extra_f = [e.format(ti=ti_dir) for e in extra]
-                    stats = run_stage(script, model, data, out, args.steps, cache, extra_f)
+                    stats = run_stage(script, model, data, out, args.steps, cache, extra_f, args.resolution)
                     if cache:  # the floor depends on the stage, not on the cache: measure once
-                        stats["floor_ms"] = unet_floor_ms(model, stage == "lora", args.steps)
+                        stats["floor_ms"] = unet_floor_ms(model, stage.startswith("lora"), args.steps, args.resolution)
                         stats["ratio_to_floor"] = stats["median_step_ms"] / stats["floor_ms"]
                     if stage == "ti":
                         ti_dir = out
-                    row = {"model": name, "stage": stage, "cache_latents": cache, **stats}
+                    row = {"model": name, "stage": stage, "resolution": args.resolution, "cache_latents": cache, **stats}
                     rows.append(row)
                     mem = stats.get("peak_cuda_mb") or stats["peak_rss_mb"]
-                    print(f"{name:10s} {stage:5s} cache={int(cache)}  {stats['median_step_ms']:9.1f} ms/step  "
+                    print(f"{name:10s} {args.resolution}px {stage:15s} cache={int(cache)}  {stats['median_step_ms']:9.1f} ms/step  "
                           f"peak {'cuda' if 'peak_cuda_mb' in stats else 'rss'} {mem:8.0f} MB  "
                           f"floor {stats.get('floor_ms', float('nan')):8.1f} ms  ratio {stats.get('ratio_to_floor', float('nan')):5.2f}  "
                           f"({stats['device']})", flush=True)

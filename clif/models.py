@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class DiffusionModel:
     unet: torch.nn.Module | None  # None when loaded text_only
     vae: torch.nn.Module | None
     noise_scheduler: object
+    _ids: dict = field(default_factory=dict, repr=False)  # caption -> token ids: captions repeat every epoch
 
     @property
     def prediction_type(self) -> str:
@@ -64,9 +65,12 @@ class DiffusionModel:
         return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Token ids of `prompts` for each tokenizer, padded to 77."""
-        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids for tok in self.tokenizers]
+        """Token ids of `prompts` for each tokenizer, padded to 77 (memoised per caption)."""
+        for p in prompts:
+            if p not in self._ids:
+                self._ids[p] = [tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                    return_tensors="pt").input_ids[0] for tok in self.tokenizers]
+        return [torch.stack([self._ids[p][i] for p in prompts]) for i in range(len(self.tokenizers))]
 
     def encode_prompt(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the UNet is conditioned on: (hidden states, pooled embedding or None), as the pipelines compute it."""

@@ -58,6 +58,10 @@ def make_optimizer(param_groups: list[dict], args) -> torch.optim.Optimizer:
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
+        if all(p.is_cuda for g in param_groups for p in g["params"]):
+            # one fused kernel instead of per-tensor launches (many small LoRA tensors)
+            return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                       eps=args.adam_epsilon, fused=True)
     return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                eps=args.adam_epsilon)
 
@@ -111,9 +115,26 @@ class NoiseSource:
         return torch.randint(0, high, (self.global_batch,), generator=self.gen, device=self.device)[self.sl]
 
 
+class TextCache:
+    """UNet conditioning per caption, computed once, for runs where nothing on the text side trains."""
+
+    def __init__(self, model: DiffusionModel):
+        self.model, self.store = model, {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for c in captions:
+            if c not in self.store:
+                hidden, pooled = self.model.encode_prompt(self.model.tokenize([c]))
+                self.store[c] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([self.store[c][0] for c in captions])
+        pooled = None if self.model.family == "sd" else torch.stack([self.store[c][1] for c in captions])
+        return hidden, pooled
+
+
 def diffusion_loss(model: DiffusionModel, sample: Sample, cache: LatentCache | None, noise: NoiseSource, *,
                    dtype: torch.dtype, noise_offset: float = 0.0, snr_gamma: float | None = None,
-                   per_sample: bool = False) -> torch.Tensor:
+                   per_sample: bool = False, text_cache: TextCache | None = None) -> torch.Tensor:
     """The denoising loss of one micro-batch (epsilon or v target from the scheduler config)."""
     device = noise.device
     if cache is not None:
@@ -130,7 +151,10 @@ def diffusion_loss(model: DiffusionModel, sample: Sample, cache: LatentCache | N
     t = noise.randint(sched.config.num_train_timesteps)
     noisy = sched.add_noise(latents, eps, t)
     target = eps if model.prediction_type == "epsilon" else sched.get_velocity(latents, eps, t)
-    hidden, pooled = model.encode_prompt(model.tokenize(sample.captions))
+    if text_cache is not None:
+        hidden, pooled = text_cache(sample.captions)
+    else:
+        hidden, pooled = model.encode_prompt(model.tokenize(sample.captions))
     pred = model.unet(noisy.to(dtype), t, hidden.to(dtype), **model.unet_kwargs(pooled, sample.time_ids)).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:

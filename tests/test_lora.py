@@ -194,3 +194,17 @@ def test_full_sd15_architecture_one_step(tmp_path, concept_set):
     assert len(keys) == 2 * 4 * 32  # up/down x q,k,v,out x 32 attention blocks of SD1.5 (16 transformers x 2 attn)
     rows = load_file(str(tmp_path / "lora" / "embeddings" / "redball.safetensors"))["<redball>"]
     assert rows.shape == (2, 768) and torch.isfinite(rows).all()
+
+
+def test_text_cache_equals_encoding(tiny_sdxl):
+    """The frozen-text cache of stage 3 (embedding lr 0) returns exactly what the encoders compute."""
+    from clif.models import load_model
+    from clif.training import TextCache
+
+    model = load_model(str(tiny_sdxl))
+    caps = ["a photo of a ball", "a photo of a box", "a photo of a ball"]
+    hidden, pooled = model.encode_prompt(model.tokenize(caps))
+    ch, cp = TextCache(model)(caps)
+    # per-caption encoding vs one batched call: equal up to the rounding of a batched matmul
+    torch.testing.assert_close(ch, hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cp, pooled, rtol=0, atol=1e-6)
