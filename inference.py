@@ -12,8 +12,15 @@ from tqdm.auto import tqdm
 
 from clif import cli
 from clif.artifacts import read_manifest
-from clif.generate import (SCHEDULERS, auto_device_dtype, call_default, expand_prompt_set, generate, load_pipeline,
-                           read_prompts_file)
+from clif.generate import (
+    SCHEDULERS,
+    auto_device_dtype,
+    call_default,
+    expand_prompt_set,
+    generate,
+    load_pipeline,
+    read_prompts_file,
+)
 from clif.images import grid, save_png
 
 PROG = "inference.py"

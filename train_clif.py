@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
-from clif import artifacts, checkpoint, cli, training
+from clif import cli, training
 from clif.augment import KINDS, PairBuilder, common_images
 from clif.contrastive import TextSide, confusion, generate_common_images, save_confusion
 from clif.loop import StepRunner
@@ -61,10 +61,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args) -> None:
     # ---- validate before the first expensive step; nothing is written until then
-    resuming = args.resume_from_checkpoint is not None
-    artifacts.check_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)
-    resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    training.check_optimizer_flags(args)
     inp = prepare(args, text_only=True)
     model, concepts = inp.model, inp.concepts
     names = [args.clip_model, args.clip_model_2][: len(model.text_encoders)]
@@ -82,7 +78,7 @@ def run(args) -> None:
     builder = PairBuilder(concepts, size=size, segmenter=Segmenter(args.segmenter, cache_dir / "masks"))
     builder.counts(args.num_pairs, ratios)
 
-    accelerator = start_run(args, resuming, "clif_contrastive")
+    accelerator = start_run(args, "clif_contrastive")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
     if skip_region:
         logger.warning("no concept has part names ('parts' in concepts.json): Region augmentation skipped")
@@ -121,7 +117,7 @@ def run(args) -> None:
                         training.make_lr_scheduler(args, optimizer, max_steps), noise,
                         {f"embedding.{i}": p for i, p in enumerate(params)},
                         lambda out: write_stage_outputs(out, "clif", inp, modules, args), max_steps, "clif")
-    runner.resume(resume_path)
+    runner.resume(inp.resume_path)
 
     # ---- loop: the global batch is drawn once for all processes; each encodes its shard of the captions
     while not runner.done:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import artifacts, checkpoint, cli, lora, prior, training
+from clif import cli, lora, prior, training
 from clif.concepts import Concept, list_images
 from clif.data import ConceptImages, LatentCache
 from clif.loop import StepRunner
@@ -65,16 +65,12 @@ def check_args(args) -> None:
 def run(args) -> None:
     # ---- validate everything before the first expensive step; nothing is written until then
     check_args(args)
-    resuming = args.resume_from_checkpoint is not None
-    artifacts.check_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)
-    resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    training.check_optimizer_flags(args)
     inp = prepare(args, stage_required=True)
     model, concepts = inp.model, inp.concepts
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     lora.check_targets(model.unet, targets, "UNet")
     alpha = args.lora_alpha or float(args.rank)
-    accelerator = start_run(args, resuming, "clif_lora")
+    accelerator = start_run(args, "clif_lora")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
     training.place_frozen(model, device, dtype, gradient_checkpointing=args.gradient_checkpointing)
 
@@ -137,7 +133,7 @@ def run(args) -> None:
     runner = StepRunner(args, accelerator, model, params, optimizer, training.make_lr_scheduler(args, optimizer, max_steps),
                         training.NoiseSource(args.seed, device, global_b, rank, local_b), trainables, save, max_steps,
                         "lora", extra_noise=[prior_noise] if prior_noise else [])
-    runner.resume(resume_path)
+    runner.resume(inp.resume_path)
     logger.info(f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
                 f"(from {runner.step}), {model.family}, {device}, frozen {dtype}")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from accelerate.logging import get_logger
 
-from clif import artifacts, checkpoint, cli, training
+from clif import cli, training
 from clif.data import ConceptImages, LatentCache
 from clif.loop import StepRunner
 from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
@@ -35,13 +35,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args) -> None:
     # ---- validate everything before the first expensive step; nothing is written until then
-    resuming = args.resume_from_checkpoint is not None
-    artifacts.check_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)
-    resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    training.check_optimizer_flags(args)
     inp = prepare(args)
     model, concepts = inp.model, inp.concepts
-    accelerator = start_run(args, resuming, "clif_ti")
+    accelerator = start_run(args, "clif_ti")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
 
     # ---- model: frozen weights in half precision on GPU, trainable rows in fp32
@@ -66,7 +62,7 @@ def run(args) -> None:
                         training.NoiseSource(args.seed, device, global_b, rank, local_b),
                         {f"embedding.{i}": p for i, p in enumerate(params)},
                         lambda out: write_stage_outputs(out, "ti", inp, modules, args), max_steps, "ti")
-    runner.resume(resume_path)
+    runner.resume(inp.resume_path)
     logger.info(f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
                 f"{global_b} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}")
 

@@ -70,7 +70,8 @@ def load_embedding_file(path: Path, family: str) -> tuple[list[torch.Tensor], di
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         keys = ENCODER_KEYS[family] or list(f.keys())
-        missing = [k for k in keys if k not in f.keys()]
+        present = set(f.keys())
+        missing = [k for k in keys if k not in present]
         if missing or (ENCODER_KEYS[family] is None and len(keys) != 1):
             raise UserError(f"{path} is not a {family} embedding file (keys {list(f.keys())})")
         return [f.get_tensor(k) for k in keys], meta

@@ -126,7 +126,7 @@ class PairBuilder:
         total = sum(ratios.values())
         if total <= 0:
             raise UserError("the augmentation ratios add up to 0")
-        counts = {k: int(round(n * ratios.get(k, 0) / total)) for k in KINDS}
+        counts = {k: round(n * ratios.get(k, 0) / total) for k in KINDS}
         counts["global"] += n - sum(counts.values())
         return counts
 

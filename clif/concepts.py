@@ -47,7 +47,7 @@ def check_image(path: Path) -> None:
     try:
         with Image.open(path) as im:
             im.load()
-    except Exception as err:  # PIL raises many types for broken files
+    except Exception as err:  # noqa: BLE001  PIL raises many types for broken files
         raise UserError(f"cannot read image {path}: {err}") from None
 
 

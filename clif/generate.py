@@ -55,9 +55,8 @@ def load_embeddings_into(pipe, stage_dir: str | Path, family: str) -> list[dict]
 def load_pipeline(base: str, stage_dir: str | None, *, device, dtype, scheduler: str | None = None,
                   revision: str | None = None, variant: str | None = None):
     """The base pipeline, checked against and loaded with the stage dir's embeddings (and LoRA)."""
-    from diffusers import DiffusionPipeline
-
     import diffusers
+    from diffusers import DiffusionPipeline
 
     quiet_loading()
     family = detect_family(base, revision)

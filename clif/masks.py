@@ -28,7 +28,7 @@ def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as m:
             m = m.convert("L").resize(size, Image.Resampling.NEAREST)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  PIL raises many types for broken files
         raise UserError(f"cannot read mask {path}: {err}") from None
     return np.asarray(m) >= 128
 

@@ -25,7 +25,7 @@ def _read_model_index(path: str, revision: str | None) -> dict:
 
     try:
         return dict(DiffusionPipeline.load_config(path, revision=revision))
-    except Exception as err:  # hub / network errors come in many types
+    except Exception as err:  # noqa: BLE001  hub / network errors come in many types
         raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
 
 

@@ -23,10 +23,19 @@ class StageInputs:
     fingerprint: str
     first_new_id: int
     stage_manifest: dict | None
+    resume_path: Path | None = None  # checkpoint to continue from (--resume_from_checkpoint)
 
 
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
-    """Read the concept set, the base model and (optionally) an earlier stage dir; add the placeholder tokens."""
+    """Validate the run (output dir, checkpoint, optimizer flags), read the concept set, the base model and
+    (optionally) an earlier stage dir; add the placeholder tokens. Nothing is written."""
+    from . import checkpoint
+    from .training import check_optimizer_flags
+
+    artifacts.check_output_dir(args.output_dir, overwrite=args.overwrite,
+                               resuming=args.resume_from_checkpoint is not None)
+    resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_optimizer_flags(args)
     if getattr(args, "resolution", 8) % 8:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(args.train_data_dir, initializer=args.initializer, class_word=args.class_word,
@@ -47,7 +56,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         if missing:
             raise UserError(f"{stage_dir} has no embeddings for concept(s) {', '.join(missing)}")
         for c in concepts:  # token and vector count are fixed by the earlier stage
-            entry, rows = saved[c.name]
+            entry = saved[c.name][0]
             c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
@@ -57,7 +66,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
             start.append([r.float() for r in saved[c.name][1]])
         else:
             start.append([tokens.initializer_rows(t, e, c) for t, e in zip(model.tokenizers, model.text_encoders)])
-    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest)
+    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path)
 
 
 def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
@@ -83,7 +92,7 @@ def write_stage_outputs(out: Path, stage: str, inp: StageInputs, modules: list[t
                              files=extra_files)
 
 
-def start_run(args, resuming: bool, name: str):
+def start_run(args, name: str):
     """After validation: the Accelerator, the (cleared) output dir with run_args.json, and the trackers."""
     import logging
 
@@ -92,7 +101,8 @@ def start_run(args, resuming: bool, name: str):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
     if accelerator.is_main_process:
-        artifacts.clear_output_dir(args.output_dir, overwrite=args.overwrite, resuming=resuming)
+        artifacts.clear_output_dir(args.output_dir, overwrite=args.overwrite,
+                                   resuming=args.resume_from_checkpoint is not None)
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))
         accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
     accelerator.wait_for_everyone()

@@ -44,7 +44,8 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """The real CLIP BPE tokenizer (49408 ids), built offline from open_clip's vocab file."""
     from transformers import CLIPTokenizer
 
-    lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(_bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

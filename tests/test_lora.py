@@ -72,7 +72,7 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
                             "--num_images_per_prompt", "2", "--batch_size", "2", "--num_inference_steps", "3",
                             "--output_dir", str(tmp_path / "gen")])
     ours = [np.asarray(Image.open(p)) for p in paths]
-    call = dict(num_inference_steps=3, height=64, width=64)
+    call = {"num_inference_steps": 3, "height": 64, "width": 64}
 
     pipe = _stock(model, family)  # the README snippet: embeddings + load_lora_weights(dir)
     _load_embeddings(pipe, family, {f"<{n}>": load_file(str(out / "embeddings" / f"{n}.safetensors"))

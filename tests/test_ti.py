@@ -71,7 +71,7 @@ def test_train_then_infer_matches_stock_diffusers(family, tiny_models, concept_s
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_only_placeholder_rows_change(family, tiny_models, concept_set):
+def test_only_placeholder_rows_change(family, tiny_models, concept_set, tmp_path):
     """One real optimizer step at a large lr: new rows move, every vocabulary row stays bit-identical."""
     from argparse import Namespace
 
@@ -80,7 +80,9 @@ def test_only_placeholder_rows_change(family, tiny_models, concept_set):
     from clif.stage import install_embeddings, prepare
 
     args = Namespace(resolution=64, train_data_dir=str(concept_set), initializer=None, class_word=None, num_vectors=2,
-                     pretrained_model_name_or_path=str(tiny_models[family]), revision=None, variant=None)
+                     pretrained_model_name_or_path=str(tiny_models[family]), revision=None, variant=None,
+                     output_dir=str(tmp_path / "unused"), overwrite=False, resume_from_checkpoint=None,
+                     use_8bit_adam=False)
     inp = prepare(args)
     before = [e.get_input_embeddings().weight.detach().clone() for e in inp.model.text_encoders]
     modules = install_embeddings(inp)

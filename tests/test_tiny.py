@@ -32,7 +32,8 @@ def test_real_clip_tokenizer(tiny_sd15):
     assert len(tok) == 49408 and tok.model_max_length == 77
     # ids of the public CLIP vocabulary: 'a'=320, 'photo'=1125, 'of'=539, 'dog'=1929
     assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]
-    merges = gzip.open(_bpe_path()).read().decode().split("\n")
+    with gzip.open(_bpe_path()) as f:
+        merges = f.read().decode().split("\n")
     assert tok.convert_tokens_to_ids("".join(merges[1].split())) == 512  # first merge follows the 512 byte symbols
 
 
