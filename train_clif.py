@@ -16,6 +16,7 @@ from accelerate.logging import get_logger
 from clif import cli, training
 from clif.augment import KINDS, PairBuilder, common_images
 from clif.contrastive import TextSide, confusion, generate_common_images, save_confusion
+from clif.data import Shard
 from clif.loop import StepRunner
 from clif.losses import clip_loss, gather_features
 from clif.masks import DEFAULT_SEGMENTER, Segmenter
@@ -105,14 +106,13 @@ def run(args) -> None:
     logger.info(f"{len(pairs)} pairs ({builder.counts(args.num_pairs, ratios)}), confusion accuracy before "
                 f"{before['accuracy']:.3f}")
 
-    world, rank, local_b = accelerator.num_processes, accelerator.process_index, args.train_batch_size
-    global_b = local_b * world
+    shard = Shard.of(accelerator, args.train_batch_size)
     max_steps = args.max_train_steps or (
-        -(-args.num_train_epochs * len(pairs) // (global_b * args.gradient_accumulation_steps))
+        -(-args.num_train_epochs * len(pairs) // (shard.global_batch * args.gradient_accumulation_steps))
         if args.num_train_epochs else DEFAULT_STEPS)
-    lr = training.scaled_lr(args.learning_rate, args, world)
+    lr = training.scaled_lr(args.learning_rate, args, shard.world)
     optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
-    noise = training.NoiseSource(args.seed, device, global_b, rank, local_b)  # drives the pair order
+    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)  # drives the pair order
     runner = StepRunner(args, accelerator, model, params, optimizer,
                         training.make_lr_scheduler(args, optimizer, max_steps), noise,
                         {f"embedding.{i}": p for i, p in enumerate(params)},
@@ -123,8 +123,8 @@ def run(args) -> None:
     while not runner.done:
         total = 0.0
         for _ in runner.micro_steps():
-            idx = torch.randint(len(pairs), (global_b,), generator=noise.gen, device=noise.device).cpu()
-            local = idx[rank * local_b:(rank + 1) * local_b]
+            idx = torch.randint(len(pairs), (shard.global_batch,), generator=noise.gen, device=noise.device).cpu()
+            local = idx[shard.rank * shard.local:(shard.rank + 1) * shard.local]
             batch_caps = [captions[i] for i in idx]
             with accelerator.autocast():
                 feats = text.features([captions[i] for i in local])
@@ -132,7 +132,7 @@ def run(args) -> None:
                            for f, img, p in zip(feats, image_feats, paired))
             # every process holds the full global loss but only its shard's gradient: scale so the
             # averaged gradients equal those of one process with the whole batch
-            runner.backward(loss * world)
+            runner.backward(loss * shard.world)
             total += loss.detach() / args.gradient_accumulation_steps
         runner.finish(total)
     after = confusion(text, views, view_feats)

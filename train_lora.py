@@ -12,7 +12,7 @@ from accelerate.logging import get_logger
 
 from clif import cli, lora, prior, training
 from clif.concepts import Concept, list_images
-from clif.data import ConceptImages, LatentCache
+from clif.data import Shard, image_stream
 from clif.loop import StepRunner
 from clif.stage import current_rows, install_embeddings, prepare, start_run, write_stage_outputs
 
@@ -101,20 +101,14 @@ def run(args) -> None:
     params = [p for g in groups for p in g["params"]]
 
     # ---- data (+ class images), latent caches
-    world, rank, local_b = accelerator.num_processes, accelerator.process_index, args.train_batch_size
-    global_b = local_b * world
-    data = ConceptImages(concepts, args.resolution, args.center_crop, property=args.learnable_property,
-                         random_flip=args.random_flip, seed=args.seed, num_workers=args.dataloader_num_workers)
-    cache = LatentCache(model.vae, data, device, model.vae.dtype) if args.cache_latents else None
+    shard = Shard.of(accelerator, args.train_batch_size)
+    data, cache = image_stream(concepts, args, model.vae, device)
     prior_data = prior_cache = prior_noise = None
     if args.with_prior_preservation:
         images = list_images(Path(args.class_data_dir))[: args.num_class_images]
         cls = Concept(name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1)
-        prior_data = ConceptImages([cls], args.resolution, args.center_crop, property="fixed",
-                                   random_flip=args.random_flip, seed=args.seed + 1,
-                                   num_workers=args.dataloader_num_workers)
-        prior_cache = LatentCache(model.vae, prior_data, device, model.vae.dtype) if args.cache_latents else None
-        prior_noise = training.NoiseSource(args.seed + 1, device, global_b, rank, local_b)
+        prior_data, prior_cache = image_stream([cls], args, model.vae, device, seed=args.seed + 1, property="fixed")
+        prior_noise = training.NoiseSource(args.seed + 1, device, shard.global_batch, shard.rank, shard.local)
     if args.cache_latents and not args.validation_prompt:
         model.vae.to("cpu")
     # nothing on the text side trains: encode each caption once
@@ -128,10 +122,10 @@ def run(args) -> None:
             lora.export_kohya(out / f"{Path(args.output_dir).name}_kohya.safetensors", model, alpha,
                               args.train_text_encoder_lora, concepts, current_rows(inp, modules))
 
-    max_steps = training.resolve_steps(args, data, world, DEFAULT_STEPS)
+    max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
     runner = StepRunner(args, accelerator, model, params, optimizer, training.make_lr_scheduler(args, optimizer, max_steps),
-                        training.NoiseSource(args.seed, device, global_b, rank, local_b), trainables, save, max_steps,
+                        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local), trainables, save, max_steps,
                         "lora", extra_noise=[prior_noise] if prior_noise else [])
     runner.resume(inp.resume_path)
     logger.info(f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
@@ -143,10 +137,10 @@ def run(args) -> None:
         for k in runner.micro_steps():
             with accelerator.autocast():
                 loss = training.diffusion_loss(
-                    model, data.micro_batch(k, global_b, rank, local_b, with_pixels=cache is None), cache, runner.noise,
+                    model, data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None), cache, runner.noise,
                     dtype=dtype, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma, text_cache=text_cache)
                 if prior_data is not None:
-                    sample = prior_data.micro_batch(k, global_b, rank, local_b, with_pixels=prior_cache is None)
+                    sample = prior_data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=prior_cache is None)
                     loss = loss + args.prior_loss_weight * training.diffusion_loss(
                         model, sample, prior_cache, prior_noise, dtype=dtype, noise_offset=args.noise_offset,
                         snr_gamma=args.snr_gamma, text_cache=text_cache)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from accelerate.logging import get_logger
 
 from clif import cli, training
-from clif.data import ConceptImages, LatentCache
+from clif.data import Shard, image_stream
 from clif.loop import StepRunner
 from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
@@ -46,31 +46,28 @@ def run(args) -> None:
     params = [m.new for m in modules]
 
     # ---- data: decoded once; micro-batch k of the stream is a pure function of (seed, k)
-    world, rank, local_b = accelerator.num_processes, accelerator.process_index, args.train_batch_size
-    global_b = local_b * world
-    data = ConceptImages(concepts, args.resolution, args.center_crop, property=args.learnable_property,
-                         random_flip=args.random_flip, seed=args.seed, num_workers=args.dataloader_num_workers)
-    cache = LatentCache(model.vae, data, device, model.vae.dtype) if args.cache_latents else None
+    shard = Shard.of(accelerator, args.train_batch_size)
+    data, cache = image_stream(concepts, args, model.vae, device)
     if cache is not None and not args.validation_prompt:
         model.vae.to("cpu")  # only validation decodes; free the device memory
 
-    max_steps = training.resolve_steps(args, data, world, DEFAULT_STEPS)
-    lr = training.scaled_lr(args.learning_rate, args, world)
+    max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
+    lr = training.scaled_lr(args.learning_rate, args, shard.world)
     optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
     runner = StepRunner(args, accelerator, model, params, optimizer,
                         training.make_lr_scheduler(args, optimizer, max_steps),
-                        training.NoiseSource(args.seed, device, global_b, rank, local_b),
+                        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
                         {f"embedding.{i}": p for i, p in enumerate(params)},
                         lambda out: write_stage_outputs(out, "ti", inp, modules, args), max_steps, "ti")
     runner.resume(inp.resume_path)
     logger.info(f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
-                f"{global_b} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}")
+                f"{shard.global_batch} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}")
 
     # ---- loop
     while not runner.done:
         total = 0.0
         for k in runner.micro_steps():
-            sample = data.micro_batch(k, global_b, rank, local_b, with_pixels=cache is None)
+            sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
             with accelerator.autocast():
                 loss = training.diffusion_loss(model, sample, cache, runner.noise, dtype=dtype,
                                                noise_offset=args.noise_offset)

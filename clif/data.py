@@ -153,3 +153,29 @@ class LatentCache:
         f = sample.flip.long().to(self.mean.device)
         i = sample.image_index.to(self.mean.device)
         return self.mean[f, i], self.std[f, i]
+
+
+@dataclass
+class Shard:
+    """This process's share of the global batch."""
+
+    world: int
+    rank: int
+    local: int
+
+    @classmethod
+    def of(cls, accelerator, local_batch: int) -> Shard:
+        return cls(accelerator.num_processes, accelerator.process_index, local_batch)
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.local
+
+
+def image_stream(concepts: list[Concept], args, vae, device, *, seed: int | None = None,
+                 property: str | None = None) -> tuple[ConceptImages, LatentCache | None]:
+    """The decoded sample stream of a stage's flags, with its latent cache when --cache_latents."""
+    data = ConceptImages(concepts, args.resolution, args.center_crop, property=property or args.learnable_property,
+                         random_flip=args.random_flip, seed=args.seed if seed is None else seed,
+                         num_workers=args.dataloader_num_workers)
+    return data, LatentCache(vae, data, device, vae.dtype) if args.cache_latents else None
