@@ -160,3 +160,17 @@ def test_real_photos_dreambench(tiny_sd15, tmp_path):
 
     cs = load_concept_set(SHARED_DATA / "dreambench-mini")
     assert {c.name: c.class_word for c in cs}["backpack_dog"] == "backpack" and all(c.images for c in cs)
+
+
+def test_atomic_writes_leave_no_temporaries_and_normal_modes(tmp_path):
+    import os
+
+    from clif.artifacts import atomic_save_safetensors, atomic_write_json
+
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_save_safetensors({"t": torch.zeros(2)}, tmp_path / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
