@@ -88,16 +88,20 @@ class Detector:
         inputs = self.processor(text=[[f"a photo of a {w}" for w in words]], images=image, return_tensors="pt")
         out = self.model(**inputs.to(self.device))
         side = max(image.size)  # OWLv2 pads to a square
-        res = self.processor.post_process_object_detection(out, threshold=self.threshold,
+        res = self.processor.image_processor.post_process_object_detection(out, threshold=self.threshold,
                                                            target_sizes=torch.tensor([[side, side]]))[0]
         chosen: list[torch.Tensor] = []
+        w, h = image.size
         for i in res["scores"].argsort(descending=True):
-            box = res["boxes"][i].cpu()
+            box = res["boxes"][i].cpu().clamp(min=0)
+            box = torch.stack([box[0].clamp(max=w), box[1].clamp(max=h), box[2].clamp(max=w), box[3].clamp(max=h)])
+            if box[2] - box[0] < 4 or box[3] - box[1] < 4:  # degenerate (or outside the image, in the padding)
+                continue
             if all(box_iou(box[None], c[None]).item() < 0.5 for c in chosen):
                 chosen.append(box)
             if len(chosen) == 2:
                 break
-        return [tuple(int(v) for v in b.clamp(min=0).tolist()) for b in chosen]
+        return [tuple(int(v) for v in b.tolist()) for b in chosen]
 
 
 @dataclass

@@ -136,6 +136,34 @@ def build_openclip(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_owlv2(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random OWLv2 detector (evaluate.py --detector): arbitrary but deterministic boxes, offline."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    torch.manual_seed(seed)
+    text = _text_config(TEXT_DIM, TEXT_DIM).to_dict()
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 64, "patch_size": 8}
+    model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32))
+    out = Path(out)
+    model.save_pretrained(out)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}),
+                   tokenizer=clip_tokenizer()).save_pretrained(out)
+    return out
+
+
+def build_dino(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random ViT with a ViT image processor: stands in for facebook/dino-vits16 (evaluate.py --dino)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=64, patch_size=8), add_pooling_layer=False).save_pretrained(out)
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
+    return out
+
+
 def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny `family` pipeline folder (and its paired CLIP models) to `out`; returns `out`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -167,8 +195,8 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
                                          unet=unet, scheduler=_scheduler(prediction_type))
     elif family == "clipseg":
         return build_clipseg(out, seed)
-    elif family == "openclip":
-        return build_openclip(out, seed)
+    elif family in ("openclip", "owlv2", "dino"):
+        return {"openclip": build_openclip, "owlv2": build_owlv2, "dino": build_dino}[family](out, seed)
     else:
         raise ValueError(f"unknown family {family!r}")
     pipe.save_pretrained(out)
@@ -181,9 +209,10 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m clif.tiny", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["sd15", "sdxl", "clipseg", "openclip"], required=True,
+    p.add_argument("--family", choices=["sd15", "sdxl", "clipseg", "openclip", "owlv2", "dino"], required=True,
                    help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter; "
-                        "openclip: an open_clip model for evaluate.py (--clip_model local-dir:DIR).")
+                        "openclip: an open_clip model for evaluate.py (--clip_model local-dir:DIR); owlv2: a "
+                        "detector (--detector DIR); dino: a ViT (--dino DIR).")
     p.add_argument("--out", required=True, help="Folder to write the pipeline into.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",

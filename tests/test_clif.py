@@ -180,3 +180,30 @@ def test_clif_bad_inputs(tiny_sd15, concept_set, segmenter_dir, tmp_path, capsys
     code, err = run_cli(train_clif.main, clif_args(tiny_sd15, concept_set, out, segmenter_dir, tmp_path / "c",
                                                    "--clip_model", str(tmp_path / "no_clip")), capsys)
     assert code == 2 and "cannot load CLIP model" in err and not out.exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "dreambench-mini").is_dir(), reason="../shared/data/dreambench-mini absent")
+def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segmenter_dir, tmp_path):
+    """No user masks: CLIPSeg masks are computed once and cached; --common_words images are generated and used."""
+    root = tmp_path / "set"
+    root.mkdir()
+    spec = [{"name": n, "token": f"<{n}>", "initializer": c, "images": str(SHARED_DATA / "dreambench-mini" / n)}
+            for n, c in (("dog2", "dog"), ("teapot", "teapot"))]
+    (root / "concepts.json").write_text(json.dumps({"concepts": spec}))
+    cache = tmp_path / "cache"
+    out = tmp_path / "s1"
+    train_clif.main(clif_args(tiny_sd15, root, out, segmenter_dir, cache, "--common_words", "chef",
+                              "--num_common_images", "2"))
+    masks = sorted((cache / "masks").glob("*.png"))
+    assert len(masks) == 6 + 5 + 2  # one per dog2 (6) and teapot (5) photo, and per generated chef image (2)
+    assert len(list((cache / "common" / "chef").glob("*.png"))) == 2
+    stamp = [m.stat().st_mtime_ns for m in masks]
+    from clif.augment import common_images
+    from clif.masks import Segmenter
+
+    builder = PairBuilder(load_concept_set(root), size=64, segmenter=Segmenter(str(segmenter_dir), cache / "masks"),
+                          common=common_images(root, ["chef"], cache))
+    assert [m.stat().st_mtime_ns for m in masks] == stamp  # served from the cache
+    pairs = builder.build(40, {"global": 1.0, "region": 0.0, "mix": 0.0}, seed=0)
+    assert any("a chef" in p.caption for p in pairs)
+    assert all(p.caption.count("<") == 1 for p in pairs)

@@ -174,3 +174,26 @@ def test_atomic_writes_leave_no_temporaries_and_normal_modes(tmp_path):
     os.umask(mask)
     for p in tmp_path.iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_v_prediction_gradient_checkpointing_and_scheduler(concept_set, tmp_path):
+    """SD 2.x-style v-prediction trains; gradient checkpointing does not change the result; --scheduler works."""
+    from clif.tiny import build
+
+    model = build("sd15", tmp_path / "v", prediction_type="v_prediction")
+    train_ti.main(ti_args(model, concept_set, tmp_path / "a"))
+    train_ti.main(ti_args(model, concept_set, tmp_path / "b", "--gradient_checkpointing"))
+    a = load_file(str(tmp_path / "a" / "embeddings" / "redball.safetensors"))["<redball>"]
+    b = load_file(str(tmp_path / "b" / "embeddings" / "redball.safetensors"))["<redball>"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    losses = json.loads((tmp_path / "a" / "run_stats.json").read_text())["losses"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    paths = {}
+    for sched in ("euler_a", "dpm++"):
+        paths[sched] = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir",
+                                       str(tmp_path / "a"), "--prompt", "a <redball>", "--num_images_per_prompt", "1",
+                                       "--num_inference_steps", "3", "--scheduler", sched,
+                                       "--output_dir", str(tmp_path / sched)])[0]
+    side = json.loads(paths["euler_a"].with_suffix(".json").read_text())
+    assert side["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert not np.array_equal(np.asarray(Image.open(paths["euler_a"])), np.asarray(Image.open(paths["dpm++"])))
