@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
-from clif import cli, training
+from clif import cli, lora, training
 from clif.augment import KINDS, PairBuilder, common_images
 from clif.contrastive import TextSide, confusion, generate_common_images, save_confusion
 from clif.data import Shard
@@ -47,6 +47,11 @@ def build_parser():
     for kind, default in zip(KINDS, (0.4, 0.2, 0.4)):
         g.add_argument(f"--{kind}_ratio", type=cli.non_negative(float), default=default,
                        help=f"Share of {kind.capitalize()} pairs (Region is skipped with a warning without parts).")
+    g.add_argument("--train_text_encoder", choices=["none", "lora"], default="none",
+                   help="'lora': also train a LoRA on the text encoders' attention (saved as pytorch_lora_weights."
+                        "safetensors; later stages load it, keep it and pass it on).")
+    g.add_argument("--text_encoder_rank", type=cli.positive(int), default=8, help="Rank (= alpha) of that LoRA.")
+    g.add_argument("--text_encoder_lr", type=cli.positive(float), default=1e-4, help="Learning rate of that LoRA.")
     g.add_argument("--num_views", type=cli.positive(int), default=8,
                    help="Held-out views per concept for the before/after confusion matrix.")
     cli.add_training_args(p, lr=1e-3, steps=DEFAULT_STEPS, validation=False)
@@ -101,6 +106,22 @@ def run(args) -> None:
 
     modules = install_embeddings(inp)
     params = [m.new for m in modules]
+    trainables = {f"embedding.{i}": p for i, p in enumerate(params)}
+    lr = training.scaled_lr(args.learning_rate, args, accelerator.num_processes)
+    groups = [{"params": list(params), "lr": lr}]
+    if args.train_text_encoder == "lora":
+        te = [p for enc in model.text_encoders for p in lora.add_lora(
+            enc, rank=args.text_encoder_rank, alpha=args.text_encoder_rank, dropout=0.0, targets=lora.TEXT_TARGETS)]
+        for i, enc in enumerate(model.text_encoders):
+            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
+        groups.append({"params": te, "lr": args.text_encoder_lr})
+        params = params + te
+
+    def save(out: Path) -> None:
+        write_stage_outputs(out, "clif", inp, modules, args,
+                            extra_files={"lora": [lora.LORA_FILE]} if args.train_text_encoder == "lora" else None)
+        if args.train_text_encoder == "lora":
+            lora.save_lora(out, model, text_lora=True, unet=False)
     text = TextSide(model, paired, concepts)
     before = confusion(text, views, view_feats)
     logger.info(f"{len(pairs)} pairs ({builder.counts(args.num_pairs, ratios)}), confusion accuracy before "
@@ -110,13 +131,11 @@ def run(args) -> None:
     max_steps = args.max_train_steps or (
         -(-args.num_train_epochs * len(pairs) // (shard.global_batch * args.gradient_accumulation_steps))
         if args.num_train_epochs else DEFAULT_STEPS)
-    lr = training.scaled_lr(args.learning_rate, args, shard.world)
-    optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
+    optimizer = accelerator.prepare(training.make_optimizer(groups, args))
     noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)  # drives the pair order
     runner = StepRunner(args, accelerator, model, params, optimizer,
                         training.make_lr_scheduler(args, optimizer, max_steps), noise,
-                        {f"embedding.{i}": p for i, p in enumerate(params)},
-                        lambda out: write_stage_outputs(out, "clif", inp, modules, args), max_steps, "clif")
+                        trainables, save, max_steps, "clif")
     runner.resume(inp.resume_path)
 
     # ---- loop: the global batch is drawn once for all processes; each encodes its shard of the captions

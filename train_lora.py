@@ -86,8 +86,11 @@ def run(args) -> None:
     trainables = lora.named_lora_params(model.unet, "unet")
     groups = [{"params": lora_params, "lr": lr}]
     if args.train_text_encoder_lora:
-        te_params = [p for enc in model.text_encoders for p in lora.add_lora(
-            enc, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=lora.TEXT_TARGETS)]
+        if inp.text_lora:  # continue the stage-1 text-encoder LoRA
+            te_params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
+        else:
+            te_params = [p for enc in model.text_encoders for p in lora.add_lora(
+                enc, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=lora.TEXT_TARGETS)]
         for i, enc in enumerate(model.text_encoders):
             trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
         groups.append({"params": te_params, "lr": args.text_encoder_lr or lr})
@@ -117,10 +120,11 @@ def run(args) -> None:
 
     def save(out: Path) -> None:
         write_stage_outputs(out, "lora", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]})
-        lora.save_lora(out, model, args.train_text_encoder_lora)
+        text = args.train_text_encoder_lora or inp.text_lora
+        lora.save_lora(out, model, text)
         if args.export_kohya:
-            lora.export_kohya(out / f"{Path(args.output_dir).name}_kohya.safetensors", model, alpha,
-                              args.train_text_encoder_lora, concepts, current_rows(inp, modules))
+            lora.export_kohya(out / f"{Path(args.output_dir).name}_kohya.safetensors", model, alpha, text, concepts,
+                              current_rows(inp, modules))
 
     max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))

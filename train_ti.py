@@ -5,9 +5,11 @@ Launch with `accelerate launch train_ti.py ...` (see run_train_ti.sh) or call ma
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from accelerate.logging import get_logger
 
-from clif import cli, training
+from clif import cli, lora, training
 from clif.data import Shard, image_stream
 from clif.loop import StepRunner
 from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
@@ -54,11 +56,17 @@ def run(args) -> None:
     max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
     lr = training.scaled_lr(args.learning_rate, args, shard.world)
     optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
+
+    def save(out: Path) -> None:
+        write_stage_outputs(out, "ti", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]} if inp.text_lora else None)
+        if inp.text_lora:  # the stage-1 text-encoder LoRA these embeddings were trained with travels along
+            lora.save_lora(out, model, text_lora=True, unet=False)
+
     runner = StepRunner(args, accelerator, model, params, optimizer,
                         training.make_lr_scheduler(args, optimizer, max_steps),
                         training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
                         {f"embedding.{i}": p for i, p in enumerate(params)},
-                        lambda out: write_stage_outputs(out, "ti", inp, modules, args), max_steps, "ti")
+                        lambda out: save(out), max_steps, "ti")
     runner.resume(inp.resume_path)
     logger.info(f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
                 f"{shard.global_batch} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}")

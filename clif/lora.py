@@ -53,10 +53,15 @@ def _diffusers_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
 
 
-def save_lora(out: Path, model, text_lora: bool) -> None:
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
+def save_lora(out: Path, model, text_lora: bool, unet: bool = True) -> None:
     """pytorch_lora_weights.safetensors via the pipeline's save_lora_weights, rank/alpha in the header; atomic."""
-    kwargs = {"unet_lora_layers": _diffusers_layers(model.unet),
-              "unet_lora_adapter_metadata": model.unet.peft_config["default"].to_dict()}
+    kwargs = {}
+    if unet:
+        kwargs = {"unet_lora_layers": _diffusers_layers(model.unet),
+                  "unet_lora_adapter_metadata": model.unet.peft_config["default"].to_dict()}
     if text_lora:
         names = ["text_encoder", "text_encoder_2"][: len(model.text_encoders)]
         for name, enc in zip(names, model.text_encoders):
@@ -65,6 +70,34 @@ def save_lora(out: Path, model, text_lora: bool) -> None:
     with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
         model.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
         shutil.move(str(Path(tmp) / LORA_FILE), str(out / LORA_FILE))
+
+
+def load_text_lora(stage_dir: str | Path, model) -> bool:
+    """Load the text-encoder LoRA of an earlier stage's output (frozen) into the model's text encoders.
+
+    Returns False when the stage dir has no LoRA file or it holds no text-encoder layers.
+    """
+    path = Path(stage_dir) / LORA_FILE
+    if not path.is_file():
+        return False
+    state, alphas, metadata = model.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
+    found = False
+    for name, enc in zip(TEXT_ENCODER_NAMES, model.text_encoders):
+        if any(k.startswith(f"{name}.") for k in state):
+            model.pipeline_class.load_lora_into_text_encoder(state, alphas, text_encoder=enc, prefix=name,
+                                                             adapter_name="default", metadata=metadata)
+            enc.requires_grad_(False)
+            found = True
+    return found
+
+
+def make_trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Unfreeze (and cast to fp32) the LoRA weights already in `module`."""
+    params = [p for n, p in module.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
 
 
 def export_kohya(path: Path, model, alpha: float, text_lora: bool, concepts: list[Concept],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, tokens
+from . import artifacts, lora, tokens
 from .cli import UserError
 from .concepts import Concept, load_concept_set
 from .models import DiffusionModel, load_model
@@ -24,6 +24,7 @@ class StageInputs:
     first_new_id: int
     stage_manifest: dict | None
     resume_path: Path | None = None  # checkpoint to continue from (--resume_from_checkpoint)
+    text_lora: bool = False  # the earlier stage trained a text-encoder LoRA: loaded here, carried forward
 
 
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
@@ -58,6 +59,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         for c in concepts:  # token and vector count are fixed by the earlier stage
             entry = saved[c.name][0]
             c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
+    text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
     start = []
@@ -66,7 +68,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
             start.append([r.float() for r in saved[c.name][1]])
         else:
             start.append([tokens.initializer_rows(t, e, c) for t, e in zip(model.tokenizers, model.text_encoders)])
-    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path)
+    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora)
 
 
 def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:

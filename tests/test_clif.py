@@ -207,3 +207,47 @@ def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segment
     pairs = builder.build(40, {"global": 1.0, "region": 0.0, "mix": 0.0}, seed=0)
     assert any("a chef" in p.caption for p in pairs)
     assert all(p.caption.count("<") == 1 for p in pairs)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_stage1_text_encoder_lora_is_carried(family, tiny_models, concept_set, segmenter_dir, tmp_path):
+    """--train_text_encoder lora: stage 2 trains against it and passes it on; stage 3 continues it;
+    stock diffusers (load_textual_inversion + load_lora_weights) reproduces inference.py exactly."""
+    from diffusers import DiffusionPipeline
+
+    model = tiny_models[family]
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    train_clif.main(clif_args(model, concept_set, s1, segmenter_dir, tmp_path / "c", "--train_text_encoder", "lora",
+                              "--text_encoder_lr", "1e-2", "--learning_rate", "1e-1"))
+    lora1 = load_file(str(s1 / "pytorch_lora_weights.safetensors"))
+    assert lora1 and all(k.startswith("text_encoder") for k in lora1)
+    assert any(k.startswith("text_encoder_2.") for k in lora1) == (family == "sdxl")
+    train_ti.main(ti_args(model, concept_set, s2, "--stage_dir", str(s1), "--max_train_steps", "2"))
+    lora2 = load_file(str(s2 / "pytorch_lora_weights.safetensors"))
+    assert lora2.keys() == lora1.keys() and all(torch.equal(lora1[k], lora2[k]) for k in lora1)  # frozen, carried
+    train_lora.main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(concept_set),
+                     "--stage_dir", str(s2), "--output_dir", str(s3), "--resolution", "64", "--max_train_steps", "2",
+                     "--gradient_accumulation_steps", "1", "--report_to", "none", "--train_text_encoder_lora",
+                     "--learning_rate", "1e-2"])
+    lora3 = load_file(str(s3 / "pytorch_lora_weights.safetensors"))
+    assert set(lora1) <= set(lora3) and any(k.startswith("unet.") for k in lora3)
+    assert not all(torch.equal(lora1[k], lora3[k]) for k in lora1)  # the text LoRA kept training
+    for stage in (s2, s3):
+        prompt = "a <redball> next to a <bluebox>"
+        paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt",
+                                prompt, "--num_images_per_prompt", "1", "--num_inference_steps", "3",
+                                "--output_dir", str(tmp_path / f"gen-{stage.name}")])
+        pipe = DiffusionPipeline.from_pretrained(model, **({} if family == "sdxl" else {"safety_checker": None}))
+        for n in ("redball", "bluebox"):
+            st = load_file(str(stage / "embeddings" / f"{n}.safetensors"))
+            if family == "sdxl":
+                pipe.load_textual_inversion(st["clip_l"], token=f"<{n}>", text_encoder=pipe.text_encoder,
+                                            tokenizer=pipe.tokenizer)
+                pipe.load_textual_inversion(st["clip_g"], token=f"<{n}>", text_encoder=pipe.text_encoder_2,
+                                            tokenizer=pipe.tokenizer_2)
+            else:
+                pipe.load_textual_inversion(str(stage / "embeddings" / f"{n}.safetensors"))
+        pipe.load_lora_weights(str(stage))
+        img = pipe([prompt], generator=[torch.Generator("cpu").manual_seed(0)], num_inference_steps=3, height=64,
+                   width=64).images[0]
+        assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(img))
