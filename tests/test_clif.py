@@ -251,3 +251,18 @@ def test_stage1_text_encoder_lora_is_carried(family, tiny_models, concept_set, s
         img = pipe([prompt], generator=[torch.Generator("cpu").manual_seed(0)], num_inference_steps=3, height=64,
                    width=64).images[0]
         assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(img))
+
+
+def test_stage1_resume_is_bit_identical(tiny_sd15, concept_set, segmenter_dir, tmp_path):
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--learning_rate", "1e-1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_clif.main(clif_args(tiny_sd15, concept_set, full, segmenter_dir, tmp_path / "c", *extra))
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    train_clif.main(clif_args(tiny_sd15, concept_set, part, segmenter_dir, tmp_path / "c", *extra,
+                              "--resume_from_checkpoint", "latest"))
+    for n in ("redball", "bluebox"):
+        a = load_file(str(full / "embeddings" / f"{n}.safetensors"))
+        b = load_file(str(part / "embeddings" / f"{n}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((full / "confusion.json").read_text()) == json.loads((part / "confusion.json").read_text())

@@ -21,11 +21,12 @@ def test_run_train_ti_sh(tiny_sd15, concept_set, tmp_path):
     env = {**_env(), "MODEL": str(tiny_sd15), "DATA": str(concept_set), "OUT": str(out), "RES": "64",
            "LAUNCH": "--num_processes 1 --num_machines 1 --dynamo_backend no"}
     r = subprocess.run(["bash", str(REPO / "run_train_ti.sh"), "--mixed_precision", "no", "--max_train_steps", "2",
-                        "--gradient_accumulation_steps", "1", "--report_to", "none"], env=env, check=False, capture_output=True,
+                        "--gradient_accumulation_steps", "1"], env=env, check=False, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((out / "clif_manifest.json").read_text())
     assert manifest["args"]["max_train_steps"] == 2 and manifest["args"]["cache_latents"] is True
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # tensorboard is the default tracker
 
 
 @pytest.mark.parametrize("script", ["train_ti", "inference"])

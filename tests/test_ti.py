@@ -197,3 +197,12 @@ def test_v_prediction_gradient_checkpointing_and_scheduler(concept_set, tmp_path
     side = json.loads(paths["euler_a"].with_suffix(".json").read_text())
     assert side["scheduler"] == "EulerAncestralDiscreteScheduler"
     assert not np.array_equal(np.asarray(Image.open(paths["euler_a"])), np.asarray(Image.open(paths["dpm++"])))
+
+
+def test_epochs_and_loader_workers(tiny_sd15, concept_set, tmp_path):
+    """--num_train_epochs sets the steps (6 images, batch 2 -> 3 steps an epoch); decoding with 2 workers."""
+    argv = ti_args(tiny_sd15, concept_set, tmp_path / "e", "--num_train_epochs", "2", "--dataloader_num_workers", "2")
+    i = argv.index("--max_train_steps")
+    del argv[i:i + 2]
+    train_ti.main(argv)
+    assert len(json.loads((tmp_path / "e" / "run_stats.json").read_text())["losses"]) == 6
