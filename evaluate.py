@@ -22,21 +22,40 @@ PROG = "evaluate.py"
 
 def build_parser():
     p = cli.make_parser(PROG, __doc__)
-    p.add_argument("--images", nargs="+", required=True,
-                   help="Folder(s) of PNGs with inference.py sidecars (or a prompts.json {file: prompt}).")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        help="Folder(s) of PNGs with inference.py sidecars (or a prompts.json {file: prompt}).",
+    )
     p.add_argument("--labels", nargs="+", default=None, help="A name per --images folder (default: folder names).")
-    p.add_argument("--concepts", required=True, help="The concept set (folder or its concepts.json): references, class words.")
+    p.add_argument(
+        "--concepts", required=True, help="The concept set (folder or its concepts.json): references, class words."
+    )
     p.add_argument("--output_dir", required=True, help="Where metrics.json/.csv/.md and metrics.png go.")
     p.add_argument("--overwrite", action="store_true", help="Replace earlier metrics in --output_dir.")
     p.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name, hf-hub:org/repo or local-dir:/path.")
-    p.add_argument("--clip_pretrained", default="openai", help="open_clip pretrained tag (ignored for hf-hub:/local-dir:).")
-    p.add_argument("--dino", default=None, help="Also DINO image alignment with this model (e.g. facebook/dino-vits16).")
-    p.add_argument("--detector", default="google/owlv2-base-patch16-ensemble",
-                   help="Open-vocabulary detector for the confusion metric ('none': image halves for left/right prompts only).")
+    p.add_argument(
+        "--clip_pretrained", default="openai", help="open_clip pretrained tag (ignored for hf-hub:/local-dir:)."
+    )
+    p.add_argument(
+        "--dino", default=None, help="Also DINO image alignment with this model (e.g. facebook/dino-vits16)."
+    )
+    p.add_argument(
+        "--detector",
+        default="google/owlv2-base-patch16-ensemble",
+        help="Open-vocabulary detector for the confusion metric ('none': image halves for left/right prompts only).",
+    )
     p.add_argument("--detector_threshold", type=cli.non_negative(float), default=0.1, help="Detector score threshold.")
-    p.add_argument("--confusion_margin", type=cli.non_negative(float), default=0.02,
-                   help="An instance must be this much more similar to one concept than the other to count as matched.")
-    p.add_argument("--batch_size", type=cli.positive(int), default=32, help="Images per forward pass (no effect on results).")
+    p.add_argument(
+        "--confusion_margin",
+        type=cli.non_negative(float),
+        default=0.02,
+        help="An instance must be this much more similar to one concept than the other to count as matched.",
+    )
+    p.add_argument(
+        "--batch_size", type=cli.positive(int), default=32, help="Images per forward pass (no effect on results)."
+    )
     return p
 
 
@@ -71,8 +90,17 @@ def run(args) -> dict:
             dino_refs[c.name] = dino.images(ims, args.batch_size)
     results = {}
     for label, items in folders.items():
-        rows = score_folder(items, concepts, refs, backbone, batch_size=args.batch_size, margin=args.confusion_margin,
-                            detector=detector, dino=dino, dino_refs=dino_refs)
+        rows = score_folder(
+            items,
+            concepts,
+            refs,
+            backbone,
+            batch_size=args.batch_size,
+            margin=args.confusion_margin,
+            detector=detector,
+            dino=dino,
+            dino_refs=dino_refs,
+        )
         results[label] = {"summary": summarize(rows), "per_prompt": per_prompt(rows), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, results)

@@ -29,29 +29,48 @@ PROG = "inference.py"
 def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
-    p.add_argument("--stage_dir", default=None,
-                   help="Output dir of any stage (or one of its checkpoint-<step> folders); omit for the bare base model.")
-    p.add_argument("--prompt", action="append", default=[],
-                   help="Prompt (repeatable); write concept tokens as trained, e.g. '<dog2> on the beach'.")
+    p.add_argument(
+        "--stage_dir",
+        default=None,
+        help="Output dir of any stage (or one of its checkpoint-<step> folders); omit for the bare base model.",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="Prompt (repeatable); write concept tokens as trained, e.g. '<dog2> on the beach'.",
+    )
     p.add_argument("--prompts_file", default=None, help="Text file, one prompt a line (# comments), or a JSON list.")
-    p.add_argument("--prompt_set", default=None,
-                   help="'single' / 'pair' (dataset/prompts_*.txt) or a file of templates with {0} (and {1}): "
-                        "expanded for every concept (pair of concepts) of --stage_dir, the evaluation protocol.")
+    p.add_argument(
+        "--prompt_set",
+        default=None,
+        help="'single' / 'pair' (dataset/prompts_*.txt) or a file of templates with {0} (and {1}): "
+        "expanded for every concept (pair of concepts) of --stage_dir, the evaluation protocol.",
+    )
     p.add_argument("--output_dir", required=True, help="Where <stem>.png, <stem>.json and contact_sheet.png go.")
     p.add_argument("--overwrite", action="store_true", help="Write into an output dir that already holds files.")
     p.add_argument("--num_images_per_prompt", type=cli.positive(int), default=4, help="Images per prompt.")
     p.add_argument("--seed", type=int, default=0, help="Image i of a prompt uses seed + i.")
     p.add_argument("--num_inference_steps", type=cli.positive(int), default=50, help="Denoising steps.")
-    p.add_argument("--guidance_scale", type=cli.non_negative(float), default=None,
-                   help="Classifier-free guidance (default: the pipeline's own, 7.5 for SD 1.x/2.x, 5.0 for SDXL).")
+    p.add_argument(
+        "--guidance_scale",
+        type=cli.non_negative(float),
+        default=None,
+        help="Classifier-free guidance (default: the pipeline's own, 7.5 for SD 1.x/2.x, 5.0 for SDXL).",
+    )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the model's own).")
     p.add_argument("--height", type=cli.positive(int), default=None, help="Image height (default: the model's).")
     p.add_argument("--width", type=cli.positive(int), default=None, help="Image width (default: the model's).")
     p.add_argument("--batch_size", type=cli.positive(int), default=4, help="Images generated together.")
-    p.add_argument("--lora_scale", type=cli.non_negative(float), default=None,
-                   help="Strength of the stage-3 LoRA (default 1.0 when the stage dir has one).")
-    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                   help="auto: fp16 on GPU, fp32 on CPU.")
+    p.add_argument(
+        "--lora_scale",
+        type=cli.non_negative(float),
+        default=None,
+        help="Strength of the stage-3 LoRA (default 1.0 when the stage dir has one).",
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU."
+    )
     return p
 
 
@@ -81,25 +100,48 @@ def run(args) -> list[Path]:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise cli.UserError(f"output dir {out} already holds files; pass --overwrite to write into it")
     device, dtype = auto_device_dtype(args.dtype)
-    pipe, family = load_pipeline(args.pretrained_model_name_or_path, args.stage_dir, device=device, dtype=dtype,
-                                 scheduler=args.scheduler, revision=args.revision, variant=args.variant)
+    pipe, family = load_pipeline(
+        args.pretrained_model_name_or_path,
+        args.stage_dir,
+        device=device,
+        dtype=dtype,
+        scheduler=args.scheduler,
+        revision=args.revision,
+        variant=args.variant,
+    )
     lora_scale = args.lora_scale
     if lora_scale is None and args.stage_dir and (Path(args.stage_dir) / "pytorch_lora_weights.safetensors").exists():
         lora_scale = 1.0
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = pipe.unet.config.sample_size * vae_factor
     settings = {
-        "base_model": args.pretrained_model_name_or_path, "stage_dir": args.stage_dir, "family": family,
+        "base_model": args.pretrained_model_name_or_path,
+        "stage_dir": args.stage_dir,
+        "family": family,
         "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else call_default(pipe, "guidance_scale"),
-        "height": args.height or default_size, "width": args.width or default_size,
-        "scheduler": type(pipe.scheduler).__name__, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+        "guidance_scale": args.guidance_scale
+        if args.guidance_scale is not None
+        else call_default(pipe, "guidance_scale"),
+        "height": args.height or default_size,
+        "width": args.width or default_size,
+        "scheduler": type(pipe.scheduler).__name__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": device.type,
     }
     out.mkdir(parents=True, exist_ok=True)
     total = len(prompts) * args.num_images_per_prompt
     with tqdm(total=total, desc="images") as bar:
-        paths = generate(pipe, prompts, n=args.num_images_per_prompt, seed=args.seed, batch_size=args.batch_size,
-                         settings=settings, out=out, lora_scale=lora_scale, progress=bar)
+        paths = generate(
+            pipe,
+            prompts,
+            n=args.num_images_per_prompt,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            settings=settings,
+            out=out,
+            lora_scale=lora_scale,
+            progress=bar,
+        )
     from PIL import Image
 
     images = [Image.open(p) for p in paths]

@@ -31,17 +31,34 @@ def build_parser():
     g.add_argument("--rank", type=cli.positive(int), default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=cli.positive(float), default=None, help="LoRA alpha (default: = rank).")
     g.add_argument("--lora_dropout", type=cli.non_negative(float), default=0.0, help="Dropout on the LoRA input.")
-    g.add_argument("--lora_targets", default=",".join(lora.DEFAULT_UNET_TARGETS),
-                   help="Comma list of UNet layer names (suffixes) that get LoRA.")
-    g.add_argument("--train_text_encoder_lora", action="store_true",
-                   help="Also train a LoRA on the text encoders' attention (q,k,v,out projections).")
-    g.add_argument("--text_encoder_lr", type=cli.positive(float), default=None,
-                   help="Learning rate of the text-encoder LoRA (default: --learning_rate).")
-    g.add_argument("--embedding_learning_rate", type=cli.non_negative(float), default=5e-5,
-                   help="Learning rate of the concept token rows; 0 freezes them.")
+    g.add_argument(
+        "--lora_targets",
+        default=",".join(lora.DEFAULT_UNET_TARGETS),
+        help="Comma list of UNet layer names (suffixes) that get LoRA.",
+    )
+    g.add_argument(
+        "--train_text_encoder_lora",
+        action="store_true",
+        help="Also train a LoRA on the text encoders' attention (q,k,v,out projections).",
+    )
+    g.add_argument(
+        "--text_encoder_lr",
+        type=cli.positive(float),
+        default=None,
+        help="Learning rate of the text-encoder LoRA (default: --learning_rate).",
+    )
+    g.add_argument(
+        "--embedding_learning_rate",
+        type=cli.non_negative(float),
+        default=5e-5,
+        help="Learning rate of the concept token rows; 0 freezes them.",
+    )
     g.add_argument("--snr_gamma", type=cli.positive(float), default=None, help="Min-SNR loss weighting (5.0 is usual).")
-    g.add_argument("--export_kohya", action="store_true",
-                   help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).")
+    g.add_argument(
+        "--export_kohya",
+        action="store_true",
+        help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).",
+    )
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-image loss.")
     g.add_argument("--class_data_dir", default=None, help="Class images; missing ones are generated and cached here.")
@@ -76,8 +93,15 @@ def run(args) -> None:
 
     if args.with_prior_preservation and prior.missing_class_images(args.class_data_dir, args.num_class_images):
         if accelerator.is_main_process:  # generated with the untouched base model, once, then cached
-            prior.generate_class_images(model, args.class_data_dir, args.class_prompt, args.num_class_images,
-                                        device=device, dtype=dtype, seed=args.seed)
+            prior.generate_class_images(
+                model,
+                args.class_data_dir,
+                args.class_prompt,
+                args.num_class_images,
+                device=device,
+                dtype=dtype,
+                seed=args.seed,
+            )
         accelerator.wait_for_everyone()
 
     # ---- trainables: LoRA (fp32) on the frozen half-precision UNet, concept rows (fp32)
@@ -89,8 +113,13 @@ def run(args) -> None:
         if inp.text_lora:  # continue the stage-1 text-encoder LoRA
             te_params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
         else:
-            te_params = [p for enc in model.text_encoders for p in lora.add_lora(
-                enc, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=lora.TEXT_TARGETS)]
+            te_params = [
+                p
+                for enc in model.text_encoders
+                for p in lora.add_lora(
+                    enc, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=lora.TEXT_TARGETS
+                )
+            ]
         for i, enc in enumerate(model.text_encoders):
             trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
         groups.append({"params": te_params, "lr": args.text_encoder_lr or lr})
@@ -109,31 +138,54 @@ def run(args) -> None:
     prior_data = prior_cache = prior_noise = None
     if args.with_prior_preservation:
         images = list_images(Path(args.class_data_dir))[: args.num_class_images]
-        cls = Concept(name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1)
+        cls = Concept(
+            name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1
+        )
         prior_data, prior_cache = image_stream([cls], args, model.vae, device, seed=args.seed + 1, property="fixed")
         prior_noise = training.NoiseSource(args.seed + 1, device, shard.global_batch, shard.rank, shard.local)
     if args.cache_latents and not args.validation_prompt:
         model.vae.to("cpu")
     # nothing on the text side trains: encode each caption once
-    text_cache = training.TextCache(model) if not args.embedding_learning_rate and \
-        not args.train_text_encoder_lora else None
+    text_cache = (
+        training.TextCache(model) if not args.embedding_learning_rate and not args.train_text_encoder_lora else None
+    )
 
     def save(out: Path) -> None:
         write_stage_outputs(out, "lora", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]})
         text = args.train_text_encoder_lora or inp.text_lora
         lora.save_lora(out, model, text)
         if args.export_kohya:
-            lora.export_kohya(out / f"{Path(args.output_dir).name}_kohya.safetensors", model, alpha, text, concepts,
-                              current_rows(inp, modules))
+            lora.export_kohya(
+                out / f"{Path(args.output_dir).name}_kohya.safetensors",
+                model,
+                alpha,
+                text,
+                concepts,
+                current_rows(inp, modules),
+            )
 
     max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    runner = StepRunner(args, accelerator, model, params, optimizer, training.make_lr_scheduler(args, optimizer, max_steps),
-                        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local), trainables, save, max_steps,
-                        "lora", extra_noise=[prior_noise] if prior_noise else [])
+    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)
+    runner = StepRunner(
+        args,
+        accelerator,
+        model,
+        params,
+        optimizer,
+        training.make_lr_scheduler(args, optimizer, max_steps),
+        noise,
+        trainables,
+        save,
+        max_steps,
+        "lora",
+        extra_noise=[prior_noise] if prior_noise else [],
+    )
     runner.resume(inp.resume_path)
-    logger.info(f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
-                f"(from {runner.step}), {model.family}, {device}, frozen {dtype}")
+    logger.info(
+        f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
+        f"(from {runner.step}), {model.family}, {device}, frozen {dtype}"
+    )
 
     # ---- loop
     while not runner.done:
@@ -141,13 +193,29 @@ def run(args) -> None:
         for k in runner.micro_steps():
             with accelerator.autocast():
                 loss = training.diffusion_loss(
-                    model, data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None), cache, runner.noise,
-                    dtype=dtype, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma, text_cache=text_cache)
+                    model,
+                    data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None),
+                    cache,
+                    runner.noise,
+                    dtype=dtype,
+                    noise_offset=args.noise_offset,
+                    snr_gamma=args.snr_gamma,
+                    text_cache=text_cache,
+                )
                 if prior_data is not None:
-                    sample = prior_data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=prior_cache is None)
+                    sample = prior_data.micro_batch(
+                        k, shard.global_batch, shard.rank, shard.local, with_pixels=prior_cache is None
+                    )
                     loss = loss + args.prior_loss_weight * training.diffusion_loss(
-                        model, sample, prior_cache, prior_noise, dtype=dtype, noise_offset=args.noise_offset,
-                        snr_gamma=args.snr_gamma, text_cache=text_cache)
+                        model,
+                        sample,
+                        prior_cache,
+                        prior_noise,
+                        dtype=dtype,
+                        noise_offset=args.noise_offset,
+                        snr_gamma=args.snr_gamma,
+                        text_cache=text_cache,
+                    )
             runner.backward(loss)
             total += loss.detach() / args.gradient_accumulation_steps
         runner.finish(total)

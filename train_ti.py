@@ -23,8 +23,9 @@ def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
     cli.add_data_args(p)
-    p.add_argument("--stage_dir", default=None,
-                   help="Start from an earlier stage's output (stage 1): its tokens and embeddings.")
+    p.add_argument(
+        "--stage_dir", default=None, help="Start from an earlier stage's output (stage 1): its tokens and embeddings."
+    )
     cli.add_training_args(p, lr=5e-4, steps=DEFAULT_STEPS)
     return p
 
@@ -58,18 +59,30 @@ def run(args) -> None:
     optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
 
     def save(out: Path) -> None:
-        write_stage_outputs(out, "ti", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]} if inp.text_lora else None)
+        write_stage_outputs(
+            out, "ti", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]} if inp.text_lora else None
+        )
         if inp.text_lora:  # the stage-1 text-encoder LoRA these embeddings were trained with travels along
             lora.save_lora(out, model, text_lora=True, unet=False)
 
-    runner = StepRunner(args, accelerator, model, params, optimizer,
-                        training.make_lr_scheduler(args, optimizer, max_steps),
-                        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
-                        {f"embedding.{i}": p for i, p in enumerate(params)},
-                        lambda out: save(out), max_steps, "ti")
+    runner = StepRunner(
+        args,
+        accelerator,
+        model,
+        params,
+        optimizer,
+        training.make_lr_scheduler(args, optimizer, max_steps),
+        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
+        {f"embedding.{i}": p for i, p in enumerate(params)},
+        lambda out: save(out),
+        max_steps,
+        "ti",
+    )
     runner.resume(inp.resume_path)
-    logger.info(f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
-                f"{shard.global_batch} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}")
+    logger.info(
+        f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
+        f"{shard.global_batch} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}"
+    )
 
     # ---- loop
     while not runner.done:
@@ -77,8 +90,9 @@ def run(args) -> None:
         for k in runner.micro_steps():
             sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
             with accelerator.autocast():
-                loss = training.diffusion_loss(model, sample, cache, runner.noise, dtype=dtype,
-                                               noise_offset=args.noise_offset)
+                loss = training.diffusion_loss(
+                    model, sample, cache, runner.noise, dtype=dtype, noise_offset=args.noise_offset
+                )
             runner.backward(loss)
             total += loss.detach() / args.gradient_accumulation_steps
         runner.finish(total)

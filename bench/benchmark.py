@@ -32,32 +32,89 @@ def build_full_sd15(out: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
         attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        scaling_factor=0.18215)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                      bos_token_id=49406, eos_token_id=49407, projection_dim=768))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), unet=unet, scheduler=sched,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(out)
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            projection_dim=768,
+        )
+    )
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(out)
     return out
 
 
-def run_stage(script: str, model: Path, data: Path, out: Path, steps: int, cache: bool, extra: list[str],
-              resolution: int = 256) -> dict:
+def run_stage(
+    script: str, model: Path, data: Path, out: Path, steps: int, cache: bool, extra: list[str], resolution: int = 256
+) -> dict:
     mp = ["--mixed_precision", "fp16"] if _has_cuda() else ["--mixed_precision", "no"]
-    cmd = [sys.executable, str(REPO / script), "--pretrained_model_name_or_path", str(model), "--train_data_dir",
-           str(data), "--output_dir", str(out), "--resolution", str(resolution), "--train_batch_size", "1",
-           "--gradient_accumulation_steps", "1", "--max_train_steps", str(steps), "--checkpointing_steps",
-           str(10 * steps), "--report_to", "none", *mp, *(["--cache_latents"] if cache else []), *extra]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        str(REPO / script),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(resolution),
+        "--train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        str(10 * steps),
+        "--report_to",
+        "none",
+        *mp,
+        *(["--cache_latents"] if cache else []),
+        *extra,
+    ]
+    subprocess.run(
+        cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return json.loads((out / "run_stats.json").read_text())
 
 
@@ -126,13 +183,16 @@ def main(argv: list[str] | None = None) -> None:
             models["tiny-sd15"] = build("sd15", tmp / "tiny")
         if args.only in (None, "full"):
             models["sd15-arch"] = build_full_sd15(tmp / "full")
-        stages = {"ti": ("train_ti.py", []), "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
-                  "lora_frozen_emb": ("train_lora.py", ["--stage_dir", "{ti}", "--embedding_learning_rate", "0"])}
+        stages = {
+            "ti": ("train_ti.py", []),
+            "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
+            "lora_frozen_emb": ("train_lora.py", ["--stage_dir", "{ti}", "--embedding_learning_rate", "0"]),
+        }
         for name, model in models.items():
             ti_dir = None
             for stage in args.stages.split(","):
                 script, extra = stages[stage]
-                for cache in ((True,) if args.cache_only else (False, True)):
+                for cache in (True,) if args.cache_only else (False, True):
                     out = tmp / f"{name}-{stage}-{int(cache)}"
                     extra_f = [e.format(ti=ti_dir) for e in extra]
                     stats = run_stage(script, model, data, out, args.steps, cache, extra_f, args.resolution)
@@ -141,13 +201,23 @@ def main(argv: list[str] | None = None) -> None:
                         stats["ratio_to_floor"] = stats["median_step_ms"] / stats["floor_ms"]
                     if stage == "ti":
                         ti_dir = out
-                    row = {"model": name, "stage": stage, "resolution": args.resolution, "cache_latents": cache, **stats}
+                    row = {
+                        "model": name,
+                        "stage": stage,
+                        "resolution": args.resolution,
+                        "cache_latents": cache,
+                        **stats,
+                    }
                     rows.append(row)
                     mem = stats.get("peak_cuda_mb") or stats["peak_rss_mb"]
-                    print(f"{name:10s} {args.resolution}px {stage:15s} cache={int(cache)}  {stats['median_step_ms']:9.1f} ms/step  "
-                          f"peak {'cuda' if 'peak_cuda_mb' in stats else 'rss'} {mem:8.0f} MB  "
-                          f"floor {stats.get('floor_ms', float('nan')):8.1f} ms  ratio {stats.get('ratio_to_floor', float('nan')):5.2f}  "
-                          f"({stats['device']})", flush=True)
+                    floor, ratio = stats.get("floor_ms", float("nan")), stats.get("ratio_to_floor", float("nan"))
+                    kind = "cuda" if "peak_cuda_mb" in stats else "rss"
+                    print(
+                        f"{name:10s} {args.resolution}px {stage:15s} cache={int(cache)}  "
+                        f"{stats['median_step_ms']:9.1f} ms/step  peak {kind} {mem:8.0f} MB  "
+                        f"floor {floor:8.1f} ms  ratio {ratio:5.2f}  ({stats['device']})",
+                        flush=True,
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -44,7 +44,9 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -65,12 +67,18 @@ def embedding_tensors(family: str, concept: Concept, rows: list[torch.Tensor]) -
     return {k: r.float() for k, r in zip(keys, rows)}
 
 
-def save_embeddings(out: Path, family: str, concepts: list[Concept], rows: list[list[torch.Tensor]],
-                    meta: dict[str, str]) -> None:
+def save_embeddings(
+    out: Path, family: str, concepts: list[Concept], rows: list[list[torch.Tensor]], meta: dict[str, str]
+) -> None:
     """Write embeddings/<name>.safetensors for each concept; rows[i][e] = concept i's rows in encoder e."""
     for c, r in zip(concepts, rows):
-        header = {**meta, "clif.token": c.token, "clif.num_vectors": str(c.num_vectors),
-                  "clif.initializer": c.initializer, "clif.class": c.class_word}
+        header = {
+            **meta,
+            "clif.token": c.token,
+            "clif.num_vectors": str(c.num_vectors),
+            "clif.initializer": c.initializer,
+            "clif.class": c.class_word,
+        }
         atomic_save_safetensors(embedding_tensors(family, c, r), out / "embeddings" / f"{c.name}.safetensors", header)
 
 
@@ -101,11 +109,12 @@ def read_manifest(stage_dir: str | Path) -> dict:
 def check_stage_compatible(manifest: dict, stage_dir: str | Path, family: str, fingerprint: str, base: str) -> None:
     """Refuse a stage dir made for another family or base model."""
     if manifest.get("family") != family:
-        raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, "
-                        f"but {base} is {family!r}")
+        raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, but {base} is {family!r}")
     if manifest.get("base_fingerprint") != fingerprint:
-        raise UserError(f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, "
-                        f"not on {base} (text encoder weights differ)")
+        raise UserError(
+            f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, "
+            f"not on {base} (text encoder weights differ)"
+        )
 
 
 def stage_rows(manifest: dict, stage_dir: str | Path, family: str) -> dict[str, tuple[dict, list[torch.Tensor]]]:
@@ -132,8 +141,10 @@ def check_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> No
     if not path.exists() or not any(path.iterdir()) or resuming:
         return
     if not overwrite:
-        raise UserError(f"output dir {path} already holds files; pass --overwrite to replace a previous run "
-                        "or --resume_from_checkpoint to continue it")
+        raise UserError(
+            f"output dir {path} already holds files; pass --overwrite to replace a previous run "
+            "or --resume_from_checkpoint to continue it"
+        )
     if not is_run_dir(path):
         raise UserError(f"output dir {path} is not a CLIF run; refusing to delete it even with --overwrite")
 
@@ -146,13 +157,35 @@ def clear_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> No
     path.mkdir(parents=True, exist_ok=True)
 
 
-def write_manifest(out: Path, *, stage: str, family: str, base: str, fingerprint: str, concepts: list[Concept],
-                   args: dict, inputs: list[str], files: dict[str, list[str]] | None = None, extra: dict | None = None) -> None:
+def write_manifest(
+    out: Path,
+    *,
+    stage: str,
+    family: str,
+    base: str,
+    fingerprint: str,
+    concepts: list[Concept],
+    args: dict,
+    inputs: list[str],
+    files: dict[str, list[str]] | None = None,
+    extra: dict | None = None,
+) -> None:
     entries = []
     for c in concepts:
         d = c.describe()
         d["files"] = [f"embeddings/{c.name}.safetensors"]
         entries.append(d)
-    atomic_write_json(out / MANIFEST, {"stage": stage, "family": family, "base_model": base,
-                                       "base_fingerprint": fingerprint, "concepts": entries, "args": args,
-                                       "inputs": inputs, "files": files or {}, **(extra or {})})
+    atomic_write_json(
+        out / MANIFEST,
+        {
+            "stage": stage,
+            "family": family,
+            "base_model": base,
+            "base_fingerprint": fingerprint,
+            "concepts": entries,
+            "args": args,
+            "inputs": inputs,
+            "files": files or {},
+            **(extra or {}),
+        },
+    )

@@ -69,8 +69,14 @@ def compose(pieces: list[Piece], size: int, rng: random.Random) -> tuple[Image.I
 class PairBuilder:
     """Builds reproducible pairs from a concept set: same seed, same pairs."""
 
-    def __init__(self, concepts: list[Concept], *, size: int, segmenter: Segmenter | None,
-                 common: dict[str, list[Path]] | None = None):
+    def __init__(
+        self,
+        concepts: list[Concept],
+        *,
+        size: int,
+        segmenter: Segmenter | None,
+        common: dict[str, list[Path]] | None = None,
+    ):
         self.concepts, self.size, self.segmenter = concepts, size, segmenter
         self.wholes: list[list[Piece]] = [self._wholes(i, c) for i, c in enumerate(concepts)]
         self.parts: list[list[Piece]] = [self._parts(i, c) for i, c in enumerate(concepts)]
@@ -94,8 +100,9 @@ class PairBuilder:
         for path in c.images:
             with Image.open(path) as im:
                 im = im.convert("RGB")
-                out.append(Piece(cut_out(im, self._mask(path, c.masks_dir, c.class_word, None, im.size)),
-                                 c.name, c.token, i))
+                out.append(
+                    Piece(cut_out(im, self._mask(path, c.masks_dir, c.class_word, None, im.size)), c.name, c.token, i)
+                )
         return out
 
     def _parts(self, i: int, c: Concept) -> list[Piece]:
@@ -145,8 +152,13 @@ class PairBuilder:
             caption = f"a photo of {pieces[0].phrase}"
         else:
             caption = f"a photo of {pieces[0].phrase} on the left and {pieces[1].phrase} on the right"
-        return Pair(kind, caption, image, [(p.label, b) for p, b in zip(pieces, boxes)],
-                    [p.concept for p in pieces if p.concept is not None])
+        return Pair(
+            kind,
+            caption,
+            image,
+            [(p.label, b) for p, b in zip(pieces, boxes)],
+            [p.concept for p in pieces if p.concept is not None],
+        )
 
     def build(self, n: int, ratios: dict[str, float], seed: int) -> list[Pair]:
         """`n` pairs, kinds in the proportions of `ratios`, interleaved, fully determined by `seed`."""
@@ -182,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     from .concepts import load_concept_set
     from .images import grid
 
-    p = argparse.ArgumentParser(prog="python -m clif.augment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clif.augment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--train_data_dir", required=True, help="Concept set (dataset/README.md).")
     p.add_argument("--out", required=True, help="Folder for pair-XXX.png, captions.json and grid.png.")
     p.add_argument("--num_pairs", type=int, default=24, help="Pairs to build.")
@@ -196,16 +209,26 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors("clif.augment"):
         concepts = load_concept_set(a.train_data_dir)
         ratios = dict(zip(KINDS, (float(x) for x in a.ratios.split(","))))
-        builder = PairBuilder(concepts, size=a.size, segmenter=Segmenter(a.segmenter, Path(a.cache_dir) / "masks"),
-                              common=common_images(Path(a.train_data_dir), [], Path(a.cache_dir)))
+        builder = PairBuilder(
+            concepts,
+            size=a.size,
+            segmenter=Segmenter(a.segmenter, Path(a.cache_dir) / "masks"),
+            common=common_images(Path(a.train_data_dir), [], Path(a.cache_dir)),
+        )
         pairs = builder.build(a.num_pairs, ratios, a.seed)
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         for i, pair in enumerate(pairs):
             pair.image.save(out / f"pair-{i:03d}.png")
-        (out / "captions.json").write_text(json.dumps(
-            [{"file": f"pair-{i:03d}.png", "kind": q.kind, "caption": q.caption, "layout": q.layout}
-             for i, q in enumerate(pairs)], indent=2))
+        (out / "captions.json").write_text(
+            json.dumps(
+                [
+                    {"file": f"pair-{i:03d}.png", "kind": q.kind, "caption": q.caption, "layout": q.layout}
+                    for i, q in enumerate(pairs)
+                ],
+                indent=2,
+            )
+        )
         grid([q.image for q in pairs], captions=[q.caption for q in pairs]).save(out / "grid.png")
         print(f"wrote {len(pairs)} pairs to {out}")
 

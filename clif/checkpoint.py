@@ -70,9 +70,18 @@ def _rng_tensors(gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(output_dir: str | Path, step: int, trainables: dict[str, torch.Tensor], optimizer,
-                    lr_scheduler, scaler, generators: list[torch.Generator], *, limit: int | None,
-                    write_artifacts: Callable[[Path], None]) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    trainables: dict[str, torch.Tensor],
+    optimizer,
+    lr_scheduler,
+    scaler,
+    generators: list[torch.Generator],
+    *,
+    limit: int | None,
+    write_artifacts: Callable[[Path], None],
+) -> Path:
     """Write checkpoint-<step>/ atomically (built under a temporary name, then renamed) and prune old ones."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
@@ -83,9 +92,15 @@ def save_checkpoint(output_dir: str | Path, step: int, trainables: dict[str, tor
     atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     atomic_save_safetensors(_rng_tensors(generators), tmp / "rng.safetensors")
     write_artifacts(tmp)  # embeddings (+ LoRA) and manifest: a checkpoint is also a usable stage dir
-    atomic_write_json(tmp / "state.json", {
-        "step": step, "optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None})
+    atomic_write_json(
+        tmp / "state.json",
+        {
+            "step": step,
+            "optimizer": opt_meta,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        },
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if limit:
@@ -94,8 +109,9 @@ def save_checkpoint(output_dir: str | Path, step: int, trainables: dict[str, tor
     return final
 
 
-def load_checkpoint(path: Path, trainables: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
-                    generators: list[torch.Generator]) -> int:
+def load_checkpoint(
+    path: Path, trainables: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler, generators: list[torch.Generator]
+) -> int:
     """Restore everything save_checkpoint wrote, in place; returns the optimizer step to continue from."""
     state = json.loads((path / "state.json").read_text())
     saved = load_file(str(path / "trainables.safetensors"))

@@ -21,8 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser(prog: str, description: str) -> Parser:
-    return Parser(prog=prog, description=description,
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 @contextlib.contextmanager
@@ -69,9 +68,12 @@ def non_negative(kind: type = int):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags naming the base model."""
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Hub id (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) "
-                        "or a local diffusers pipeline folder (e.g. one written by `python -m clif.tiny`).")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="Hub id (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) "
+        "or a local diffusers pipeline folder (e.g. one written by `python -m clif.tiny`).",
+    )
     g.add_argument("--revision", default=None, help="Hub revision of the base model.")
     g.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
 
@@ -79,48 +81,90 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
     """Flags naming the concept set (dataset/README.md) and, with `images`, the image preprocessing."""
     g = p.add_argument_group("data")
-    g.add_argument("--train_data_dir", required=True,
-                   help="Concept set: a folder with concepts.json, or a folder of one sub-folder of images per "
-                        "concept (then --initializer/--class_word or a classes.json apply).")
-    g.add_argument("--initializer", default=None,
-                   help="Plain folders only: initializer word for every concept (default: its class word).")
-    g.add_argument("--class_word", default=None,
-                   help="Plain folders only: class word for every concept (default: classes.json, else 'object').")
-    g.add_argument("--num_vectors", type=positive(int), default=2,
-                   help="Embedding vectors per placeholder token (plain folders; concepts.json may set its own).")
+    g.add_argument(
+        "--train_data_dir",
+        required=True,
+        help="Concept set: a folder with concepts.json, or a folder of one sub-folder of images per "
+        "concept (then --initializer/--class_word or a classes.json apply).",
+    )
+    g.add_argument(
+        "--initializer",
+        default=None,
+        help="Plain folders only: initializer word for every concept (default: its class word).",
+    )
+    g.add_argument(
+        "--class_word",
+        default=None,
+        help="Plain folders only: class word for every concept (default: classes.json, else 'object').",
+    )
+    g.add_argument(
+        "--num_vectors",
+        type=positive(int),
+        default=2,
+        help="Embedding vectors per placeholder token (plain folders; concepts.json may set its own).",
+    )
     if not images:
         return
-    g.add_argument("--learnable_property", choices=["object", "style"], default="object",
-                   help="Which caption templates fill the token.")
+    g.add_argument(
+        "--learnable_property",
+        choices=["object", "style"],
+        default="object",
+        help="Which caption templates fill the token.",
+    )
     g.add_argument("--resolution", type=positive(int), default=512, help="Training resolution (multiple of 8).")
-    g.add_argument("--center_crop", action="store_true",
-                   help="Center-crop to a square before resizing (else the whole image is resized to a square).")
+    g.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Center-crop to a square before resizing (else the whole image is resized to a square).",
+    )
     g.add_argument("--random_flip", action="store_true", help="Horizontally flip half of the training samples.")
-    g.add_argument("--dataloader_num_workers", type=non_negative(int), default=0,
-                   help="Worker processes that decode and preprocess the images (done once, before training).")
-    g.add_argument("--cache_latents", action="store_true",
-                   help="VAE-encode every training image and its flipped copy once, then free the VAE.")
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=non_negative(int),
+        default=0,
+        help="Worker processes that decode and preprocess the images (done once, before training).",
+    )
+    g.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="VAE-encode every training image and its flipped copy once, then free the VAE.",
+    )
 
 
 def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, validation: bool = True) -> None:
     """Optimisation, precision, checkpointing, validation and logging flags shared by the training stages."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", required=True, help="Where the stage writes its artifacts (DESIGN §6).")
-    g.add_argument("--overwrite", action="store_true",
-                   help="Replace an output dir that holds another CLIF run (refuses to delete other folders).")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an output dir that holds another CLIF run (refuses to delete other folders).",
+    )
     g.add_argument("--seed", type=int, default=0, help="Seed of every random draw; same seed, same result.")
     g.add_argument("--train_batch_size", type=positive(int), default=1, help="Batch size per process.")
-    g.add_argument("--gradient_accumulation_steps", type=positive(int), default=4,
-                   help="Micro-batches accumulated into one optimizer step.")
-    g.add_argument("--max_train_steps", type=positive(int), default=None,
-                   help=f"Optimizer steps; overrides --num_train_epochs (default {steps} when neither is set).")
+    g.add_argument(
+        "--gradient_accumulation_steps",
+        type=positive(int),
+        default=4,
+        help="Micro-batches accumulated into one optimizer step.",
+    )
+    g.add_argument(
+        "--max_train_steps",
+        type=positive(int),
+        default=None,
+        help=f"Optimizer steps; overrides --num_train_epochs (default {steps} when neither is set).",
+    )
     g.add_argument("--num_train_epochs", type=positive(int), default=None, help="Epochs over the concept images.")
     g.add_argument("--learning_rate", type=positive(float), default=lr, help="Peak learning rate.")
-    g.add_argument("--scale_lr", action="store_true",
-                   help="Multiply the lr by batch size x accumulation x number of processes.")
-    g.add_argument("--lr_scheduler", default="constant",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                            "constant_with_warmup"], help="Learning-rate schedule.")
+    g.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the lr by batch size x accumulation x number of processes."
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
     g.add_argument("--lr_warmup_steps", type=non_negative(int), default=0, help="Warm-up steps of the schedule.")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
@@ -128,23 +172,47 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=positive(float), default=1.0, help="Gradient clipping norm.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA only).")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Precision of the frozen weights and the autocast (default: accelerate config).")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Recompute activations in the backward pass (less memory, slower).")
+    g.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Precision of the frozen weights and the autocast (default: accelerate config).",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass (less memory, slower).",
+    )
     g.add_argument("--noise_offset", type=non_negative(float), default=0.0, help="Noise offset (0 = off).")
     g = p.add_argument_group("checkpoints, validation, logging")
-    g.add_argument("--checkpointing_steps", type=positive(int), default=500, help="Save a resumable checkpoint every N steps.")
+    g.add_argument(
+        "--checkpointing_steps", type=positive(int), default=500, help="Save a resumable checkpoint every N steps."
+    )
     g.add_argument("--checkpoints_total_limit", type=positive(int), default=None, help="Keep at most N checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).")
-    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
-                   help="Experiment tracker (logs go to <output_dir>/logs).")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).",
+    )
+    g.add_argument(
+        "--report_to",
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="Experiment tracker (logs go to <output_dir>/logs).",
+    )
     if not validation:
         p.set_defaults(validation_prompt=[])
         return
-    g.add_argument("--validation_prompt", action="append", default=[],
-                   help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.")
-    g.add_argument("--validation_steps", type=positive(int), default=100, help="Render validation images every N steps.")
+    g.add_argument(
+        "--validation_prompt",
+        action="append",
+        default=[],
+        help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.",
+    )
+    g.add_argument(
+        "--validation_steps", type=positive(int), default=100, help="Render validation images every N steps."
+    )
     g.add_argument("--num_validation_images", type=positive(int), default=2, help="Images per validation prompt.")
-    g.add_argument("--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images.")
+    g.add_argument(
+        "--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images."
+    )

@@ -33,9 +33,15 @@ class Concept:
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
 
     def describe(self) -> dict:
-        return {"name": self.name, "token": self.token, "num_vectors": self.num_vectors,
-                "initializer": self.initializer, "class": self.class_word,
-                "images": [str(p) for p in self.images], "parts": self.parts}
+        return {
+            "name": self.name,
+            "token": self.token,
+            "num_vectors": self.num_vectors,
+            "initializer": self.initializer,
+            "class": self.class_word,
+            "images": [str(p) for p in self.images],
+            "parts": self.parts,
+        }
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -58,7 +64,7 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
         raise UserError(f"invalid {root / 'concepts.json'}: {err}") from None
     entries = spec.get("concepts") if isinstance(spec, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise UserError(f"{root / 'concepts.json'} must hold a non-empty list under \"concepts\"")
+        raise UserError(f'{root / "concepts.json"} must hold a non-empty list under "concepts"')
     concepts = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
@@ -75,9 +81,18 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
         parts = e.get("parts", [])
         if not isinstance(parts, list) or not all(isinstance(x, str) for x in parts):
             raise UserError(f"{root / 'concepts.json'}: concept {name!r} has 'parts' that is not a list of words")
-        concepts.append(Concept(name=name, token=e["token"], initializer=e["initializer"],
-                                class_word=e.get("class", e["initializer"]), images=_images_of(img_dir, name),
-                                num_vectors=nv, masks_dir=masks if masks.is_dir() else None, parts=parts))
+        concepts.append(
+            Concept(
+                name=name,
+                token=e["token"],
+                initializer=e["initializer"],
+                class_word=e.get("class", e["initializer"]),
+                images=_images_of(img_dir, name),
+                num_vectors=nv,
+                masks_dir=masks if masks.is_dir() else None,
+                parts=parts,
+            )
+        )
     return concepts
 
 
@@ -106,13 +121,27 @@ def _from_folders(root: Path, initializer: str | None, class_word: str | None, n
         if not cls:
             raise UserError(f"{root}: no class word for concept {d.name!r}; pass --class_word or add classes.json")
         token = "<" + re.sub(r"[^0-9A-Za-z_-]", "-", d.name) + ">"
-        concepts.append(Concept(name=d.name, token=token, initializer=initializer or cls, class_word=cls,
-                                images=_images_of(d, d.name), num_vectors=nv))
+        concepts.append(
+            Concept(
+                name=d.name,
+                token=token,
+                initializer=initializer or cls,
+                class_word=cls,
+                images=_images_of(d, d.name),
+                num_vectors=nv,
+            )
+        )
     return concepts
 
 
-def load_concept_set(root: str | Path, *, initializer: str | None = None, class_word: str | None = None,
-                     num_vectors: int = 2, names: list[str] | None = None) -> list[Concept]:
+def load_concept_set(
+    root: str | Path,
+    *,
+    initializer: str | None = None,
+    class_word: str | None = None,
+    num_vectors: int = 2,
+    names: list[str] | None = None,
+) -> list[Concept]:
     """Read and validate a concept set; every image is decoded once so a broken file is named now."""
     root = Path(root)
     if not root.is_dir():

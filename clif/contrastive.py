@@ -16,16 +16,18 @@ from .tokens import expand_prompt
 
 
 @torch.no_grad()
-def generate_common_images(base: str, words: list[str], n: int, cache_dir: Path, *, device, dtype, seed: int,
-                           revision: str | None = None) -> None:
+def generate_common_images(
+    base: str, words: list[str], n: int, cache_dir: Path, *, device, dtype, seed: int, revision: str | None = None
+) -> None:
     """'a photo of a {word}' images from the base pipeline, cached in cache_dir/common/<word>/ (once)."""
     from diffusers import DiffusionPipeline
 
     from .concepts import list_images
     from .images import save_png
 
-    todo = {w: n - len(list_images(cache_dir / "common" / w)) if (cache_dir / "common" / w).is_dir() else n
-            for w in words}
+    todo = {
+        w: n - len(list_images(cache_dir / "common" / w)) if (cache_dir / "common" / w).is_dir() else n for w in words
+    }
     todo = {w: k for w, k in todo.items() if k > 0}
     if not todo:
         return
@@ -33,8 +35,9 @@ def generate_common_images(base: str, words: list[str], n: int, cache_dir: Path,
     pipe.set_progress_bar_config(disable=True)
     for word, k in tqdm(todo.items(), desc="common images"):
         for i in range(n - k, n):
-            image = pipe(f"a photo of a {word}", generator=torch.Generator("cpu").manual_seed(seed + i),
-                         num_inference_steps=30).images[0]
+            image = pipe(
+                f"a photo of a {word}", generator=torch.Generator("cpu").manual_seed(seed + i), num_inference_steps=30
+            ).images[0]
             save_png(image, cache_dir / "common" / word / f"{i:04d}.png")
     del pipe
 
@@ -47,8 +50,10 @@ class TextSide:
 
     def features(self, captions: list[str]) -> list[torch.Tensor]:
         ids = self.model.tokenize([expand_prompt(c, self.concepts) for c in captions])
-        return [p.text_features(enc, i, tok.eos_token_id)
-                for p, enc, i, tok in zip(self.paired, self.model.text_encoders, ids, self.model.tokenizers)]
+        return [
+            p.text_features(enc, i, tok.eos_token_id)
+            for p, enc, i, tok in zip(self.paired, self.model.text_encoders, ids, self.model.tokenizers)
+        ]
 
 
 def confusion(text: TextSide, views: list[Pair], view_feats: list[torch.Tensor]) -> dict:
@@ -58,8 +63,10 @@ def confusion(text: TextSide, views: list[Pair], view_feats: list[torch.Tensor])
         feats = text.features([f"a photo of {c.token}" for c in text.concepts])
     owner = torch.tensor([v.concepts[0] for v in views])
     # sum of per-pair cosine similarities = one retrieval score over all encoders of the family
-    sims = sum(torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(v.to(t.device), dim=-1).T
-               for t, v in zip(feats, view_feats))
+    sims = sum(
+        torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(v.to(t.device), dim=-1).T
+        for t, v in zip(feats, view_feats)
+    )
     acc, matrix = retrieval_matrix(sims, owner, n)
     return {"accuracy": acc, "matrix": matrix, "concepts": [c.name for c in text.concepts]}
 

@@ -12,25 +12,58 @@ from .concepts import Concept
 from .tokens import expand_prompt
 
 OBJECT_TEMPLATES = [
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
-    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
-    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
-    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
-    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
 ]
 STYLE_TEMPLATES = [
-    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
-    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
-    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
-    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
-    "a rendition in the style of {}", "a nice painting in the style of {}", "a small painting in the style of {}",
-    "a weird painting in the style of {}", "a large painting in the style of {}",
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
 ]
 
 
-def preprocess(img: Image.Image, resolution: int, center_crop: bool) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+def preprocess(
+    img: Image.Image, resolution: int, center_crop: bool
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """RGB image -> ([3, R, R] in [-1, 1], original (h, w), crop top-left in the resized image)."""
     img = img.convert("RGB")
     w, h = img.size
@@ -78,8 +111,17 @@ class ConceptImages:
     run is a pure function of (seed, k), which makes resume and multi-process sharding exact.
     """
 
-    def __init__(self, concepts: list[Concept], resolution: int, center_crop: bool, *, property: str = "object",
-                 random_flip: bool = False, seed: int = 0, num_workers: int = 0):
+    def __init__(
+        self,
+        concepts: list[Concept],
+        resolution: int,
+        center_crop: bool,
+        *,
+        property: str = "object",
+        random_flip: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
         self.concepts, self.resolution, self.seed, self.random_flip = concepts, resolution, seed, random_flip
         # "fixed": the caption is the concept's token itself (class images of prior preservation)
         self.templates = {"style": STYLE_TEMPLATES, "fixed": ["{}"]}.get(property, OBJECT_TEMPLATES)
@@ -87,8 +129,9 @@ class ConceptImages:
         for ci, c in enumerate(concepts):
             paths += c.images
             owners += [ci] * len(c.images)
-        loader = torch.utils.data.DataLoader(_Decode(paths, resolution, center_crop), batch_size=8,
-                                             num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(
+            _Decode(paths, resolution, center_crop), batch_size=8, num_workers=num_workers
+        )
         xs, metas = zip(*loader)
         self.pixels = torch.cat(xs)
         meta = torch.cat(metas)
@@ -111,8 +154,9 @@ class ConceptImages:
             self._epochs = {e: (perm, flip, tmpl)}  # keep one epoch: the stream is read in order
         return self._epochs[e]
 
-    def micro_batch(self, k: int, global_batch: int, rank: int = 0, local_batch: int | None = None,
-                    with_pixels: bool = True) -> Sample:
+    def micro_batch(
+        self, k: int, global_batch: int, rank: int = 0, local_batch: int | None = None, with_pixels: bool = True
+    ) -> Sample:
         """Micro-batch k of the stream, the slice of process `rank`."""
         local_batch = local_batch or global_batch
         start = k * global_batch + rank * local_batch
@@ -140,7 +184,7 @@ class LatentCache:
         with torch.no_grad():
             for flipped in (False, True):
                 for s in range(0, len(images), batch_size):
-                    x = images.pixels[s:s + batch_size]
+                    x = images.pixels[s : s + batch_size]
                     x = x.flip(-1) if flipped else x
                     dist = vae.encode(x.to(device, dtype)).latent_dist
                     means.append(dist.mean.float())
@@ -172,10 +216,17 @@ class Shard:
         return self.world * self.local
 
 
-def image_stream(concepts: list[Concept], args, vae, device, *, seed: int | None = None,
-                 property: str | None = None) -> tuple[ConceptImages, LatentCache | None]:
+def image_stream(
+    concepts: list[Concept], args, vae, device, *, seed: int | None = None, property: str | None = None
+) -> tuple[ConceptImages, LatentCache | None]:
     """The decoded sample stream of a stage's flags, with its latent cache when --cache_latents."""
-    data = ConceptImages(concepts, args.resolution, args.center_crop, property=property or args.learnable_property,
-                         random_flip=args.random_flip, seed=args.seed if seed is None else seed,
-                         num_workers=args.dataloader_num_workers)
+    data = ConceptImages(
+        concepts,
+        args.resolution,
+        args.center_crop,
+        property=property or args.learnable_property,
+        random_flip=args.random_flip,
+        seed=args.seed if seed is None else seed,
+        num_workers=args.dataloader_num_workers,
+    )
     return data, LatentCache(vae, data, device, vae.dtype) if args.cache_latents else None

@@ -23,10 +23,13 @@ class Backbone:
 
         schema = name.split(":", 1)[0] if ":" in name else None
         if schema not in ("hf-hub", "local-dir") and name not in open_clip.list_models():
-            raise UserError(f"unknown open_clip model {name!r} (see open_clip.list_models(), or use hf-hub:/local-dir:)")
+            raise UserError(
+                f"unknown open_clip model {name!r} (see open_clip.list_models(), or use hf-hub:/local-dir:)"
+            )
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if schema else pretrained, device=device)
+                name, pretrained=None if schema else pretrained, device=device
+            )
             self.tokenizer = open_clip.get_tokenizer(name)
         except (RuntimeError, OSError, ValueError) as err:
             raise UserError(f"cannot load CLIP model {name!r} ({pretrained}): {str(err).splitlines()[0]}") from None
@@ -35,14 +38,24 @@ class Backbone:
 
     @torch.no_grad()
     def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
-        out = [self.model.encode_image(torch.stack([self.preprocess(im) for im in images[s:s + batch_size]])
-                                       .to(self.device)).double().cpu() for s in range(0, len(images), batch_size)]
+        out = [
+            self.model.encode_image(
+                torch.stack([self.preprocess(im) for im in images[s : s + batch_size]]).to(self.device)
+            )
+            .double()
+            .cpu()
+            for s in range(0, len(images), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0)
 
     @torch.no_grad()
     def texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
-        return torch.cat([self.model.encode_text(self.tokenizer(texts[s:s + batch_size]).to(self.device)).double().cpu()
-                          for s in range(0, len(texts), batch_size)])
+        return torch.cat(
+            [
+                self.model.encode_text(self.tokenizer(texts[s : s + batch_size]).to(self.device)).double().cpu()
+                for s in range(0, len(texts), batch_size)
+            ]
+        )
 
 
 class Dino:
@@ -62,7 +75,7 @@ class Dino:
     def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
         out = []
         for s in range(0, len(images), batch_size):
-            px = self.processor(images=images[s:s + batch_size], return_tensors="pt")["pixel_values"]
+            px = self.processor(images=images[s : s + batch_size], return_tensors="pt")["pixel_values"]
             out.append(self.model(pixel_values=px.to(self.device)).last_hidden_state[:, 0].double().cpu())
         return torch.cat(out)
 
@@ -88,8 +101,9 @@ class Detector:
         inputs = self.processor(text=[[f"a photo of a {w}" for w in words]], images=image, return_tensors="pt")
         out = self.model(**inputs.to(self.device))
         side = max(image.size)  # OWLv2 pads to a square
-        res = self.processor.image_processor.post_process_object_detection(out, threshold=self.threshold,
-                                                           target_sizes=torch.tensor([[side, side]]))[0]
+        res = self.processor.image_processor.post_process_object_detection(
+            out, threshold=self.threshold, target_sizes=torch.tensor([[side, side]])
+        )[0]
         chosen: list[torch.Tensor] = []
         w, h = image.size
         for i in res["scores"].argsort(descending=True):
@@ -141,10 +155,20 @@ def _halves(image: Image.Image) -> list[Image.Image]:
     return [image.crop((0, 0, w // 2, h)), image.crop((w // 2, 0, w, h))]
 
 
-def score_folder(items: list[Item], concepts: list[Concept], refs: dict[str, torch.Tensor], backbone: Backbone, *,
-                 batch_size: int, margin: float, detector: Detector | None = None, dino=None,
-                 dino_refs: dict[str, torch.Tensor] | None = None, feature_fn=None,
-                 match_refs: dict[str, torch.Tensor] | None = None) -> list[dict]:
+def score_folder(
+    items: list[Item],
+    concepts: list[Concept],
+    refs: dict[str, torch.Tensor],
+    backbone: Backbone,
+    *,
+    batch_size: int,
+    margin: float,
+    detector: Detector | None = None,
+    dino=None,
+    dino_refs: dict[str, torch.Tensor] | None = None,
+    feature_fn=None,
+    match_refs: dict[str, torch.Tensor] | None = None,
+) -> list[dict]:
     """One row per image: text/image alignment, and for two-concept prompts found/confused.
 
     Instances are matched to concepts with `feature_fn` against `match_refs` (default: the CLIP backbone
@@ -162,13 +186,21 @@ def score_folder(items: list[Item], concepts: list[Concept], refs: dict[str, tor
     rows = []
     for k, (it, im) in enumerate(tqdm(list(zip(items, images)), desc="scoring", leave=False)):
         named = metrics.tokens_in(it.prompt, list(by_token))
-        row = {"file": it.path.name, "prompt": it.prompt, "concepts": [by_token[t].name for t in named],
-               "text_alignment": float(score[k]), "text_cosine": float(cos[k]),
-               "image_alignment": {by_token[t].name: float(metrics.mean_cosine(feats[k:k + 1], refs[by_token[t].name])[0])
-                                   for t in named}}
+        row = {
+            "file": it.path.name,
+            "prompt": it.prompt,
+            "concepts": [by_token[t].name for t in named],
+            "text_alignment": float(score[k]),
+            "text_cosine": float(cos[k]),
+            "image_alignment": {
+                by_token[t].name: float(metrics.mean_cosine(feats[k : k + 1], refs[by_token[t].name])[0]) for t in named
+            },
+        }
         if dino_feats is not None:
-            row["dino_alignment"] = {by_token[t].name: float(metrics.mean_cosine(
-                dino_feats[k:k + 1], dino_refs[by_token[t].name])[0]) for t in named}
+            row["dino_alignment"] = {
+                by_token[t].name: float(metrics.mean_cosine(dino_feats[k : k + 1], dino_refs[by_token[t].name])[0])
+                for t in named
+            }
         if len(named) == 2:
             crops, method = [], "none"
             if detector is not None:
@@ -189,6 +221,7 @@ def score_folder(items: list[Item], concepts: list[Concept], refs: dict[str, tor
 
 def summarize(rows: list[dict]) -> dict:
     """Means over images (text), over (image, concept) entries (image), and the confusion counts."""
+
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
 
@@ -199,11 +232,16 @@ def summarize(rows: list[dict]) -> dict:
             per_concept.setdefault(name, []).append(v)
     pairs = [r for r in rows if "found" in r]
     found = [r for r in pairs if r["found"]]
-    out = {"images": len(rows), "text_alignment": mean([r["text_alignment"] for r in rows]),
-           "text_cosine": mean([r["text_cosine"] for r in rows]), "image_alignment": mean(ia),
-           "image_alignment_per_concept": {k: mean(v) for k, v in sorted(per_concept.items())},
-           "pair_images": len(pairs), "attendance": len(found) / len(pairs) if pairs else None,
-           "confusion_rate": sum(r["confused"] for r in found) / len(found) if found else None}
+    out = {
+        "images": len(rows),
+        "text_alignment": mean([r["text_alignment"] for r in rows]),
+        "text_cosine": mean([r["text_cosine"] for r in rows]),
+        "image_alignment": mean(ia),
+        "image_alignment_per_concept": {k: mean(v) for k, v in sorted(per_concept.items())},
+        "pair_images": len(pairs),
+        "attendance": len(found) / len(pairs) if pairs else None,
+        "confusion_rate": sum(r["confused"] for r in found) / len(found) if found else None,
+    }
     dino = [v for r in rows for v in r.get("dino_alignment", {}).values()]
     if dino:
         out["dino_alignment"] = mean(dino)
@@ -215,5 +253,7 @@ def per_prompt(rows: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["prompt"], []).append(r)
-    return [{"prompt": p, **{k: v for k, v in summarize(rs).items() if k != "image_alignment_per_concept"}}
-            for p, rs in groups.items()]
+    return [
+        {"prompt": p, **{k: v for k, v in summarize(rs).items() if k != "image_alignment_per_concept"}}
+        for p, rs in groups.items()
+    ]

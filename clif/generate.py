@@ -13,9 +13,14 @@ from .cli import UserError
 from .models import detect_family, fingerprint, quiet_loading
 
 SCHEDULERS = {
-    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -43,17 +48,27 @@ def load_embeddings_into(pipe, stage_dir: str | Path, family: str) -> list[dict]
             pipe.load_textual_inversion(str(path))
         else:  # SDXL files hold clip_l / clip_g: one call per text encoder (documented in README)
             rows, _ = artifacts.load_embedding_file(path, family)
-            pipe.load_textual_inversion(rows[0], token=entry["token"], text_encoder=pipe.text_encoder,
-                                        tokenizer=pipe.tokenizer)
-            pipe.load_textual_inversion(rows[1], token=entry["token"], text_encoder=pipe.text_encoder_2,
-                                        tokenizer=pipe.tokenizer_2)
+            pipe.load_textual_inversion(
+                rows[0], token=entry["token"], text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+            )
+            pipe.load_textual_inversion(
+                rows[1], token=entry["token"], text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+            )
     if (Path(stage_dir) / LORA_FILE).is_file():
         pipe.load_lora_weights(str(stage_dir))
     return manifest["concepts"]
 
 
-def load_pipeline(base: str, stage_dir: str | None, *, device, dtype, scheduler: str | None = None,
-                  revision: str | None = None, variant: str | None = None):
+def load_pipeline(
+    base: str,
+    stage_dir: str | None,
+    *,
+    device,
+    dtype,
+    scheduler: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+):
     """The base pipeline, checked against and loaded with the stage dir's embeddings (and LoRA)."""
     import diffusers
     from diffusers import DiffusionPipeline
@@ -91,8 +106,18 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-")[:n] or "prompt"
 
 
-def generate(pipe, prompts: list[str], *, n: int, seed: int, batch_size: int, settings: dict, out: Path,
-             lora_scale: float | None = None, progress=None) -> list[Path]:
+def generate(
+    pipe,
+    prompts: list[str],
+    *,
+    n: int,
+    seed: int,
+    batch_size: int,
+    settings: dict,
+    out: Path,
+    lora_scale: float | None = None,
+    progress=None,
+) -> list[Path]:
     """Image i of each prompt uses torch.Generator('cpu').manual_seed(seed + i); writes <stem>.png + <stem>.json."""
     from .images import save_png
 
@@ -108,8 +133,14 @@ def generate(pipe, prompts: list[str], *, n: int, seed: int, batch_size: int, se
             for i, im in zip(idx, images):
                 stem = f"{pi:03d}-{slug(prompt)}-{i:03d}"
                 save_png(im, out / f"{stem}.png")
-                sidecar = {"prompt": prompt, "seed": seed + i, "prompt_index": pi, "image_index": i,
-                           "lora_scale": lora_scale, **settings}
+                sidecar = {
+                    "prompt": prompt,
+                    "seed": seed + i,
+                    "prompt_index": pi,
+                    "image_index": i,
+                    "lora_scale": lora_scale,
+                    **settings,
+                }
                 artifacts.atomic_write_json(out / f"{stem}.json", sidecar)
                 written.append(out / f"{stem}.png")
             if progress is not None:

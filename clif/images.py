@@ -36,16 +36,32 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 @torch.no_grad()
-def render_validation(model, prompts: list[str], *, num_images: int, seed: int, steps: int, resolution: int,
-                      device, dtype: torch.dtype, out_dir: Path, step: int, accelerator=None) -> None:
+def render_validation(
+    model,
+    prompts: list[str],
+    *,
+    num_images: int,
+    seed: int,
+    steps: int,
+    resolution: int,
+    device,
+    dtype: torch.dtype,
+    out_dir: Path,
+    step: int,
+    accelerator=None,
+) -> None:
     """Render `num_images` per prompt with the weights being trained; write validation/step-<n>.png and .json.
 
     Uses its own CPU generators, so the training RNG streams are untouched and resume stays exact.
     """
     from diffusers import DPMSolverMultistepScheduler
 
-    pipe = model.pipeline_class(vae=model.vae, unet=model.unet, scheduler=DPMSolverMultistepScheduler.from_config(
-        model.noise_scheduler.config), **_text_components(model))
+    pipe = model.pipeline_class(
+        vae=model.vae,
+        unet=model.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config),
+        **_text_components(model),
+    )
     pipe.set_progress_bar_config(disable=True)
     vae_device = model.vae.device
     model.vae.to(device)  # the latent cache may have parked it on the CPU
@@ -53,14 +69,17 @@ def render_validation(model, prompts: list[str], *, num_images: int, seed: int, 
     for prompt in prompts:
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = pipe([prompt] * num_images, num_inference_steps=steps, height=resolution, width=resolution,
-                       generator=gens)
+            out = pipe(
+                [prompt] * num_images, num_inference_steps=steps, height=resolution, width=resolution, generator=gens
+            )
         images += out.images
     model.vae.to(vae_device)
     sheet = grid(images, cols=num_images, captions=[p for p in prompts for _ in range(num_images)])
     save_png(sheet, out_dir / "validation" / f"step-{step:06d}.png")
-    atomic_write_json(out_dir / "validation" / f"step-{step:06d}.json",
-                      {"step": step, "prompts": prompts, "num_images": num_images, "seed": seed})
+    atomic_write_json(
+        out_dir / "validation" / f"step-{step:06d}.json",
+        {"step": step, "prompts": prompts, "num_images": num_images, "seed": seed},
+    )
     writer = _tensorboard_writer(accelerator)
     if writer is not None:
         import numpy as np

@@ -15,10 +15,21 @@ from .images import render_validation
 class StepRunner:
     """Owns the optimizer, schedule, checkpoints and validation of one run; the script owns the loss."""
 
-    def __init__(self, args, accelerator, model, params: list[torch.Tensor], optimizer, lr_scheduler,
-                 noise: training.NoiseSource, trainables: dict[str, torch.Tensor],
-                 write_artifacts: Callable[[Path], None], max_steps: int, desc: str,
-                 extra_noise: list[training.NoiseSource] = ()):
+    def __init__(
+        self,
+        args,
+        accelerator,
+        model,
+        params: list[torch.Tensor],
+        optimizer,
+        lr_scheduler,
+        noise: training.NoiseSource,
+        trainables: dict[str, torch.Tensor],
+        write_artifacts: Callable[[Path], None],
+        max_steps: int,
+        desc: str,
+        extra_noise: list[training.NoiseSource] = (),
+    ):
         self.args, self.accelerator, self.model = args, accelerator, model
         self.params, self.optimizer, self.lr_scheduler, self.noise = params, optimizer, lr_scheduler, noise
         self.trainables, self.write_artifacts, self.max_steps = trainables, write_artifacts, max_steps
@@ -32,14 +43,19 @@ class StepRunner:
 
     def resume(self, path: Path | None) -> None:
         if path is not None:
-            self.step = checkpoint.load_checkpoint(path, self.trainables, self.optimizer, self.lr_scheduler,
-                                                   self.accelerator.scaler, self.generators)
+            self.step = checkpoint.load_checkpoint(
+                path, self.trainables, self.optimizer, self.lr_scheduler, self.accelerator.scaler, self.generators
+            )
 
     def micro_steps(self) -> range:
         """Indices of the micro-batches of the next optimizer step (they address the sample stream)."""
         if self.bar is None:
-            self.bar = tqdm(total=self.max_steps, initial=self.step, desc=self.desc,
-                            disable=not self.accelerator.is_local_main_process)
+            self.bar = tqdm(
+                total=self.max_steps,
+                initial=self.step,
+                desc=self.desc,
+                disable=not self.accelerator.is_local_main_process,
+            )
         self.timer.start()
         accum = self.args.gradient_accumulation_steps
         return range(self.step * accum, (self.step + 1) * accum)
@@ -61,22 +77,43 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.timer.stop()
-        logs = {"loss": acc.reduce(loss.detach().float(), "mean").item(), "lr": self.lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm), **(extra_logs or {})}
+        logs = {
+            "loss": acc.reduce(loss.detach().float(), "mean").item(),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            **(extra_logs or {}),
+        }
         acc.log(logs, step=self.step)
         self.losses.append(logs["loss"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
         last = self.step == self.max_steps
         if acc.is_main_process and (self.step % args.checkpointing_steps == 0 or last):
-            checkpoint.save_checkpoint(self.out, self.step, self.trainables, self.optimizer, self.lr_scheduler,
-                                       acc.scaler, self.generators, limit=args.checkpoints_total_limit,
-                                       write_artifacts=self.write_artifacts)
+            checkpoint.save_checkpoint(
+                self.out,
+                self.step,
+                self.trainables,
+                self.optimizer,
+                self.lr_scheduler,
+                acc.scaler,
+                self.generators,
+                limit=args.checkpoints_total_limit,
+                write_artifacts=self.write_artifacts,
+            )
         if acc.is_main_process and args.validation_prompt and (self.step % args.validation_steps == 0 or last):
-            render_validation(self.model, args.validation_prompt, num_images=args.num_validation_images,
-                              seed=args.seed, steps=args.validation_inference_steps, resolution=args.resolution,
-                              device=acc.device, dtype=training.frozen_dtype(acc), out_dir=self.out, step=self.step,
-                              accelerator=acc)
+            render_validation(
+                self.model,
+                args.validation_prompt,
+                num_images=args.num_validation_images,
+                seed=args.seed,
+                steps=args.validation_inference_steps,
+                resolution=args.resolution,
+                device=acc.device,
+                dtype=training.frozen_dtype(acc),
+                out_dir=self.out,
+                step=self.step,
+                accelerator=acc,
+            )
 
     def close(self) -> None:
         """Final artifacts and run_stats.json (main process), then release memory cleanly."""

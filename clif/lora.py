@@ -22,16 +22,21 @@ def check_targets(module: torch.nn.Module, targets: list[str], what: str) -> Non
     names = [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
-        raise UserError(f"--lora_targets: {', '.join(unknown)} match no layer of the {what} "
-                        f"(e.g. {', '.join(DEFAULT_UNET_TARGETS + ['proj_in', 'ff.net.2'])})")
+        raise UserError(
+            f"--lora_targets: {', '.join(unknown)} match no layer of the {what} "
+            f"(e.g. {', '.join(DEFAULT_UNET_TARGETS + ['proj_in', 'ff.net.2'])})"
+        )
 
 
-def add_lora(module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[torch.nn.Parameter]:
+def add_lora(
+    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str]
+) -> list[torch.nn.Parameter]:
     """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=targets)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
     if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):  # diffusers models
         module.add_adapter(config)
     else:  # transformers 5.24's add_adapter demands peft >= 0.22, unreleased: inject with peft directly
@@ -60,8 +65,10 @@ def save_lora(out: Path, model, text_lora: bool, unet: bool = True) -> None:
     """pytorch_lora_weights.safetensors via the pipeline's save_lora_weights, rank/alpha in the header; atomic."""
     kwargs = {}
     if unet:
-        kwargs = {"unet_lora_layers": _diffusers_layers(model.unet),
-                  "unet_lora_adapter_metadata": model.unet.peft_config["default"].to_dict()}
+        kwargs = {
+            "unet_lora_layers": _diffusers_layers(model.unet),
+            "unet_lora_adapter_metadata": model.unet.peft_config["default"].to_dict(),
+        }
     if text_lora:
         names = ["text_encoder", "text_encoder_2"][: len(model.text_encoders)]
         for name, enc in zip(names, model.text_encoders):
@@ -84,8 +91,9 @@ def load_text_lora(stage_dir: str | Path, model) -> bool:
     found = False
     for name, enc in zip(TEXT_ENCODER_NAMES, model.text_encoders):
         if any(k.startswith(f"{name}.") for k in state):
-            model.pipeline_class.load_lora_into_text_encoder(state, alphas, text_encoder=enc, prefix=name,
-                                                             adapter_name="default", metadata=metadata)
+            model.pipeline_class.load_lora_into_text_encoder(
+                state, alphas, text_encoder=enc, prefix=name, adapter_name="default", metadata=metadata
+            )
             enc.requires_grad_(False)
             found = True
     return found
@@ -100,8 +108,9 @@ def make_trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def export_kohya(path: Path, model, alpha: float, text_lora: bool, concepts: list[Concept],
-                 rows: list[list[torch.Tensor]]) -> None:
+def export_kohya(
+    path: Path, model, alpha: float, text_lora: bool, concepts: list[Concept], rows: list[list[torch.Tensor]]
+) -> None:
     """One A1111/ComfyUI file: kohya keys with the real alpha, embeddings bundled as bundle_emb.<name>.<key>."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
@@ -120,5 +129,12 @@ def export_kohya(path: Path, model, alpha: float, text_lora: bool, concepts: lis
         else:
             kohya[f"bundle_emb.{c.name}.string_to_param.*"] = r[0]
     kohya = {k: v.float() if v.is_floating_point() else v for k, v in kohya.items()}
-    artifacts.atomic_save_safetensors(kohya, path, {"ss_network_dim": str(model.unet.peft_config["default"].r),
-                                                    "ss_network_alpha": str(alpha), "clif.family": model.family})
+    artifacts.atomic_save_safetensors(
+        kohya,
+        path,
+        {
+            "ss_network_dim": str(model.unet.peft_config["default"].r),
+            "ss_network_alpha": str(alpha),
+            "clif.family": model.family,
+        },
+    )

@@ -71,8 +71,11 @@ class Segmenter:
                 if self._model is None:
                     self._load()
                 inputs = self._processor(text=[prompt], images=[im], padding="max_length", return_tensors="pt")
-                prob = torch.sigmoid(self._model(**inputs.to(self.device)).logits).reshape(
-                    inputs["pixel_values"].shape[-2:]).cpu()
+                prob = (
+                    torch.sigmoid(self._model(**inputs.to(self.device)).logits)
+                    .reshape(inputs["pixel_values"].shape[-2:])
+                    .cpu()
+                )
                 # relative threshold: CLIPSeg's scale varies per prompt; half the peak keeps the object
                 m = (prob >= 0.5 * prob.max()).numpy().astype(np.uint8) * 255
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,8 +68,12 @@ class DiffusionModel:
         """Token ids of `prompts` for each tokenizer, padded to 77 (memoised per caption)."""
         for p in prompts:
             if p not in self._ids:
-                self._ids[p] = [tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                                    return_tensors="pt").input_ids[0] for tok in self.tokenizers]
+                self._ids[p] = [
+                    tok(
+                        p, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+                    ).input_ids[0]
+                    for tok in self.tokenizers
+                ]
         return [torch.stack([self._ids[p][i] for p in prompts]) for i in range(len(self.tokenizers))]
 
     def encode_prompt(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,8 +118,9 @@ def quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_model(path: str, *, revision: str | None = None, variant: str | None = None,
-               text_only: bool = False) -> DiffusionModel:
+def load_model(
+    path: str, *, revision: str | None = None, variant: str | None = None, text_only: bool = False
+) -> DiffusionModel:
     """Load the components of a SD 1.x/2.x or SDXL pipeline (hub id or local folder) for training, on CPU, fp32.
 
     `text_only` skips the UNet and VAE (stage 1 needs only tokenizers and text encoders).
@@ -131,8 +136,9 @@ def load_model(path: str, *, revision: str | None = None, variant: str | None = 
         encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
         if family == "sdxl":
             tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                        variant=variant, **kw))
+            encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant, **kw)
+            )
         unet = vae = None
         if not text_only:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)

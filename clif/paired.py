@@ -10,8 +10,11 @@ from PIL import Image
 from .cli import UserError
 
 # text-encoder width -> the public CLIP whose text tower it is
-DEFAULT_PAIRS = {768: "openai/clip-vit-large-patch14", 1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"}
+DEFAULT_PAIRS = {
+    768: "openai/clip-vit-large-patch14",
+    1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+}
 
 
 def default_pair(base: str, index: int, hidden: int) -> str:
@@ -47,8 +50,10 @@ class PairedCLIP:
             raise UserError(f"cannot load CLIP model {name_or_path!r}: {str(err).splitlines()[0]}") from None
         width = text_encoder.config.hidden_size
         if self.model.text_projection.in_features != width:
-            raise UserError(f"CLIP model {name_or_path!r} has a {self.model.text_projection.in_features}-wide text "
-                            f"tower, the diffusion text encoder is {width} wide: not its matching CLIP")
+            raise UserError(
+                f"CLIP model {name_or_path!r} has a {self.model.text_projection.in_features}-wide text "
+                f"tower, the diffusion text encoder is {width} wide: not its matching CLIP"
+            )
         self.name, self.device = name_or_path, device
 
     @property
@@ -64,7 +69,7 @@ class PairedCLIP:
         """Projected image features [N, P] (fp32), computed once: the image tower is frozen."""
         feats = []
         for s in range(0, len(images), batch_size):
-            px = self.processor(images=images[s:s + batch_size], return_tensors="pt")["pixel_values"]
+            px = self.processor(images=images[s : s + batch_size], return_tensors="pt")["pixel_values"]
             out = self.model.get_image_features(pixel_values=px.to(self.device, self.model.dtype))
             feats.append(out.pooler_output.float())  # transformers 5: the projected embedding
         return torch.cat(feats)

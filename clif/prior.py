@@ -17,8 +17,9 @@ def missing_class_images(class_dir: str | Path, n: int) -> int:
 
 
 @torch.no_grad()
-def generate_class_images(model, class_dir: str | Path, prompt: str, n: int, *, device, dtype, seed: int,
-                          batch_size: int = 4, steps: int = 30) -> None:
+def generate_class_images(
+    model, class_dir: str | Path, prompt: str, n: int, *, device, dtype, seed: int, batch_size: int = 4, steps: int = 30
+) -> None:
     """Fill `class_dir` up to `n` images of `prompt` with the frozen base components (before any adapter)."""
     from .images import _text_components, save_png
 

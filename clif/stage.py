@@ -33,25 +33,29 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     from . import checkpoint
     from .training import check_optimizer_flags
 
-    artifacts.check_output_dir(args.output_dir, overwrite=args.overwrite,
-                               resuming=args.resume_from_checkpoint is not None)
+    artifacts.check_output_dir(
+        args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None
+    )
     resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_optimizer_flags(args)
     if getattr(args, "resolution", 8) % 8:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
-    concepts = load_concept_set(args.train_data_dir, initializer=args.initializer, class_word=args.class_word,
-                                num_vectors=args.num_vectors)
+    concepts = load_concept_set(
+        args.train_data_dir, initializer=args.initializer, class_word=args.class_word, num_vectors=args.num_vectors
+    )
     stage_dir = getattr(args, "stage_dir", None)
     if stage_required and not stage_dir:
         raise UserError("--stage_dir is required (the output of an earlier stage)")
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
-    model = load_model(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                       text_only=text_only)
+    model = load_model(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, text_only=text_only
+    )
     fingerprint = model.fingerprint()
     saved: dict = {}
     if manifest is not None:
-        artifacts.check_stage_compatible(manifest, stage_dir, model.family, fingerprint,
-                                         args.pretrained_model_name_or_path)
+        artifacts.check_stage_compatible(
+            manifest, stage_dir, model.family, fingerprint, args.pretrained_model_name_or_path
+        )
         saved = artifacts.stage_rows(manifest, stage_dir, model.family)
         missing = [c.name for c in concepts if c.name not in saved]
         if missing:
@@ -78,20 +82,39 @@ def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
 
 
 def current_rows(inp: StageInputs, modules: list[tokens.ConceptEmbedding]) -> list[list[torch.Tensor]]:
-    return [[tokens.concept_rows(m, i, inp.concepts).detach().float().cpu() for m in modules]
-            for i in range(len(inp.concepts))]
+    return [
+        [tokens.concept_rows(m, i, inp.concepts).detach().float().cpu() for m in modules]
+        for i in range(len(inp.concepts))
+    ]
 
 
-def write_stage_outputs(out: Path, stage: str, inp: StageInputs, modules: list[tokens.ConceptEmbedding],
-                        args, extra_files: dict[str, list[str]] | None = None) -> None:
+def write_stage_outputs(
+    out: Path,
+    stage: str,
+    inp: StageInputs,
+    modules: list[tokens.ConceptEmbedding],
+    args,
+    extra_files: dict[str, list[str]] | None = None,
+) -> None:
     """Embeddings + manifest of this stage into `out` (the final dir or a checkpoint)."""
-    meta = {"clif.stage": stage, "clif.family": inp.model.family,
-            "clif.base_model": str(args.pretrained_model_name_or_path)}
+    meta = {
+        "clif.stage": stage,
+        "clif.family": inp.model.family,
+        "clif.base_model": str(args.pretrained_model_name_or_path),
+    }
     artifacts.save_embeddings(out, inp.model.family, inp.concepts, current_rows(inp, modules), meta)
     inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
-    artifacts.write_manifest(out, stage=stage, family=inp.model.family, base=str(args.pretrained_model_name_or_path),
-                             fingerprint=inp.fingerprint, concepts=inp.concepts, args=vars(args), inputs=inputs,
-                             files=extra_files)
+    artifacts.write_manifest(
+        out,
+        stage=stage,
+        family=inp.model.family,
+        base=str(args.pretrained_model_name_or_path),
+        fingerprint=inp.fingerprint,
+        concepts=inp.concepts,
+        args=vars(args),
+        inputs=inputs,
+        files=extra_files,
+    )
 
 
 def start_run(args, name: str):
@@ -103,8 +126,9 @@ def start_run(args, name: str):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
     if accelerator.is_main_process:
-        artifacts.clear_output_dir(args.output_dir, overwrite=args.overwrite,
-                                   resuming=args.resume_from_checkpoint is not None)
+        artifacts.clear_output_dir(
+            args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None
+        )
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))
         accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
     accelerator.wait_for_everyone()

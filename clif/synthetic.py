@@ -21,7 +21,9 @@ CONCEPTS = [
 ]
 
 
-def draw_concept(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> tuple[Image.Image, Image.Image]:
+def draw_concept(
+    shape: str, colour: tuple[int, int, int], size: int, rng: random.Random
+) -> tuple[Image.Image, Image.Image]:
     """One image of a concept on a light random background, and its mask (white = concept)."""
     bg = tuple(rng.randint(170, 250) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
@@ -46,8 +48,9 @@ def draw_concept(shape: str, colour: tuple[int, int, int], size: int, rng: rando
     return img, mask
 
 
-def write_concept_set(out: str | Path, *, n_concepts: int = 2, n_images: int = 4, size: int = 64,
-                      seed: int = 0) -> Path:
+def write_concept_set(
+    out: str | Path, *, n_concepts: int = 2, n_images: int = 4, size: int = 64, seed: int = 0
+) -> Path:
     """Write a concept set of `n_concepts` synthetic concepts; returns its folder."""
     out = Path(out)
     rng = random.Random(seed)
@@ -59,15 +62,24 @@ def write_concept_set(out: str | Path, *, n_concepts: int = 2, n_images: int = 4
             img, mask = draw_concept(shape, colour, size, rng)
             img.save(out / "images" / name / f"{i:02d}.png")
             mask.save(out / "masks" / name / f"{i:02d}.png")
-        entries.append({"name": name, "token": f"<{name}>", "initializer": word, "class": word,
-                        "images": f"images/{name}", "masks": f"masks/{name}"})
+        entries.append(
+            {
+                "name": name,
+                "token": f"<{name}>",
+                "initializer": word,
+                "class": word,
+                "images": f"images/{name}",
+                "masks": f"masks/{name}",
+            }
+        )
     (out / "concepts.json").write_text(json.dumps({"concepts": entries}, indent=2) + "\n")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m clif.synthetic", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m clif.synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="Folder to write the concept set into.")
     p.add_argument("--num_concepts", type=int, default=2, choices=range(1, len(CONCEPTS) + 1))
     p.add_argument("--num_images", type=int, default=4)

@@ -46,36 +46,67 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
     with gzip.open(_bpe_path()) as f:
         lines = f.read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77,
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                         pad_token=pad_token)
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)},
+        merges=merges,
+        model_max_length=77,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token=pad_token,
+    )
 
 
 def _text_config(hidden: int, projection: int, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
-                          hidden_act=act, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
 
 
 def _vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=4, sample_size=64)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
 
 
 def _scheduler(prediction_type: str):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
 
 
 def _paired_clip(text_encoder, out: Path, seed: int) -> None:
@@ -84,10 +115,18 @@ def _paired_clip(text_encoder, out: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     tcfg = text_encoder.config
-    vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=64, patch_size=8, projection_dim=tcfg.projection_dim)
-    clip = CLIPModel(CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(),
-                                projection_dim=tcfg.projection_dim))
+    vcfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        projection_dim=tcfg.projection_dim,
+    )
+    clip = CLIPModel(
+        CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(), projection_dim=tcfg.projection_dim)
+    )
     # transformers 5: CLIPTextModel is flat, CLIPTextModelWithProjection nests a text_model
     clip.text_model.load_state_dict(getattr(text_encoder, "text_model", text_encoder).state_dict())
     if hasattr(text_encoder, "text_projection"):
@@ -103,15 +142,29 @@ def build_clipseg(out: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     text = _text_config(TEXT_DIM, TEXT_DIM).to_dict()
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8}
-    model = CLIPSegForImageSegmentation(CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=32,
-                                                      extract_layers=(0, 1, 2), reduce_dim=16,
-                                                      decoder_intermediate_size=32))
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+    }
+    model = CLIPSegForImageSegmentation(
+        CLIPSegConfig(
+            text_config=text,
+            vision_config=vision,
+            projection_dim=32,
+            extract_layers=(0, 1, 2),
+            reduce_dim=16,
+            decoder_intermediate_size=32,
+        )
+    )
     out = Path(out)
     model.save_pretrained(out)
-    image_processor = ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406],
-                                        image_std=[0.229, 0.224, 0.225])
+    image_processor = ViTImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    )
     CLIPSegProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(out)
     return out
 
@@ -123,16 +176,28 @@ def build_openclip(out: str | Path, seed: int = 0) -> Path:
     import open_clip
     from safetensors.torch import save_file
 
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    }
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {
-        "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, indent=2))
+    (out / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": cfg,
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                },
+            },
+            indent=2,
+        )
+    )
     return out
 
 
@@ -142,13 +207,20 @@ def build_owlv2(out: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     text = _text_config(TEXT_DIM, TEXT_DIM).to_dict()
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+    }
     model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32))
     out = Path(out)
     model.save_pretrained(out)
-    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}),
-                   tokenizer=clip_tokenizer()).save_pretrained(out)
+    Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=clip_tokenizer()
+    ).save_pretrained(out)
     return out
 
 
@@ -158,8 +230,17 @@ def build_dino(out: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     out = Path(out)
-    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=64, patch_size=8), add_pooling_layer=False).save_pretrained(out)
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(out)
     ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
     return out
 
@@ -175,24 +256,52 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
     text_encoder = CLIPTextModel(_text_config(TEXT_DIM, TEXT_DIM))
     if family == "sd15":
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_DIM, attention_head_dim=4)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                                       scheduler=_scheduler(prediction_type), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TEXT_DIM,
+            attention_head_dim=4,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip_tokenizer(),
+            unet=unet,
+            scheduler=_scheduler(prediction_type),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     elif family == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(SDXL_TEXT2_DIM, SDXL_TEXT2_DIM, act="gelu"))
         time_dim = 8
         unet = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=TEXT_DIM + SDXL_TEXT2_DIM, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=time_dim * 6 + SDXL_TEXT2_DIM)
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
-                                         unet=unet, scheduler=_scheduler(prediction_type))
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=TEXT_DIM + SDXL_TEXT2_DIM,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=time_dim * 6 + SDXL_TEXT2_DIM,
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"),
+            unet=unet,
+            scheduler=_scheduler(prediction_type),
+        )
     elif family == "clipseg":
         return build_clipseg(out, seed)
     elif family in ("openclip", "owlv2", "dino"):
@@ -207,16 +316,25 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m clif.tiny", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["sd15", "sdxl", "clipseg", "openclip", "owlv2", "dino"], required=True,
-                   help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter; "
-                        "openclip: an open_clip model for evaluate.py (--clip_model local-dir:DIR); owlv2: a "
-                        "detector (--detector DIR); dino: a ViT (--dino DIR).")
+    p = argparse.ArgumentParser(
+        prog="python -m clif.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--family",
+        choices=["sd15", "sdxl", "clipseg", "openclip", "owlv2", "dino"],
+        required=True,
+        help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter; "
+        "openclip: an open_clip model for evaluate.py (--clip_model local-dir:DIR); owlv2: a "
+        "detector (--detector DIR); dino: a ViT (--dino DIR).",
+    )
     p.add_argument("--out", required=True, help="Folder to write the pipeline into.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
-    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
-                   help="Scheduler prediction type (v_prediction mimics SD 2.x).")
+    p.add_argument(
+        "--prediction_type",
+        choices=["epsilon", "v_prediction"],
+        default="epsilon",
+        help="Scheduler prediction type (v_prediction mimics SD 2.x).",
+    )
     args = p.parse_args(argv)
     print(build(args.family, args.out, args.seed, args.prediction_type))
 

@@ -46,11 +46,15 @@ def add_placeholder_tokens(tokenizers: list, concepts: list[Concept]) -> list[li
         for tok in tokenizers:
             ids = tok.encode(c.initializer, add_special_tokens=False)
             if len(ids) != 1:
-                raise UserError(f"concept {c.name!r}: initializer {c.initializer!r} is {len(ids)} tokens, need exactly 1")
+                raise UserError(
+                    f"concept {c.name!r}: initializer {c.initializer!r} is {len(ids)} tokens, need exactly 1"
+                )
             clash = [t for t in c.tokens if t in tok.get_vocab()]
             if clash:
-                raise UserError(f"concept {c.name!r}: token {clash[0]!r} is already in the tokenizer's vocabulary; "
-                                "choose another token")
+                raise UserError(
+                    f"concept {c.name!r}: token {clash[0]!r} is already in the tokenizer's vocabulary; "
+                    "choose another token"
+                )
     ids_per_concept: list[list[int]] = []
     for c in concepts:
         per_tok = []
@@ -86,7 +90,7 @@ def install(encoders: list, rows_per_encoder: list[list[torch.Tensor]], first_ne
 def concept_rows(module: ConceptEmbedding, concept_index: int, concepts: list[Concept]) -> torch.Tensor:
     """The current [num_vectors, D] rows of one concept inside a ConceptEmbedding."""
     start = sum(c.num_vectors for c in concepts[:concept_index])
-    return module.new[start:start + concepts[concept_index].num_vectors]
+    return module.new[start : start + concepts[concept_index].num_vectors]
 
 
 def expand_prompt(prompt: str, concepts: list[Concept]) -> str:

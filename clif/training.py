@@ -16,8 +16,11 @@ def make_accelerator(args, output_dir: str):
     from accelerate.utils import ProjectConfiguration
 
     report = None if args.report_to == "none" else args.report_to
-    return Accelerator(mixed_precision=args.mixed_precision, log_with=report,
-                       project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs"))
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs"),
+    )
 
 
 def frozen_dtype(accelerator) -> torch.dtype:
@@ -36,7 +39,8 @@ def place_frozen(model: DiffusionModel, device, dtype: torch.dtype, *, gradient_
     if gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for enc in model.text_encoders:
-            enc.gradient_checkpointing_enable()
+            # transformers 5 renamed it; keep working on both
+            getattr(enc, "activation_checkpointing_enable", enc.gradient_checkpointing_enable)()
             enc.train()  # transformers only checkpoints in train mode; CLIP has no dropout
 
 
@@ -58,17 +62,27 @@ def make_optimizer(param_groups: list[dict], args) -> torch.optim.Optimizer:
         cls = torch.optim.AdamW
         if all(p.is_cuda for g in param_groups for p in g["params"]):
             # one fused kernel instead of per-tensor launches (many small LoRA tensors)
-            return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                       eps=args.adam_epsilon, fused=True)
-    return cls(param_groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-               eps=args.adam_epsilon)
+            return cls(
+                param_groups,
+                betas=(args.adam_beta1, args.adam_beta2),
+                weight_decay=args.adam_weight_decay,
+                eps=args.adam_epsilon,
+                fused=True,
+            )
+    return cls(
+        param_groups,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
 
 
 def make_lr_scheduler(args, optimizer, max_steps: int):
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                         num_training_steps=max_steps)
+    return get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
+    )
 
 
 def resolve_steps(args, data: ConceptImages, num_processes: int, default_steps: int) -> int:
@@ -76,8 +90,9 @@ def resolve_steps(args, data: ConceptImages, num_processes: int, default_steps: 
     if args.max_train_steps:
         return args.max_train_steps
     if args.num_train_epochs:
-        return data.steps_for_epochs(args.num_train_epochs, args.train_batch_size * num_processes,
-                                     args.gradient_accumulation_steps)
+        return data.steps_for_epochs(
+            args.num_train_epochs, args.train_batch_size * num_processes, args.gradient_accumulation_steps
+        )
     return default_steps
 
 
@@ -130,9 +145,18 @@ class TextCache:
         return hidden, pooled
 
 
-def diffusion_loss(model: DiffusionModel, sample: Sample, cache: LatentCache | None, noise: NoiseSource, *,
-                   dtype: torch.dtype, noise_offset: float = 0.0, snr_gamma: float | None = None,
-                   per_sample: bool = False, text_cache: TextCache | None = None) -> torch.Tensor:
+def diffusion_loss(
+    model: DiffusionModel,
+    sample: Sample,
+    cache: LatentCache | None,
+    noise: NoiseSource,
+    *,
+    dtype: torch.dtype,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    per_sample: bool = False,
+    text_cache: TextCache | None = None,
+) -> torch.Tensor:
     """The denoising loss of one micro-batch (epsilon or v target from the scheduler config)."""
     device = noise.device
     if cache is not None:
@@ -169,7 +193,7 @@ def all_reduce_grads(params: list[torch.Tensor], accelerator) -> None:
     flat = accelerator.reduce(flat, "mean")
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
         offset += g.numel()
 
 
@@ -198,9 +222,13 @@ class StepTimer:
         import statistics
 
         steady = self.times[1:] or self.times  # the first step pays for warm-up
-        out = {"steps_timed": len(steady), "median_step_ms": 1000 * statistics.median(steady) if steady else None,
-               "mean_step_ms": 1000 * statistics.fmean(steady) if steady else None, "device": str(self.device),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        out = {
+            "steps_timed": len(steady),
+            "median_step_ms": 1000 * statistics.median(steady) if steady else None,
+            "mean_step_ms": 1000 * statistics.fmean(steady) if steady else None,
+            "device": str(self.device),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
         if self.device.type == "cuda":
             out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out

@@ -42,9 +42,27 @@ def concept_set(tmp_path_factory) -> Path:
 
 def ti_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """Flags of a tiny, fast stage-2 run."""
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-            "--resolution", "64", "--train_batch_size", "2", "--gradient_accumulation_steps", "1",
-            "--max_train_steps", "3", "--learning_rate", "0.05", "--report_to", "none", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_train_steps",
+        "3",
+        "--learning_rate",
+        "0.05",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
