@@ -74,7 +74,7 @@ def run(args) -> None:
         training.make_lr_scheduler(args, optimizer, max_steps),
         training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
         {f"embedding.{i}": p for i, p in enumerate(params)},
-        lambda out: save(out),
+        save,
         max_steps,
         "ti",
     )

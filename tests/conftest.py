@@ -42,27 +42,9 @@ def concept_set(tmp_path_factory) -> Path:
 
 def ti_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """Flags of a tiny, fast stage-2 run."""
-    return [
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--train_data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--resolution",
-        "64",
-        "--train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "1",
-        "--max_train_steps",
-        "3",
-        "--learning_rate",
-        "0.05",
-        "--report_to",
-        "none",
-        *extra,
-    ]
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--resolution", "64", "--train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--max_train_steps", "3", "--learning_rate", "0.05", "--report_to", "none", *extra]
 
 
 def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -74,3 +56,31 @@ def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     return code, capsys.readouterr().err
+
+
+def load_embedding(pipe, family: str, token: str, state: dict) -> None:
+    """One concept into a stock pipeline: SDXL needs a call per text encoder (as the README shows)."""
+    if family == "sdxl":
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    else:
+        pipe.load_textual_inversion(next(iter(state.values())), token=token)
+
+
+def stock_pipeline(model: Path, family: str, stage: Path | None = None, *, lora: bool = True):
+    """The README's stock-diffusers snippet: base pipeline + every embedding file of `stage` (+ its LoRA)."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = DiffusionPipeline.from_pretrained(model, **({} if family == "sdxl" else {"safety_checker": None}))
+    if stage is not None:
+        for f in sorted((stage / "embeddings").glob("*.safetensors")):
+            if family == "sdxl":
+                load_embedding(pipe, family, f"<{f.stem}>", load_file(str(f)))
+            else:
+                pipe.load_textual_inversion(str(f))  # SD 1.x/2.x: the file alone
+        if lora and (stage / "pytorch_lora_weights.safetensors").exists():
+            pipe.load_lora_weights(str(stage))
+    return pipe

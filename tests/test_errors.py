@@ -36,10 +36,8 @@ CASES = {
     "multi-token initializer": (lambda r, s: s["concepts"][0].update(initializer="zwxqv"), "need exactly 1"),
     "duplicate token": (lambda r, s: s["concepts"][1].update(token=s["concepts"][0]["token"]), "duplicate token"),
     "no images": (lambda r, s: [p.unlink() for p in (r / "images" / "bluebox").iterdir()], "has no images"),
-    "unreadable image": (
-        lambda r, s: (r / "images" / "bluebox" / "01.png").write_bytes(b"not a png"),
-        "bluebox/01.png",
-    ),
+    "unreadable image": (lambda r, s: (r / "images" / "bluebox" / "01.png").write_bytes(b"not a png"),
+                         "bluebox/01.png"),
     "initializer with spaces": (lambda r, s: s["concepts"][0].update(initializer="red ball"), "single word"),
 }
 
@@ -80,43 +78,18 @@ def test_stage_dir_checks(tiny_models, concept_set, tmp_path, capsys):
     sdxl_run = tmp_path / "sdxl_run"
     train_ti.main(ti_args(tiny_models["sdxl"], concept_set, sdxl_run, "--max_train_steps", "1"))
     out = tmp_path / "out"
-    _expect_user_error(
-        train_ti.main,
-        ti_args(tiny_models["sd15"], concept_set, out, "--stage_dir", str(sdxl_run)),
-        capsys,
-        out,
-        "family 'sdxl'",
-    )
-    _expect_user_error(
-        train_ti.main,
-        ti_args(tiny_models["sd15"], concept_set, out, "--stage_dir", str(tmp_path / "missing")),
-        capsys,
-        out,
-        "does not exist",
-    )
+    _expect_user_error(train_ti.main, ti_args(tiny_models["sd15"], concept_set, out, "--stage_dir", str(sdxl_run)),
+                       capsys, out, "family 'sdxl'")
+    _expect_user_error(train_ti.main, ti_args(tiny_models["sd15"], concept_set, out, "--stage_dir",
+                                              str(tmp_path / "missing")), capsys, out, "does not exist")
     sd_run = tmp_path / "sd_run"
     train_ti.main(ti_args(tiny_models["sd15"], concept_set, sd_run, "--max_train_steps", "1"))
     other_base = build("sd15", tmp_path / "other_base", seed=3)
-    _expect_user_error(
-        train_ti.main, ti_args(other_base, concept_set, out, "--stage_dir", str(sd_run)), capsys, out, "base model"
-    )
+    _expect_user_error(train_ti.main, ti_args(other_base, concept_set, out, "--stage_dir", str(sd_run)),
+                       capsys, out, "base model")
     gen = tmp_path / "gen"
-    _expect_user_error(
-        inference.main,
-        [
-            "--pretrained_model_name_or_path",
-            str(tiny_models["sd15"]),
-            "--stage_dir",
-            str(sdxl_run),
-            "--prompt",
-            "x",
-            "--output_dir",
-            str(gen),
-        ],
-        capsys,
-        gen,
-        "family",
-    )
+    _expect_user_error(inference.main, ["--pretrained_model_name_or_path", str(tiny_models["sd15"]), "--stage_dir",
+                                        str(sdxl_run), "--prompt", "x", "--output_dir", str(gen)], capsys, gen, "family")
 
 
 def test_output_dir_holding_another_run(tiny_sd15, concept_set, tmp_path, capsys):
@@ -136,19 +109,12 @@ def test_output_dir_holding_another_run(tiny_sd15, concept_set, tmp_path, capsys
     assert code == 2 and "not a CLIF run" in err and (stranger / "holiday.jpg").exists()
 
 
-@pytest.mark.parametrize(
-    "flag,value",
-    [("--num_inference_steps", "0"), ("--num_images_per_prompt", "-1"), ("--batch_size", "0"), ("--height", "60")],
-)
+@pytest.mark.parametrize("flag,value", [("--num_inference_steps", "0"), ("--num_images_per_prompt", "-1"),
+                                        ("--batch_size", "0"), ("--height", "60")])
 def test_inference_bad_numbers(flag, value, tiny_sd15, tmp_path, capsys):
     out = tmp_path / "gen"
-    _expect_user_error(
-        inference.main,
-        ["--pretrained_model_name_or_path", str(tiny_sd15), "--prompt", "a dog", "--output_dir", str(out), flag, value],
-        capsys,
-        out,
-        flag.lstrip("-"),
-    )
+    _expect_user_error(inference.main, ["--pretrained_model_name_or_path", str(tiny_sd15), "--prompt", "a dog",
+                                        "--output_dir", str(out), flag, value], capsys, out, flag.lstrip("-"))
 
 
 def test_training_bad_numbers_and_8bit(tiny_sd15, concept_set, tmp_path, capsys):
@@ -159,17 +125,11 @@ def test_training_bad_numbers_and_8bit(tiny_sd15, concept_set, tmp_path, capsys)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        _expect_user_error(
-            train_ti.main, ti_args(tiny_sd15, concept_set, out, "--use_8bit_adam"), capsys, out, "bitsandbytes"
-        )
+        _expect_user_error(train_ti.main, ti_args(tiny_sd15, concept_set, out, "--use_8bit_adam"), capsys, out,
+                           "bitsandbytes")
 
 
 def test_resume_without_checkpoint(tiny_sd15, concept_set, tmp_path, capsys):
     out = tmp_path / "out"
-    _expect_user_error(
-        train_ti.main,
-        ti_args(tiny_sd15, concept_set, out, "--resume_from_checkpoint", "latest"),
-        capsys,
-        out,
-        "no checkpoint",
-    )
+    _expect_user_error(train_ti.main, ti_args(tiny_sd15, concept_set, out, "--resume_from_checkpoint", "latest"),
+                       capsys, out, "no checkpoint")

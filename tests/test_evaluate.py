@@ -42,10 +42,8 @@ def test_clipscore_formula_and_replacement():
     score, cos = metrics.clip_score(img, txt)
     torch.testing.assert_close(cos, torch.tensor([0.5, -1.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(score, torch.tensor([1.25, 0.0, 2.5], dtype=torch.float64))
-    assert (
-        metrics.replace_tokens("a <dog2> <dog2>_1 next to <cat>", {"<dog2>": "dog", "<cat>": "cat"})
-        == "a dog next to cat"
-    )
+    assert metrics.replace_tokens("a <dog2> <dog2>_1 next to <cat>", {"<dog2>": "dog", "<cat>": "cat"}) == \
+        "a dog next to cat"
     assert metrics.tokens_in("a photo of <b> on the left and <a> on the right", ["<a>", "<b>"]) == ["<b>", "<a>"]
 
 
@@ -58,25 +56,12 @@ def test_self_reference_alignment_and_batch_invariance(openclip_dir, tmp_path):
     one = _set(tmp_path / "one", [])
     (one / "img").mkdir()
     shutil.copy(DB / "vase" / "00.jpg", one / "img" / "00.jpg")
-    (one / "concepts.json").write_text(
-        json.dumps({"concepts": [{"name": "vase", "token": "<vase>", "initializer": "vase", "images": "img"}]})
-    )
+    (one / "concepts.json").write_text(json.dumps({"concepts": [
+        {"name": "vase", "token": "<vase>", "initializer": "vase", "images": "img"}]}))
     Image.open(DB / "vase" / "00.jpg").convert("RGB").save(imgs / "a.png")
     (imgs / "prompts.json").write_text(json.dumps({"a.png": "a photo of <vase>"}))
-    res = evaluate.main(
-        [
-            "--images",
-            str(imgs),
-            "--concepts",
-            str(one),
-            "--clip_model",
-            f"local-dir:{openclip_dir}",
-            "--detector",
-            "none",
-            "--output_dir",
-            str(tmp_path / "e0"),
-        ]
-    )
+    res = evaluate.main(["--images", str(imgs), "--concepts", str(one), "--clip_model", f"local-dir:{openclip_dir}",
+                         "--detector", "none", "--output_dir", str(tmp_path / "e0")])
     assert abs(res["imgs"]["summary"]["image_alignment"] - 1.0) < 1e-5
 
     many = tmp_path / "many"
@@ -88,22 +73,9 @@ def test_self_reference_alignment_and_batch_invariance(openclip_dir, tmp_path):
     (many / "prompts.json").write_text(json.dumps(prompts))
     out = {}
     for bs in ("1", "3", "32"):
-        out[bs] = evaluate.main(
-            [
-                "--images",
-                str(many),
-                "--concepts",
-                str(concepts),
-                "--clip_model",
-                f"local-dir:{openclip_dir}",
-                "--detector",
-                "none",
-                "--batch_size",
-                bs,
-                "--output_dir",
-                str(tmp_path / f"e{bs}"),
-            ]
-        )["many"]["summary"]
+        out[bs] = evaluate.main(["--images", str(many), "--concepts", str(concepts), "--clip_model",
+                                 f"local-dir:{openclip_dir}", "--detector", "none", "--batch_size", bs,
+                                 "--output_dir", str(tmp_path / f"e{bs}")])["many"]["summary"]
     for bs in ("3", "32"):
         for k in ("text_alignment", "text_cosine", "image_alignment", "attendance", "confusion_rate"):
             assert abs(out[bs][k] - out["1"][k]) < 1e-6, (k, bs)
@@ -133,10 +105,8 @@ def test_confusion_metric_on_composites(openclip_dir, tmp_path):
         return im
 
     prompt = "a photo of <teapot> on the left and <dog2> on the right"
-    cases = {
-        "right": (DB / "teapot" / "01.jpg", DB / "dog2" / "01.jpg"),
-        "twice": (DB / "dog2" / "01.jpg", DB / "dog2" / "02.jpg"),
-    }
+    cases = {"right": (DB / "teapot" / "01.jpg", DB / "dog2" / "01.jpg"),
+             "twice": (DB / "dog2" / "01.jpg", DB / "dog2" / "02.jpg")}
     items = []
     for name, (a, b) in cases.items():
         side_by_side(a, b).save(tmp_path / f"{name}.png")
@@ -144,9 +114,8 @@ def test_confusion_metric_on_composites(openclip_dir, tmp_path):
     items.append(Item(tmp_path / "right.png", "<teapot> and <dog2> together"))  # no layout words, no detector
     backbone = Backbone(f"local-dir:{openclip_dir}", None, "cpu")
     refs = {c.name: backbone.images([Image.open(p).convert("RGB") for p in c.images], 4) for c in concepts}
-    rows = score_folder(
-        items, concepts, refs, backbone, batch_size=4, margin=0.0, feature_fn=_hist, match_refs=hist_refs
-    )
+    rows = score_folder(items, concepts, refs, backbone, batch_size=4, margin=0.0, feature_fn=_hist,
+                        match_refs=hist_refs)
     assert rows[0]["found"] and not rows[0]["confused"]  # each half matches its own subject
     assert rows[1]["found"] and rows[1]["confused"]  # the same subject twice: confusion
     assert rows[2]["found"] is False  # nothing to find the instances with
@@ -158,42 +127,14 @@ def test_full_chain_prompt_sets_to_table(tiny_sd15, concept_set, openclip_dir, t
     ti = tmp_path / "ti"
     train_ti.main(ti_args(tiny_sd15, concept_set, ti, "--max_train_steps", "2"))
     for kind in ("single", "pair"):
-        inference.main(
-            [
-                "--pretrained_model_name_or_path",
-                str(tiny_sd15),
-                "--stage_dir",
-                str(ti),
-                "--prompt_set",
-                kind,
-                "--num_images_per_prompt",
-                "1",
-                "--num_inference_steps",
-                "2",
-                "--output_dir",
-                str(tmp_path / kind),
-            ]
-        )
+        inference.main(["--pretrained_model_name_or_path", str(tiny_sd15), "--stage_dir", str(ti), "--prompt_set",
+                        kind, "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+                        "--output_dir", str(tmp_path / kind)])
     n_single = len([p for p in (tmp_path / "single").glob("*.png") if p.name != "contact_sheet.png"])
     assert n_single == 2 * 22  # 22 templates x 2 concepts
-    res = evaluate.main(
-        [
-            "--images",
-            str(tmp_path / "single"),
-            str(tmp_path / "pair"),
-            "--labels",
-            "single",
-            "pair",
-            "--concepts",
-            str(concept_set),
-            "--clip_model",
-            f"local-dir:{openclip_dir}",
-            "--detector",
-            "none",
-            "--output_dir",
-            str(tmp_path / "eval"),
-        ]
-    )
+    res = evaluate.main(["--images", str(tmp_path / "single"), str(tmp_path / "pair"), "--labels", "single", "pair",
+                         "--concepts", str(concept_set), "--clip_model", f"local-dir:{openclip_dir}", "--detector",
+                         "none", "--output_dir", str(tmp_path / "eval")])
     assert res["pair"]["summary"]["pair_images"] == 13 and res["single"]["summary"]["pair_images"] == 0
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| single | 44 |" in table and "| pair | 13 |" in table
@@ -203,16 +144,8 @@ def test_evaluate_bad_inputs(openclip_dir, concept_set, tmp_path, capsys):
     out = tmp_path / "out"
     empty = tmp_path / "empty"
     empty.mkdir()
-    base = [
-        "--concepts",
-        str(concept_set),
-        "--clip_model",
-        f"local-dir:{openclip_dir}",
-        "--detector",
-        "none",
-        "--output_dir",
-        str(out),
-    ]
+    base = ["--concepts", str(concept_set), "--clip_model", f"local-dir:{openclip_dir}", "--detector", "none",
+            "--output_dir", str(out)]
     cases = [(["--images", str(empty), *base], "no images")]
     nosidecar = tmp_path / "nosidecar"
     nosidecar.mkdir()
@@ -226,9 +159,8 @@ def test_evaluate_bad_inputs(openclip_dir, concept_set, tmp_path, capsys):
     good.mkdir()
     Image.new("RGB", (8, 8)).save(good / "x.png")
     (good / "prompts.json").write_text(json.dumps({"x.png": "a photo of <redball>"}))
-    cases.append(
-        (["--images", str(good), *base[:2], "--clip_model", "ViT-Nope-99", *base[4:]], "unknown open_clip model")
-    )
+    cases.append((["--images", str(good), *base[:2], "--clip_model", "ViT-Nope-99", *base[4:]],
+                  "unknown open_clip model"))
     for argv, needle in cases:
         code, err = run_cli(evaluate.main, argv, capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
@@ -241,40 +173,12 @@ def test_detector_and_dino_paths(tiny_sd15, concept_set, openclip_dir, tmp_path)
 
     ti = tmp_path / "ti"
     train_ti.main(ti_args(tiny_sd15, concept_set, ti, "--max_train_steps", "1"))
-    inference.main(
-        [
-            "--pretrained_model_name_or_path",
-            str(tiny_sd15),
-            "--stage_dir",
-            str(ti),
-            "--prompt_set",
-            "pair",
-            "--num_images_per_prompt",
-            "1",
-            "--num_inference_steps",
-            "2",
-            "--output_dir",
-            str(tmp_path / "g"),
-        ]
-    )
-    res = evaluate.main(
-        [
-            "--images",
-            str(tmp_path / "g"),
-            "--concepts",
-            str(concept_set),
-            "--clip_model",
-            f"local-dir:{openclip_dir}",
-            "--detector",
-            str(build_owlv2(tmp_path / "owl")),
-            "--detector_threshold",
-            "0",
-            "--dino",
-            str(build_dino(tmp_path / "dino")),
-            "--output_dir",
-            str(tmp_path / "e"),
-        ]
-    )["g"]
+    inference.main(["--pretrained_model_name_or_path", str(tiny_sd15), "--stage_dir", str(ti), "--prompt_set", "pair",
+                    "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "g")])
+    res = evaluate.main(["--images", str(tmp_path / "g"), "--concepts", str(concept_set), "--clip_model",
+                         f"local-dir:{openclip_dir}", "--detector", str(build_owlv2(tmp_path / "owl")),
+                         "--detector_threshold", "0", "--dino", str(build_dino(tmp_path / "dino")),
+                         "--output_dir", str(tmp_path / "e")])["g"]
     assert {r["instances"] for r in res["rows"]} == {"detector"}  # threshold 0: boxes for every image
     assert -1 <= res["summary"]["dino_alignment"] <= 1
     assert all(len(r["dino_alignment"]) == 2 for r in res["rows"])

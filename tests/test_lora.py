@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, run_cli, ti_args
+from conftest import SHARED_DATA, load_embedding, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,35 +19,10 @@ import train_ti
 
 
 def lora_args(model, data, stage, out, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--train_data_dir",
-        str(data),
-        "--stage_dir",
-        str(stage),
-        "--output_dir",
-        str(out),
-        "--resolution",
-        "64",
-        "--train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "1",
-        "--max_train_steps",
-        "3",
-        "--learning_rate",
-        "5e-3",
-        "--embedding_learning_rate",
-        "1e-2",
-        "--rank",
-        "4",
-        "--lora_alpha",
-        "2",
-        "--report_to",
-        "none",
-        *extra,
-    ]
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--stage_dir", str(stage),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--max_train_steps", "3", "--learning_rate", "5e-3",
+            "--embedding_learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "2", "--report_to", "none", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -58,25 +33,6 @@ def ti_runs(tiny_models, concept_set, tmp_path_factory):
         train_ti.main(ti_args(model, concept_set, out, "--max_train_steps", "2"))
         runs[family] = out
     return runs
-
-
-def _stock(model, family):
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(model, **({} if family == "sdxl" else {"safety_checker": None}))
-
-
-def _load_embeddings(pipe, family, files: dict[str, dict[str, torch.Tensor]]):
-    for token, state in files.items():
-        if family == "sdxl":
-            pipe.load_textual_inversion(
-                state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-            )
-            pipe.load_textual_inversion(
-                state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-            )
-        else:
-            pipe.load_textual_inversion(state[token] if token in state else next(iter(state.values())), token=token)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -95,34 +51,13 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
 
     prompt = "a <redball> next to a <bluebox>"
-    paths = inference.main(
-        [
-            "--pretrained_model_name_or_path",
-            str(model),
-            "--stage_dir",
-            str(out),
-            "--prompt",
-            prompt,
-            "--num_images_per_prompt",
-            "2",
-            "--batch_size",
-            "2",
-            "--num_inference_steps",
-            "3",
-            "--output_dir",
-            str(tmp_path / "gen"),
-        ]
-    )
+    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+                            "--num_images_per_prompt", "2", "--batch_size", "2", "--num_inference_steps", "3",
+                            "--output_dir", str(tmp_path / "gen")])
     ours = [np.asarray(Image.open(p)) for p in paths]
     call = {"num_inference_steps": 3, "height": 64, "width": 64}
 
-    pipe = _stock(model, family)  # the README snippet: embeddings + load_lora_weights(dir)
-    _load_embeddings(
-        pipe,
-        family,
-        {f"<{n}>": load_file(str(out / "embeddings" / f"{n}.safetensors")) for n in ("redball", "bluebox")},
-    )
-    pipe.load_lora_weights(str(out))
+    pipe = stock_pipeline(model, family, out)  # the README snippet: embeddings + load_lora_weights(dir)
     stock = pipe([prompt] * 2, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)], **call).images
     for x, y in zip(ours, stock):
         assert np.array_equal(x, np.asarray(y)), np.abs(x.astype(int) - np.asarray(y).astype(int)).max()
@@ -131,63 +66,34 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
     bundle = {k: v for k, v in kohya.items() if k.startswith("bundle_emb.")}
-    pipe = _stock(model, family)
+    pipe = stock_pipeline(model, family)
     per_token: dict[str, dict] = {}
     for k, v in bundle.items():
         name, key = k.split(".", 2)[1:]
         per_token.setdefault(f"<{name}>", {})[key] = v
-    _load_embeddings(pipe, family, per_token)
+    for token, state in per_token.items():
+        load_embedding(pipe, family, token, state)
     pipe.load_lora_weights({k: v for k, v in kohya.items() if k not in bundle})
     from_kohya = pipe([prompt] * 2, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)], **call).images
     for x, y in zip(ours, from_kohya):
         assert np.abs(x.astype(int) - np.asarray(y).astype(int)).max() <= 2
     # A different LoRA scale changes the image (the LoRA is really applied).
-    half = inference.main(
-        [
-            "--pretrained_model_name_or_path",
-            str(model),
-            "--stage_dir",
-            str(out),
-            "--prompt",
-            prompt,
-            "--num_images_per_prompt",
-            "1",
-            "--num_inference_steps",
-            "3",
-            "--lora_scale",
-            "0",
-            "--output_dir",
-            str(tmp_path / "gen0"),
-        ]
-    )
+    half = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+                           "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--lora_scale", "0",
+                           "--output_dir", str(tmp_path / "gen0")])
     assert not np.array_equal(np.asarray(Image.open(half[0])), ours[0])
 
 
 def test_lora_resume_is_bit_identical(tiny_sd15, concept_set, ti_runs, tmp_path):
-    extra = [
-        "--max_train_steps",
-        "4",
-        "--checkpointing_steps",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--lr_scheduler",
-        "cosine",
-        "--lr_warmup_steps",
-        "1",
-        "--random_flip",
-        "--snr_gamma",
-        "5",
-        "--lora_dropout",
-        "0.1",
-    ]
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--random_flip", "--snr_gamma", "5",
+             "--lora_dropout", "0.1"]
     full, part = tmp_path / "full", tmp_path / "part"
     train_lora.main(lora_args(tiny_sd15, concept_set, ti_runs["sd15"], full, *extra))
     part.mkdir()
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
-    train_lora.main(
-        lora_args(tiny_sd15, concept_set, ti_runs["sd15"], part, *extra, "--resume_from_checkpoint", "latest")
-    )
+    train_lora.main(lora_args(tiny_sd15, concept_set, ti_runs["sd15"], part, *extra, "--resume_from_checkpoint",
+                              "latest"))
     for f in ("pytorch_lora_weights.safetensors", "embeddings/redball.safetensors", "embeddings/bluebox.safetensors"):
         a, b = load_file(str(full / f)), load_file(str(part / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
@@ -200,25 +106,9 @@ def test_lora_resume_is_bit_identical(tiny_sd15, concept_set, ti_runs, tmp_path)
 def test_frozen_embeddings_and_prior_preservation(tiny_sd15, concept_set, ti_runs, tmp_path):
     out = tmp_path / "lora"
     class_dir = tmp_path / "class"
-    train_lora.main(
-        lora_args(
-            tiny_sd15,
-            concept_set,
-            ti_runs["sd15"],
-            out,
-            "--embedding_learning_rate",
-            "0",
-            "--with_prior_preservation",
-            "--class_prompt",
-            "a photo of a ball",
-            "--class_data_dir",
-            str(class_dir),
-            "--num_class_images",
-            "3",
-            "--max_train_steps",
-            "2",
-        )
-    )
+    train_lora.main(lora_args(tiny_sd15, concept_set, ti_runs["sd15"], out, "--embedding_learning_rate", "0",
+                              "--with_prior_preservation", "--class_prompt", "a photo of a ball", "--class_data_dir",
+                              str(class_dir), "--num_class_images", "3", "--max_train_steps", "2"))
     assert len(list(class_dir.glob("*.png"))) == 3  # generated once, cached
     for n in ("redball", "bluebox"):
         a = load_file(str(ti_runs["sd15"] / "embeddings" / f"{n}.safetensors"))
@@ -230,33 +120,14 @@ def test_frozen_embeddings_and_prior_preservation(tiny_sd15, concept_set, ti_run
 def test_loss_falls_when_overfitting_two_concepts(tiny_sd15, tmp_path):
     root = tmp_path / "db"
     root.mkdir()
-    spec = [
-        {"name": n, "token": f"<{n}>", "initializer": c, "images": str(SHARED_DATA / "dreambench-mini" / n)}
-        for n, c in (("dog2", "dog"), ("teapot", "teapot"))
-    ]
+    spec = [{"name": n, "token": f"<{n}>", "initializer": c, "images": str(SHARED_DATA / "dreambench-mini" / n)}
+            for n, c in (("dog2", "dog"), ("teapot", "teapot"))]
     (root / "concepts.json").write_text(json.dumps({"concepts": spec}))
     ti = tmp_path / "ti"
     train_ti.main(ti_args(tiny_sd15, root, ti, "--max_train_steps", "1"))
     out = tmp_path / "lora"
-    train_lora.main(
-        lora_args(
-            tiny_sd15,
-            root,
-            ti,
-            out,
-            "--max_train_steps",
-            "40",
-            "--learning_rate",
-            "1e-2",
-            "--rank",
-            "8",
-            "--lora_alpha",
-            "8",
-            "--cache_latents",
-            "--train_batch_size",
-            "4",
-        )
-    )
+    train_lora.main(lora_args(tiny_sd15, root, ti, out, "--max_train_steps", "40", "--learning_rate", "1e-2",
+                              "--rank", "8", "--lora_alpha", "8", "--cache_latents", "--train_batch_size", "4"))
     losses = json.loads((out / "run_stats.json").read_text())["losses"]
     assert len(losses) == 40
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
@@ -267,14 +138,10 @@ def test_lora_bad_inputs(tiny_models, concept_set, ti_runs, tmp_path, capsys):
     out = tmp_path / "out"
     cases = [
         (lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--rank", "0"), "must be > 0"),
-        (
-            lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--lora_targets", "to_q,to_nothing"),
-            "to_nothing",
-        ),
-        (
-            lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--with_prior_preservation"),
-            "--class_prompt",
-        ),
+        (lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--lora_targets", "to_q,to_nothing"),
+         "to_nothing"),
+        (lora_args(tiny_models["sd15"], concept_set, ti_runs["sd15"], out, "--with_prior_preservation"),
+         "--class_prompt"),
         (lora_args(tiny_models["sd15"], concept_set, ti_runs["sdxl"], out), "family 'sdxl'"),
         (lora_args(tiny_models["sd15"], concept_set, tmp_path / "missing", out), "does not exist"),
     ]
@@ -298,19 +165,8 @@ def test_full_sd15_architecture_one_step(tmp_path, concept_set):
 
     model = build_full_sd15(tmp_path / "sd15")
     data = write_concept_set(tmp_path / "data", n_concepts=2, n_images=2, size=256)
-    common = [
-        "--resolution",
-        "256",
-        "--train_batch_size",
-        "1",
-        "--gradient_accumulation_steps",
-        "1",
-        "--max_train_steps",
-        "1",
-        "--report_to",
-        "none",
-        "--cache_latents",
-    ]
+    common = ["--resolution", "256", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
+              "--max_train_steps", "1", "--report_to", "none", "--cache_latents"]
     base = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data)]
     train_ti.main([*base, "--output_dir", str(tmp_path / "ti"), *common])
     train_lora.main([*base, "--stage_dir", str(tmp_path / "ti"), "--output_dir", str(tmp_path / "lora"), *common])

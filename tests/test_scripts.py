@@ -18,31 +18,11 @@ def _env() -> dict:
 
 def test_run_train_ti_sh(tiny_sd15, concept_set, tmp_path):
     out = tmp_path / "ti"
-    env = {
-        **_env(),
-        "MODEL": str(tiny_sd15),
-        "DATA": str(concept_set),
-        "OUT": str(out),
-        "RES": "64",
-        "LAUNCH": "--num_processes 1 --num_machines 1 --dynamo_backend no",
-    }
-    r = subprocess.run(
-        [
-            "bash",
-            str(REPO / "run_train_ti.sh"),
-            "--mixed_precision",
-            "no",
-            "--max_train_steps",
-            "2",
-            "--gradient_accumulation_steps",
-            "1",
-        ],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {**_env(), "MODEL": str(tiny_sd15), "DATA": str(concept_set), "OUT": str(out), "RES": "64",
+           "LAUNCH": "--num_processes 1 --num_machines 1 --dynamo_backend no"}
+    r = subprocess.run(["bash", str(REPO / "run_train_ti.sh"), "--mixed_precision", "no", "--max_train_steps", "2",
+                        "--gradient_accumulation_steps", "1"], env=env, check=False, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((out / "clif_manifest.json").read_text())
     assert manifest["args"]["max_train_steps"] == 2 and manifest["args"]["cache_latents"] is True
@@ -56,27 +36,13 @@ def test_help_explains_every_flag(script):
     parser = importlib.import_module(script).build_parser()
     undocumented = [a.option_strings for a in parser._actions if not a.help]
     assert undocumented == []
-    r = subprocess.run(
-        [sys.executable, str(REPO / f"{script}.py"), "--help"], check=False, capture_output=True, text=True, timeout=120
-    )
+    r = subprocess.run([sys.executable, str(REPO / f"{script}.py"), "--help"], check=False, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0 and "--pretrained_model_name_or_path" in r.stdout
 
 
 def test_bad_flag_is_one_line(tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "inference.py"),
-            "--pretrained_model_name_or_path",
-            "x",
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--num_inference_steps",
-            "0",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = subprocess.run([sys.executable, str(REPO / "inference.py"), "--pretrained_model_name_or_path", "x",
+                        "--output_dir", str(tmp_path / "o"), "--num_inference_steps", "0"],
+                       check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be > 0" in r.stderr

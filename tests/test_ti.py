@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ti_args
+from conftest import stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,34 +19,17 @@ import train_ti
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_train_then_infer_matches_stock_diffusers(family, tiny_models, concept_set, tmp_path):
-    from diffusers import DiffusionPipeline
-
     model, out = tiny_models[family], tmp_path / "ti"
-    train_ti.main(
-        ti_args(
-            model,
-            concept_set,
-            out,
-            "--cache_latents",
-            "--random_flip",
-            "--checkpointing_steps",
-            "2",
-            "--validation_prompt",
-            "a <redball> next to a <bluebox>",
-            "--validation_steps",
-            "3",
-            "--validation_inference_steps",
-            "2",
-        )
-    )
+    train_ti.main(ti_args(model, concept_set, out, "--cache_latents", "--random_flip", "--checkpointing_steps", "2",
+                          "--validation_prompt", "a <redball> next to a <bluebox>", "--validation_steps", "3",
+                          "--validation_inference_steps", "2"))
     manifest = json.loads((out / "clif_manifest.json").read_text())
     assert manifest["stage"] == "ti" and manifest["family"] == ("sdxl" if family == "sdxl" else "sd")
     assert [c["token"] for c in manifest["concepts"]] == ["<redball>", "<bluebox>"]
     assert (out / "checkpoint-2" / "state.json").exists() and (out / "checkpoint-3" / "state.json").exists()
     assert Image.open(out / "validation" / "step-000003.png").size == (2 * 64, 64 + 14)  # 2 images + caption strip
     assert json.loads((out / "validation" / "step-000003.json").read_text())["prompts"] == [
-        "a <redball> next to a <bluebox>"
-    ]
+        "a <redball> next to a <bluebox>"]
     path = out / "embeddings" / "redball.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
@@ -55,53 +38,23 @@ def test_train_then_infer_matches_stock_diffusers(family, tiny_models, concept_s
 
     prompt = "a <redball> next to a <bluebox>"
     gen_dir = tmp_path / "gen"
-    paths = inference.main(
-        [
-            "--pretrained_model_name_or_path",
-            str(model),
-            "--stage_dir",
-            str(out),
-            "--prompt",
-            prompt,
-            "--num_images_per_prompt",
-            "3",
-            "--batch_size",
-            "3",
-            "--num_inference_steps",
-            "3",
-            "--seed",
-            "7",
-            "--output_dir",
-            str(gen_dir),
-        ]
-    )
+    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+                            "--num_images_per_prompt", "3", "--batch_size", "3", "--num_inference_steps", "3",
+                            "--seed", "7", "--output_dir", str(gen_dir)])
     assert len(paths) == 3 and (gen_dir / "contact_sheet.png").exists()
     side = json.loads(paths[1].with_suffix(".json").read_text())
     assert side["seed"] == 8 and side["prompt"] == prompt and side["stage_dir"] == str(out)
 
     # The documented stock-diffusers snippet (README) gives the same pixels.
-    pipe = DiffusionPipeline.from_pretrained(model, **({} if family == "sdxl" else {"safety_checker": None}))
-    for name in ("redball", "bluebox"):
-        file = out / "embeddings" / f"{name}.safetensors"
-        if family == "sdxl":
-            state = load_file(str(file))
-            pipe.load_textual_inversion(
-                state["clip_l"], token=f"<{name}>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-            )
-            pipe.load_textual_inversion(
-                state["clip_g"], token=f"<{name}>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-            )
-        else:
-            pipe.load_textual_inversion(str(file))
+    pipe = stock_pipeline(model, family, out)
     gens = [torch.Generator("cpu").manual_seed(7 + i) for i in range(3)]
     stock = pipe([prompt] * 3, generator=gens, num_inference_steps=3, height=64, width=64).images
     for ours, theirs in zip(paths, stock):
         assert np.array_equal(np.asarray(Image.open(ours)), np.asarray(theirs))
     # ... and the learned tokens matter: the base model alone renders the prompt differently.
-    base = DiffusionPipeline.from_pretrained(model, **({} if family == "sdxl" else {"safety_checker": None}))
-    plain = base(
-        [prompt], generator=[torch.Generator("cpu").manual_seed(7)], num_inference_steps=3, height=64, width=64
-    ).images[0]
+    base = stock_pipeline(model, family)
+    plain = base([prompt], generator=[torch.Generator("cpu").manual_seed(7)], num_inference_steps=3, height=64,
+                 width=64).images[0]
     assert not np.array_equal(np.asarray(plain), np.asarray(stock[0]))
 
 
@@ -114,20 +67,10 @@ def test_only_placeholder_rows_change(family, tiny_models, concept_set, tmp_path
     from clif.data import ConceptImages
     from clif.stage import install_embeddings, prepare
 
-    args = Namespace(
-        resolution=64,
-        train_data_dir=str(concept_set),
-        initializer=None,
-        class_word=None,
-        num_vectors=2,
-        pretrained_model_name_or_path=str(tiny_models[family]),
-        revision=None,
-        variant=None,
-        output_dir=str(tmp_path / "unused"),
-        overwrite=False,
-        resume_from_checkpoint=None,
-        use_8bit_adam=False,
-    )
+    args = Namespace(resolution=64, train_data_dir=str(concept_set), initializer=None, class_word=None, num_vectors=2,
+                     pretrained_model_name_or_path=str(tiny_models[family]), revision=None, variant=None,
+                     output_dir=str(tmp_path / "unused"), overwrite=False, resume_from_checkpoint=None,
+                     use_8bit_adam=False)
     inp = prepare(args)
     before = [e.get_input_embeddings().weight.detach().clone() for e in inp.model.text_encoders]
     modules = install_embeddings(inp)
@@ -145,21 +88,8 @@ def test_only_placeholder_rows_change(family, tiny_models, concept_set, tmp_path
 
 
 def test_resume_is_bit_identical(tiny_sd15, concept_set, tmp_path):
-    extra = [
-        "--max_train_steps",
-        "6",
-        "--checkpointing_steps",
-        "3",
-        "--gradient_accumulation_steps",
-        "2",
-        "--lr_scheduler",
-        "linear",
-        "--lr_warmup_steps",
-        "2",
-        "--random_flip",
-        "--noise_offset",
-        "0.1",
-    ]
+    extra = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+             "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--random_flip", "--noise_offset", "0.1"]
     full = tmp_path / "full"
     train_ti.main(ti_args(tiny_sd15, concept_set, full, *extra))
     # An interrupted run: all it left on disk is checkpoint-3.
@@ -187,19 +117,8 @@ def test_cache_latents_gives_same_training(tiny_sd15, concept_set, tmp_path):
 
 def test_checkpoints_total_limit_and_stage_chaining(tiny_sd15, concept_set, tmp_path):
     out = tmp_path / "a"
-    train_ti.main(
-        ti_args(
-            tiny_sd15,
-            concept_set,
-            out,
-            "--max_train_steps",
-            "4",
-            "--checkpointing_steps",
-            "1",
-            "--checkpoints_total_limit",
-            "2",
-        )
-    )
+    train_ti.main(ti_args(tiny_sd15, concept_set, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                          "--checkpoints_total_limit", "2"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     # A later stage (here stage 2 again) starts from the rows of the earlier one.
     out2 = tmp_path / "b"
@@ -210,19 +129,15 @@ def test_checkpoints_total_limit_and_stage_chaining(tiny_sd15, concept_set, tmp_
     assert json.loads((out2 / "clif_manifest.json").read_text())["inputs"] == [str(out.resolve())]
 
 
-@pytest.mark.skipif(
-    not (__import__("conftest").SHARED_DATA / "dreambench-mini").is_dir(),
-    reason="../shared/data/dreambench-mini is absent",
-)
+@pytest.mark.skipif(not (__import__("conftest").SHARED_DATA / "dreambench-mini").is_dir(),
+                    reason="../shared/data/dreambench-mini is absent")
 def test_real_photos_dreambench(tiny_sd15, tmp_path):
     from conftest import SHARED_DATA
 
     root = tmp_path / "db"
     root.mkdir()
-    spec = [
-        {"name": n, "token": f"<{n}>", "initializer": c, "class": c, "images": str(SHARED_DATA / "dreambench-mini" / n)}
-        for n, c in (("dog2", "dog"), ("teapot", "teapot"))
-    ]
+    spec = [{"name": n, "token": f"<{n}>", "initializer": c, "class": c,
+             "images": str(SHARED_DATA / "dreambench-mini" / n)} for n, c in (("dog2", "dog"), ("teapot", "teapot"))]
     (root / "concepts.json").write_text(json.dumps({"concepts": spec}))
     out = tmp_path / "out"
     train_ti.main(ti_args(tiny_sd15, root, out, "--center_crop", "--cache_latents", "--max_train_steps", "4"))
@@ -263,24 +178,10 @@ def test_v_prediction_gradient_checkpointing_and_scheduler(concept_set, tmp_path
     assert len(losses) == 3 and all(np.isfinite(losses))
     paths = {}
     for sched in ("euler_a", "dpm++"):
-        paths[sched] = inference.main(
-            [
-                "--pretrained_model_name_or_path",
-                str(model),
-                "--stage_dir",
-                str(tmp_path / "a"),
-                "--prompt",
-                "a <redball>",
-                "--num_images_per_prompt",
-                "1",
-                "--num_inference_steps",
-                "3",
-                "--scheduler",
-                sched,
-                "--output_dir",
-                str(tmp_path / sched),
-            ]
-        )[0]
+        paths[sched] = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir",
+                                       str(tmp_path / "a"), "--prompt", "a <redball>", "--num_images_per_prompt", "1",
+                                       "--num_inference_steps", "3", "--scheduler", sched,
+                                       "--output_dir", str(tmp_path / sched)])[0]
     side = json.loads(paths["euler_a"].with_suffix(".json").read_text())
     assert side["scheduler"] == "EulerAncestralDiscreteScheduler"
     assert not np.array_equal(np.asarray(Image.open(paths["euler_a"])), np.asarray(Image.open(paths["dpm++"])))
@@ -290,6 +191,6 @@ def test_epochs_and_loader_workers(tiny_sd15, concept_set, tmp_path):
     """--num_train_epochs sets the steps (6 images, batch 2 -> 3 steps an epoch); decoding with 2 workers."""
     argv = ti_args(tiny_sd15, concept_set, tmp_path / "e", "--num_train_epochs", "2", "--dataloader_num_workers", "2")
     i = argv.index("--max_train_steps")
-    del argv[i : i + 2]
+    del argv[i:i + 2]
     train_ti.main(argv)
     assert len(json.loads((tmp_path / "e" / "run_stats.json").read_text())["losses"]) == 6

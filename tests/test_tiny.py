@@ -12,12 +12,8 @@ def test_same_command_same_weights(tmp_path, tiny_sd15):
     from clif.tiny import build
 
     again = build("sd15", tmp_path / "again")
-    for sub in (
-        "unet/diffusion_pytorch_model.safetensors",
-        "text_encoder/model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-        "paired_clip/model.safetensors",
-    ):
+    for sub in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors", "paired_clip/model.safetensors"):
         a, b = load_file(str(tiny_sd15 / sub)), load_file(str(again / sub))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), sub
