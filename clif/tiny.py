@@ -79,6 +79,12 @@ def _text_config(hidden: int, projection: int, act: str = "quick_gelu"):
     )
 
 
+def _vision_config(layers: int) -> dict:
+    """A tiny ViT image tower (64 px, patch 8) for the tiny CLIPSeg / OWLv2 models."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "image_size": 64, "patch_size": 8}
+
+
 def _vae():
     from diffusers import AutoencoderKL
 
@@ -115,15 +121,7 @@ def _paired_clip(text_encoder, out: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     tcfg = text_encoder.config
-    vcfg = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=8,
-        projection_dim=tcfg.projection_dim,
-    )
+    vcfg = CLIPVisionConfig(**_vision_config(2), projection_dim=tcfg.projection_dim)
     clip = CLIPModel(
         CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(), projection_dim=tcfg.projection_dim)
     )
@@ -142,14 +140,7 @@ def build_clipseg(out: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     text = _text_config(TEXT_DIM, TEXT_DIM).to_dict()
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "image_size": 64,
-        "patch_size": 8,
-    }
+    vision = _vision_config(3)
     model = CLIPSegForImageSegmentation(
         CLIPSegConfig(
             text_config=text,
@@ -207,14 +198,7 @@ def build_owlv2(out: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     text = _text_config(TEXT_DIM, TEXT_DIM).to_dict()
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 64,
-        "patch_size": 8,
-    }
+    vision = _vision_config(2)
     model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32))
     out = Path(out)
     model.save_pretrained(out)
