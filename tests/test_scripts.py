@@ -46,3 +46,29 @@ def test_bad_flag_is_one_line(tmp_path):
                         "--output_dir", str(tmp_path / "o"), "--num_inference_steps", "0"],
                        check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be > 0" in r.stderr
+
+
+def test_stage2_two_processes_match_one(tiny_sd15, concept_set, tmp_path):
+    """Stage 2 in 2 gloo processes (batch 1 each) = 1 process with the same global batch of 2."""
+    from conftest import ti_args
+    from safetensors.torch import load_file
+
+    import train_ti
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_ti.main(ti_args(tiny_sd15, concept_set, one, "--max_train_steps", "3", "--random_flip"))
+    env = {**_env(), "ACCELERATE_USE_CPU": "true"}
+    argv = ti_args(tiny_sd15, concept_set, two, "--max_train_steps", "3", "--random_flip")
+    argv[argv.index("--train_batch_size") + 1] = "1"
+    r = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ti.py"), *argv],
+                       env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1 = json.loads((one / "run_stats.json").read_text())["losses"]
+    l2 = json.loads((two / "run_stats.json").read_text())["losses"]
+    assert len(l1) == len(l2) == 3
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
+    a = load_file(str(one / "embeddings" / "redball.safetensors"))["<redball>"]
+    b = load_file(str(two / "embeddings" / "redball.safetensors"))["<redball>"]
+    assert (a - b).abs().max() < 1e-5
