@@ -22,6 +22,7 @@ from clif.generate import (
     read_prompts_file,
 )
 from clif.images import grid, save_png
+from clif.lora import LORA_FILE
 
 PROG = "inference.py"
 
@@ -110,7 +111,7 @@ def run(args) -> list[Path]:
         variant=args.variant,
     )
     lora_scale = args.lora_scale
-    if lora_scale is None and args.stage_dir and (Path(args.stage_dir) / "pytorch_lora_weights.safetensors").exists():
+    if lora_scale is None and args.stage_dir and (Path(args.stage_dir) / LORA_FILE).exists():
         lora_scale = 1.0
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = pipe.unet.config.sample_size * vae_factor

@@ -179,11 +179,7 @@ def run(args) -> None:
     )
 
     shard = Shard.of(accelerator, args.train_batch_size)
-    max_steps = args.max_train_steps or (
-        -(-args.num_train_epochs * len(pairs) // (shard.global_batch * args.gradient_accumulation_steps))
-        if args.num_train_epochs
-        else DEFAULT_STEPS
-    )
+    max_steps = training.resolve_steps(args, len(pairs), shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
     noise = training.NoiseSource(
         args.seed, device, shard.global_batch, shard.rank, shard.local

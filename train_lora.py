@@ -164,7 +164,7 @@ def run(args) -> None:
                 current_rows(inp, modules),
             )
 
-    max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
+    max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
     noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)
     runner = StepRunner(

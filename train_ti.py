@@ -54,7 +54,7 @@ def run(args) -> None:
     if cache is not None and not args.validation_prompt:
         model.vae.to("cpu")  # only validation decodes; free the device memory
 
-    max_steps = training.resolve_steps(args, data, shard.world, DEFAULT_STEPS)
+    max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     lr = training.scaled_lr(args.learning_rate, args, shard.world)
     optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
 

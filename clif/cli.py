@@ -35,34 +35,29 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def positive(kind: type = int):
-    """argparse type: a strictly positive number."""
+def _bounded(kind: type, strict: bool):
+    """argparse type: a number > 0 (`strict`) or >= 0."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if value < 0 or (strict and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} 0, got {text}")
         return value
 
     return parse
+
+
+def positive(kind: type = int):
+    """argparse type: a strictly positive number."""
+    return _bounded(kind, strict=True)
 
 
 def non_negative(kind: type = int):
     """argparse type: a number >= 0."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    return parse
+    return _bounded(kind, strict=False)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +140,6 @@ class ConceptImages:
 
     def __len__(self) -> int:
         return len(self.owner)
-
-    def steps_for_epochs(self, epochs: int, global_batch: int, accumulation: int) -> int:
-        return max(1, math.ceil(epochs * len(self) / (global_batch * accumulation)))
 
     def _epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if e not in self._epochs:

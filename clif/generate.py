@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts
+from . import artifacts, lora
 from .cli import UserError
 from .models import detect_family, fingerprint, quiet_loading
 
@@ -22,7 +22,6 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def auto_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -54,7 +53,7 @@ def load_embeddings_into(pipe, stage_dir: str | Path, family: str) -> list[dict]
             pipe.load_textual_inversion(
                 rows[1], token=entry["token"], text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
             )
-    if (Path(stage_dir) / LORA_FILE).is_file():
+    if (Path(stage_dir) / lora.LORA_FILE).is_file():
         pipe.load_lora_weights(str(stage_dir))
     return manifest["concepts"]
 

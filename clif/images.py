@@ -60,7 +60,7 @@ def render_validation(
         vae=model.vae,
         unet=model.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config),
-        **_text_components(model),
+        **text_components(model),
     )
     pipe.set_progress_bar_config(disable=True)
     vae_device = model.vae.device
@@ -87,7 +87,8 @@ def render_validation(
         writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
 
 
-def _text_components(model) -> dict:
+def text_components(model) -> dict:
+    """The tokenizer/text-encoder arguments of the family's pipeline class (SD: no safety checker)."""
     comps = {"text_encoder": model.text_encoders[0], "tokenizer": model.tokenizers[0]}
     if model.family == "sdxl":
         comps.update(text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1])

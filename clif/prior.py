@@ -21,7 +21,7 @@ def generate_class_images(
     model, class_dir: str | Path, prompt: str, n: int, *, device, dtype, seed: int, batch_size: int = 4, steps: int = 30
 ) -> None:
     """Fill `class_dir` up to `n` images of `prompt` with the frozen base components (before any adapter)."""
-    from .images import _text_components, save_png
+    from .images import save_png, text_components
 
     d = Path(class_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -29,7 +29,7 @@ def generate_class_images(
     todo = n - start
     if todo <= 0:
         return
-    pipe = model.pipeline_class(vae=model.vae, unet=model.unet, scheduler=_sampler(model), **_text_components(model))
+    pipe = model.pipeline_class(vae=model.vae, unet=model.unet, scheduler=_sampler(model), **text_components(model))
     pipe.set_progress_bar_config(disable=True)
     for s in tqdm(range(0, todo, batch_size), desc="class images"):
         idx = list(range(start + s, start + min(todo, s + batch_size)))

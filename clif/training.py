@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .cli import UserError
-from .data import ConceptImages, LatentCache, Sample
+from .data import LatentCache, Sample
 from .models import DiffusionModel
 
 
@@ -85,14 +87,13 @@ def make_lr_scheduler(args, optimizer, max_steps: int):
     )
 
 
-def resolve_steps(args, data: ConceptImages, num_processes: int, default_steps: int) -> int:
-    """Optimizer steps of the run: --max_train_steps, else --num_train_epochs, else the stage default."""
+def resolve_steps(args, num_samples: int, num_processes: int, default_steps: int) -> int:
+    """Optimizer steps of the run: --max_train_steps, else --num_train_epochs over `num_samples`, else the default."""
     if args.max_train_steps:
         return args.max_train_steps
     if args.num_train_epochs:
-        return data.steps_for_epochs(
-            args.num_train_epochs, args.train_batch_size * num_processes, args.gradient_accumulation_steps
-        )
+        per_step = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+        return max(1, math.ceil(args.num_train_epochs * num_samples / per_step))
     return default_steps
 
 
