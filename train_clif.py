@@ -14,14 +14,17 @@ import torch
 from accelerate.logging import get_logger
 
 from clif import cli, lora, training
-from clif.augment import KINDS, PairBuilder, common_images
-from clif.contrastive import TextSide, confusion, generate_common_images, save_confusion
+from clif.augment import KINDS, add_pair_args, builder_from_args
+from clif.common_concepts import common_images, generate_common_images
+from clif.confusion import ConfusionProbe
 from clif.data import Shard
+from clif.gradcache import cached_backward
 from clif.loop import StepRunner
 from clif.losses import clip_loss, gather_features
 from clif.masks import DEFAULT_SEGMENTER, Segmenter
 from clif.paired import PairedCLIP, clip_image_size, default_pair
 from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
+from clif.text_side import TextSide
 
 PROG = "train_clif.py"
 DEFAULT_STEPS = 500
@@ -58,14 +61,16 @@ def build_parser():
         "negatives; images from <data>/common/<word>/ or generated with the base model.",
     )
     g.add_argument("--num_common_images", type=cli.positive(int), default=4, help="Generated images per common word.")
-    g.add_argument("--num_pairs", type=cli.positive(int), default=2000, help="Augmented training pairs.")
+    g.add_argument("--num_pairs", type=cli.positive(int), default=4096, help="Augmented training pairs.")
     for kind, default in zip(KINDS, (0.4, 0.2, 0.4)):
         g.add_argument(
             f"--{kind}_ratio",
             type=cli.non_negative(float),
             default=default,
-            help=f"Share of {kind.capitalize()} pairs (Region is skipped with a warning without parts).",
+            help=f"Share of {kind.capitalize()} pairs"
+            + (" (user part masks, else automatic regions of the concept mask)." if kind == "region" else "."),
         )
+    add_pair_args(g)
     g.add_argument(
         "--train_text_encoder",
         choices=["none", "lora"],
@@ -79,10 +84,18 @@ def build_parser():
         "--num_views",
         type=cli.positive(int),
         default=8,
-        help="Held-out views per concept for the before/after confusion matrix.",
+        help="Composed views per concept for the before/after confusion matrices.",
     )
-    cli.add_training_args(p, lr=1e-3, steps=DEFAULT_STEPS, validation=False)
-    p.set_defaults(train_batch_size=32, gradient_accumulation_steps=1)
+    g.add_argument(
+        "--text_chunk_size",
+        type=cli.positive(int),
+        default=256,
+        help="Captions per text-encoder pass: a larger batch is trained gradient-cached in chunks of this size "
+        "(same gradient, memory of one chunk).",
+    )
+    cli.add_training_args(p, lr=1e-4, steps=DEFAULT_STEPS, validation=False)
+    # official code: effective batch 2048, weight decay 1e-2, 8-bit AdamW (None = when bitsandbytes and CUDA exist)
+    p.set_defaults(train_batch_size=2048, gradient_accumulation_steps=1, adam_weight_decay=1e-2, use_8bit_adam=None)
     return p
 
 
@@ -102,21 +115,18 @@ def run(args) -> None:
         for i, (n, e) in enumerate(zip(names, model.text_encoders))
     ]
     ratios = {k: getattr(args, f"{k}_ratio") for k in KINDS}
-    skip_region = ratios["region"] > 0 and not any(c.parts for c in concepts)
-    if skip_region:
-        ratios["region"] = 0.0
     words = [w.strip() for w in args.common_words.split(",") if w.strip()]
     cache_dir = Path(args.cache_dir)
-
-    # masks (user or segmented, cached) and the pair counts are checked here too, before anything is written
-    size = clip_image_size(names[0])
-    builder = PairBuilder(concepts, size=size, segmenter=Segmenter(args.segmenter, cache_dir / "masks"))
+    # masks (user, segmented or over-segmented), templates and pair counts are checked here too
+    segmenter = Segmenter(args.segmenter, cache_dir / "masks")
+    builder = builder_from_args(
+        args, concepts, size=clip_image_size(names[0]), segmenter=segmenter, regions=ratios["region"] > 0
+    )
     builder.counts(args.num_pairs, ratios)
+    args.use_8bit_adam = training.want_8bit_adam(args.use_8bit_adam)
 
     accelerator = start_run(args, "clif_contrastive")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
-    if skip_region:
-        logger.warning("no concept has part names ('parts' in concepts.json): Region augmentation skipped")
     for enc in model.text_encoders:
         enc.to(device, dtype)
     paired = [PairedCLIP(n, e, device, dtype) for n, e in zip(names, model.text_encoders)]
@@ -133,13 +143,13 @@ def run(args) -> None:
         )
     accelerator.wait_for_everyone()
 
-    # ---- pairs (same seed, same pairs, on every process) and their frozen image features
+    # ---- pairs (same seed, same pairs, on every process) and their frozen image features, computed once
     builder.add_common(common_images(Path(args.train_data_dir), words, cache_dir))
     pairs = builder.build(args.num_pairs, ratios, args.seed)
-    views = builder.views(args.num_views, args.seed + 10_000)
     image_feats = [p.image_features([q.image for q in pairs]) for p in paired]
-    view_feats = [p.image_features([v.image for v in views]) for p in paired]
-    captions = [q.caption for q in pairs]
+    captions, keys, n_pairs = [q.caption for q in pairs], [q.key for q in pairs], len(pairs)
+    del pairs  # the composed images are no longer needed: only their features
+    probe = ConfusionProbe(builder, paired, args.num_views, args.seed + 10_000)
 
     modules = install_embeddings(inp)
     params = [m.new for m in modules]
@@ -160,30 +170,19 @@ def run(args) -> None:
         params = params + te
 
     def save(out: Path) -> None:
-        write_stage_outputs(
-            out,
-            "clif",
-            inp,
-            modules,
-            args,
-            extra_files={"lora": [lora.LORA_FILE]} if args.train_text_encoder == "lora" else None,
-        )
+        extra = {"lora": [lora.LORA_FILE]} if args.train_text_encoder == "lora" else None
+        write_stage_outputs(out, "clif", inp, modules, args, extra_files=extra)
         if args.train_text_encoder == "lora":
             lora.save_lora(out, model, text_lora=True, unet=False)
 
     text = TextSide(model, paired, concepts)
-    before = confusion(text, views, view_feats)
-    logger.info(
-        f"{len(pairs)} pairs ({builder.counts(args.num_pairs, ratios)}), confusion accuracy before "
-        f"{before['accuracy']:.3f}"
-    )
+    before = probe.measure(text)
+    logger.info(f"{n_pairs} pairs ({builder.counts(args.num_pairs, ratios)}), confusion before: {_acc(before)}")
 
     shard = Shard.of(accelerator, args.train_batch_size)
-    max_steps = training.resolve_steps(args, len(pairs), shard.world, DEFAULT_STEPS)
+    max_steps = training.resolve_steps(args, n_pairs, shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    noise = training.NoiseSource(
-        args.seed, device, shard.global_batch, shard.rank, shard.local
-    )  # drives the pair order
+    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)  # the pair order
     runner = StepRunner(
         args,
         accelerator,
@@ -199,29 +198,42 @@ def run(args) -> None:
     )
     runner.resume(inp.resume_path)
 
-    # ---- loop: the global batch is drawn once for all processes; each encodes its shard of the captions
+    # ---- loop: the global batch is drawn once for all processes; each encodes its shard of the captions, in
+    # chunks of --text_chunk_size with the gradient of the whole global batch's loss
     while not runner.done:
         total = 0.0
         for _ in runner.micro_steps():
-            idx = torch.randint(len(pairs), (shard.global_batch,), generator=noise.gen, device=noise.device).cpu()
-            local = idx[shard.rank * shard.local : (shard.rank + 1) * shard.local]
-            batch_caps = [captions[i] for i in idx]
-            with accelerator.autocast():
-                feats = text.features([captions[i] for i in local])
-                loss = sum(
-                    clip_loss(gather_features(f, accelerator), img[idx].to(device), batch_caps, p.logit_scale)
-                    for f, img, p in zip(feats, image_feats, paired)
-                )
+            idx = torch.randint(n_pairs, (shard.global_batch,), generator=noise.gen, device=noise.device).cpu()
+            local = [captions[i] for i in idx[shard.rank * shard.local : (shard.rank + 1) * shard.local]]
+            batch_keys = [keys[i] for i in idx]
+
             # every process holds the full global loss but only its shard's gradient: scale so the
             # averaged gradients equal those of one process with the whole batch
-            runner.backward(loss * shard.world)
-            total += loss.detach() / args.gradient_accumulation_steps
+            def loss_of(feats: list[torch.Tensor], idx=idx, batch_keys=batch_keys) -> torch.Tensor:
+                return shard.world * sum(
+                    clip_loss(gather_features(f, accelerator), img[idx].to(device), batch_keys, p.logit_scale)
+                    for f, img, p in zip(feats, image_feats, paired)
+                )
+
+            with accelerator.autocast():
+                loss = cached_backward(
+                    lambda s, local=local: text.features(local[s]),
+                    len(local),
+                    args.text_chunk_size,
+                    loss_of,
+                    runner.backward,
+                )
+            total += loss / shard.world / args.gradient_accumulation_steps
         runner.finish(total)
-    after = confusion(text, views, view_feats)
+    after = probe.measure(text)
     if accelerator.is_main_process:
-        save_confusion(Path(args.output_dir), before, after)
-    logger.info(f"confusion accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}")
+        probe.write(Path(args.output_dir), before, after)
+    logger.info(f"confusion before: {_acc(before)}; after: {_acc(after)}")
     runner.close()
+
+
+def _acc(result: dict[str, dict]) -> str:
+    return ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result.items())
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import UserError
-from .concepts import Concept, list_images
+from .captions import Templates, load_templates
+from .cli import UserError, non_negative, positive
+from .concepts import Concept
 from .masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
+from .regions import MIN_PIXELS, RegionSpec, over_segment
 
 KINDS = ("global", "region", "mix")
 
@@ -29,6 +31,7 @@ class Piece:
     label: str  # concept name or common word
     phrase: str  # "<tok>", "<tok>'s ear", "a chef"
     concept: int | None = None  # index of the customized concept, None for common concepts
+    source: Path | None = None  # the photo it was cut from
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Pair:
     image: Image.Image
     layout: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (label, box) left to right
     concepts: list[int] = field(default_factory=list)
+    key: tuple[str, ...] = ()  # what the caption names, template aside: equal keys are contrastive positives
 
 
 def cut_out(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -67,7 +71,7 @@ def compose(pieces: list[Piece], size: int, rng: random.Random) -> tuple[Image.I
 
 
 class PairBuilder:
-    """Builds reproducible pairs from a concept set: same seed, same pairs."""
+    """Builds reproducible pairs from a concept set: same seed, same held-out photos, regions, pairs and captions."""
 
     def __init__(
         self,
@@ -76,10 +80,29 @@ class PairBuilder:
         size: int,
         segmenter: Segmenter | None,
         common: dict[str, list[Path]] | None = None,
+        regions: RegionSpec | None = None,
+        holdout: int = 0,
+        templates: Templates | None = None,
+        seed: int = 0,
     ):
+        """`regions`: over-segment the masks of concepts without part names (None: only user parts);
+        `holdout`: photos per concept kept out of every pair (only for concepts that keep >= 2 for training)."""
         self.concepts, self.size, self.segmenter = concepts, size, segmenter
-        self.wholes: list[list[Piece]] = [self._wholes(i, c) for i, c in enumerate(concepts)]
-        self.parts: list[list[Piece]] = [self._parts(i, c) for i, c in enumerate(concepts)]
+        self.templates = templates or Templates()
+        rng = random.Random(seed)
+        self.held_files: list[list[Path]] = [
+            sorted(rng.sample(c.images, holdout)) if holdout and len(c.images) >= holdout + 2 else [] for c in concepts
+        ]
+        train = [[p for p in c.images if p not in held] for c, held in zip(concepts, self.held_files)]
+        self.wholes: list[list[Piece]] = [self._wholes(i, c, ps) for i, (c, ps) in enumerate(zip(concepts, train))]
+        self.held_wholes: list[list[Piece]] = [
+            self._wholes(i, c, ps) for i, (c, ps) in enumerate(zip(concepts, self.held_files))
+        ]
+        self.region_masks: list[list[tuple[Path, list[np.ndarray]]]] = [[] for _ in concepts]  # for the preview
+        self.parts: list[list[Piece]] = [
+            self._parts(i, c, ps) if c.parts else self._regions(i, c, ps, regions) if regions else []
+            for i, (c, ps) in enumerate(zip(concepts, train))
+        ]
         self.common: list[Piece] = []
         self.add_common(common or {})
 
@@ -95,24 +118,40 @@ class PairBuilder:
             raise UserError(f"no mask for {image}{' part ' + part if part else ''} and no segmenter")
         return check_usable(self.segmenter.mask(image, prompt), f"{image} (segmented as {prompt!r})")
 
-    def _wholes(self, i: int, c: Concept) -> list[Piece]:
+    def _wholes(self, i: int, c: Concept, paths: list[Path]) -> list[Piece]:
         out = []
-        for path in c.images:
+        for path in paths:
             with Image.open(path) as im:
                 im = im.convert("RGB")
-                out.append(
-                    Piece(cut_out(im, self._mask(path, c.masks_dir, c.class_word, None, im.size)), c.name, c.token, i)
-                )
+                mask = self._mask(path, c.masks_dir, c.class_word, None, im.size)
+                out.append(Piece(cut_out(im, mask), c.name, c.token, i, path))
         return out
 
-    def _parts(self, i: int, c: Concept) -> list[Piece]:
+    def _parts(self, i: int, c: Concept, paths: list[Path]) -> list[Piece]:
         out = []
         for part in c.parts:
-            for path in c.images:
+            for path in paths:
                 with Image.open(path) as im:
                     im = im.convert("RGB")
                     mask = self._mask(path, c.masks_dir, part, part, im.size)
-                    out.append(Piece(cut_out(im, mask), f"{c.name}:{part}", f"{c.token}'s {part}", i))
+                    out.append(Piece(cut_out(im, mask), f"{c.name}:{part}", f"{c.token}'s {part}", i, path))
+        return out
+
+    def _regions(self, i: int, c: Concept, paths: list[Path], spec: RegionSpec) -> list[Piece]:
+        """Over-segmented regions of the concept's mask, each captioned with the concept's token."""
+        out, self.region_masks[i] = [], []
+        for path in paths:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                found = over_segment(im, self._mask(path, c.masks_dir, c.class_word, None, im.size), spec)
+                if not found:
+                    raise UserError(
+                        f"{path}: no region of its mask is large enough (>= {MIN_PIXELS} px and >= "
+                        f"{spec.min_area:.0%} of the mask) for Region pairs; use a larger mask or image, a smaller "
+                        "--min_region_area, or --region_ratio 0"
+                    )
+                self.region_masks[i].append((path, found))
+                out += [Piece(cut_out(im, r), f"{c.name}:region{k}", c.token, i, path) for k, r in enumerate(found)]
         return out
 
     def _common(self, word: str, paths: list[Path]) -> list[Piece]:
@@ -124,12 +163,12 @@ class PairBuilder:
         return out
 
     def counts(self, n: int, ratios: dict[str, float]) -> dict[str, int]:
-        """Pairs of each kind; Region needs part names, Mix needs two concepts."""
+        """Pairs of each kind; Region needs part masks or automatic regions, Mix needs two concepts."""
         ratios = dict(ratios)
         if ratios.get("mix", 0) > 0 and len(self.concepts) < 2:
             raise UserError("Mix augmentation needs at least two concepts (or pass --mix_ratio 0)")
         if ratios.get("region", 0) > 0 and not any(self.parts):
-            raise UserError("Region augmentation needs part names ('parts' in concepts.json) or --region_ratio 0")
+            raise UserError("Region augmentation needs part names ('parts' in concepts.json) or automatic regions")
         total = sum(ratios.values())
         if total <= 0:
             raise UserError("the augmentation ratios add up to 0")
@@ -148,16 +187,14 @@ class PairBuilder:
             if self.common and rng.random() < 0.5:
                 pieces.insert(rng.randint(0, 1), rng.choice(self.common))
         image, boxes = compose(pieces, self.size, rng)
-        if len(pieces) == 1:
-            caption = f"a photo of {pieces[0].phrase}"
-        else:
-            caption = f"a photo of {pieces[0].phrase} on the left and {pieces[1].phrase} on the right"
+        phrases = [p.phrase for p in pieces]
         return Pair(
             kind,
-            caption,
+            self.templates.caption(phrases, rng),
             image,
             [(p.label, b) for p, b in zip(pieces, boxes)],
             [p.concept for p in pieces if p.concept is not None],
+            tuple(phrases),
         )
 
     def build(self, n: int, ratios: dict[str, float], seed: int) -> list[Pair]:
@@ -167,54 +204,91 @@ class PairBuilder:
         rng.shuffle(kinds)
         return [self._one(k, rng) for k in kinds]
 
-    def views(self, per_concept: int, seed: int) -> list[Pair]:
-        """Held-out single-concept views (fresh backgrounds, scales, flips) for the confusion matrix."""
+    def views(self, per_concept: int, seed: int, *, held_out: bool) -> list[Pair]:
+        """Single-concept views on fresh backgrounds, scales and flips for the confusion matrix: of the held-out
+        photos (concepts without any are left out), or of the training photos."""
         rng = random.Random(seed)
         out = []
         for i, c in enumerate(self.concepts):
-            for _ in range(per_concept):
-                image, boxes = compose([rng.choice(self.wholes[i])], self.size, rng)
-                out.append(Pair("view", f"a photo of {c.token}", image, [(c.name, boxes[0])], [i]))
+            pieces = (self.held_wholes if held_out else self.wholes)[i]
+            for _ in range(per_concept if pieces else 0):
+                image, boxes = compose([rng.choice(pieces)], self.size, rng)
+                out.append(Pair("view", f"a photo of {c.token}", image, [(c.name, boxes[0])], [i], (c.token,)))
         return out
 
 
-def common_images(root: Path, words: list[str], cache_dir: Path) -> dict[str, list[Path]]:
-    """common/<word>/ images of the concept set, else those generated earlier into cache_dir/common/<word>/."""
-    found = {}
-    for word in words or sorted(p.name for p in (root / "common").glob("*") if p.is_dir()):
-        for d in (root / "common" / word, cache_dir / "common" / word):
-            if d.is_dir() and list_images(d):
-                found[word] = list_images(d)
-                break
-    return found
+def add_pair_args(p) -> None:
+    """Flags of the regions, held-out photos and caption templates (train_clif.py and the preview)."""
+    d = RegionSpec()
+    p.add_argument("--region_segments", type=positive(int), default=d.segments, help="SLIC superpixels per mask.")
+    p.add_argument(
+        "--min_region_area",
+        type=positive(float),
+        default=d.min_area,
+        help="Regions smaller than this fraction of the concept's mask (or 16x16 px) are dropped.",
+    )
+    p.add_argument(
+        "--regions_per_image", type=positive(int), default=d.per_image, help="At most this many (largest) regions."
+    )
+    p.add_argument(
+        "--holdout_images",
+        type=non_negative(int),
+        default=1,
+        help="Photos per concept kept out of the pairs for the held-out confusion matrix (concepts with at "
+        "least this + 2 photos).",
+    )
+    p.add_argument(
+        "--caption_templates",
+        default=None,
+        help="Text file of caption templates, one per line: '{}' once (e.g. 'a photo of {}') or twice for "
+        "left/right pairs ('{} on the left and {} on the right'). Default: built-in templates.",
+    )
+
+
+def builder_from_args(a, concepts: list[Concept], *, size: int, segmenter, regions: bool) -> PairBuilder:
+    """The PairBuilder the flags of add_pair_args describe (validates the template file first)."""
+    if a.min_region_area >= 1:
+        raise UserError(f"--min_region_area is a fraction of the mask (< 1), got {a.min_region_area}")
+    templates = load_templates(a.caption_templates) if a.caption_templates else None
+    spec = RegionSpec(a.region_segments, a.min_region_area, a.regions_per_image) if regions else None
+    return PairBuilder(
+        concepts,
+        size=size,
+        segmenter=segmenter,
+        regions=spec,
+        holdout=a.holdout_images,
+        templates=templates,
+        seed=a.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     from .cli import user_errors
+    from .common_concepts import common_images
     from .concepts import load_concept_set
     from .images import grid
+    from .regions import boundaries
 
     p = argparse.ArgumentParser(
         prog="python -m clif.augment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--train_data_dir", required=True, help="Concept set (dataset/README.md).")
-    p.add_argument("--out", required=True, help="Folder for pair-XXX.png, captions.json and grid.png.")
-    p.add_argument("--num_pairs", type=int, default=24, help="Pairs to build.")
+    p.add_argument("--out", required=True, help="Folder for pair-XXX.png, captions.json, grid.png and regions/.")
+    p.add_argument("--num_pairs", type=positive(int), default=24, help="Pairs to build.")
     p.add_argument("--ratios", default="0.4,0.2,0.4", help="Global,Region,Mix proportions.")
-    p.add_argument("--size", type=int, default=224, help="Side of the composed images.")
+    p.add_argument("--size", type=positive(int), default=224, help="Side of the composed images.")
     p.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="CLIPSeg model for concepts without masks.")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "clif"), help="Mask/common-image cache.")
     p.add_argument("--seed", type=int, default=0, help="Same seed, same pairs.")
+    add_pair_args(p)
     a = p.parse_args(argv)
     with user_errors("clif.augment"):
         concepts = load_concept_set(a.train_data_dir)
         ratios = dict(zip(KINDS, (float(x) for x in a.ratios.split(","))))
-        builder = PairBuilder(
-            concepts,
-            size=a.size,
-            segmenter=Segmenter(a.segmenter, Path(a.cache_dir) / "masks"),
-            common=common_images(Path(a.train_data_dir), [], Path(a.cache_dir)),
+        builder = builder_from_args(
+            a, concepts, size=a.size, segmenter=Segmenter(a.segmenter, Path(a.cache_dir) / "masks"), regions=True
         )
+        builder.add_common(common_images(Path(a.train_data_dir), [], Path(a.cache_dir)))
         pairs = builder.build(a.num_pairs, ratios, a.seed)
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +304,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         grid([q.image for q in pairs], captions=[q.caption for q in pairs]).save(out / "grid.png")
-        print(f"wrote {len(pairs)} pairs to {out}")
+        for c, regions in zip(concepts, builder.region_masks):
+            for path, masks in regions:
+                (out / "regions" / c.name).mkdir(parents=True, exist_ok=True)
+                with Image.open(path) as im:
+                    boundaries(im, masks).save(out / "regions" / c.name / f"{path.stem}.png")
+        print(f"wrote {len(pairs)} pairs to {out} (regions of concepts without part names in {out / 'regions'})")
 
 
 if __name__ == "__main__":

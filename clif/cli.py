@@ -166,7 +166,12 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
     g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=positive(float), default=1.0, help="Gradient clipping norm.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA only).")
+    g.add_argument(
+        "--use_8bit_adam",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bitsandbytes 8-bit AdamW (CUDA only).",
+    )
     g.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],

@@ -55,6 +55,15 @@ def check_optimizer_flags(args) -> None:
             raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
 
 
+def want_8bit_adam(flag: bool | None) -> bool:
+    """--use_8bit_adam as given, or (unset) whether bitsandbytes is installed and CUDA present (official code)."""
+    if flag is not None:
+        return flag
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
 def make_optimizer(param_groups: list[dict], args) -> torch.optim.Optimizer:
     if args.use_8bit_adam:
         import bitsandbytes as bnb

@@ -1,0 +1,47 @@
+"""Common-concept images (stage-1 negatives): found in the concept set or generated once by the base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .concepts import list_images
+
+
+def common_images(root: Path, words: list[str], cache_dir: Path) -> dict[str, list[Path]]:
+    """common/<word>/ images of the concept set, else those generated earlier into cache_dir/common/<word>/."""
+    found = {}
+    for word in words or sorted(p.name for p in (root / "common").glob("*") if p.is_dir()):
+        for d in (root / "common" / word, cache_dir / "common" / word):
+            if d.is_dir() and list_images(d):
+                found[word] = list_images(d)
+                break
+    return found
+
+
+@torch.no_grad()
+def generate_common_images(
+    base: str, words: list[str], n: int, cache_dir: Path, *, device, dtype, seed: int, revision: str | None = None
+) -> None:
+    """'a photo of a {word}' images from the base pipeline, cached in cache_dir/common/<word>/ (once)."""
+    from diffusers import DiffusionPipeline
+
+    from .images import save_png
+
+    todo = {
+        w: n - len(list_images(cache_dir / "common" / w)) if (cache_dir / "common" / w).is_dir() else n for w in words
+    }
+    todo = {w: k for w, k in todo.items() if k > 0}
+    if not todo:
+        return
+    pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, revision=revision).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for word, k in tqdm(todo.items(), desc="common images"):
+        for i in range(n - k, n):
+            image = pipe(
+                f"a photo of a {word}", generator=torch.Generator("cpu").manual_seed(seed + i), num_inference_steps=30
+            ).images[0]
+            save_png(image, cache_dir / "common" / word / f"{i:04d}.png")
+    del pipe

@@ -1,0 +1,161 @@
+"""Stage-1 pairs: automatic regions, held-out photos, caption templates, and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, run_cli
+from PIL import Image
+
+import train_clif
+from clif import augment
+from clif.augment import PairBuilder
+from clif.captions import LEFT_RIGHT, SINGLE, Templates
+from clif.concepts import load_concept_set
+from clif.regions import RegionSpec, over_segment
+from clif.synthetic import write_concept_set
+
+RATIOS = {"global": 0.4, "region": 0.2, "mix": 0.4}
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """3 synthetic concepts with masks, 4 photos each, no part names: regions are automatic."""
+    return write_concept_set(tmp_path_factory.mktemp("three") / "set", n_concepts=3, n_images=4, size=96, seed=1)
+
+
+def clif_args(model, data, out, cache, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--cache_dir", str(cache), "--report_to", "none", "--num_pairs", "48", "--train_batch_size", "8",
+            "--max_train_steps", "2", *extra]
+
+
+def test_regions_split_the_mask_reproducibly():
+    scene = SHARED_DATA / "break-a-scene-mini" / "bear"
+    if not scene.is_dir():
+        pytest.skip("../shared/data/break-a-scene-mini absent")
+    image = Image.open(scene / "img.jpg").convert("RGB")
+    mask = np.asarray(Image.open(scene / "mask0.png").convert("L").resize(image.size)) >= 128
+    spec = RegionSpec(segments=8, min_area=0.05, per_image=5)
+    regions = over_segment(image, mask, spec)
+    assert 3 <= len(regions) <= 5  # a 3400-px bear: several regions, at most per_image
+    areas = [int(r.sum()) for r in regions]
+    assert areas == sorted(areas, reverse=True) and min(areas) >= max(256, 0.05 * mask.sum())
+    assert all(not (r & ~mask).any() for r in regions)  # inside the concept's mask
+    assert int(np.sum(regions, axis=0).max()) == 1  # disjoint
+    again = over_segment(image, mask, spec)
+    assert all(np.array_equal(a, b) for a, b in zip(regions, again))
+
+
+def test_region_pairs_are_the_concepts_own_pieces(three, tmp_path):
+    """No part names: Region pairs are over-segmented pieces captioned with the concept's token (other concepts'
+    regions are negatives); a concept with part masks keeps its user parts."""
+    root = tmp_path / "set"
+    shutil.copytree(three, root)
+    spec = json.loads((root / "concepts.json").read_text())
+    spec["concepts"][0]["parts"] = ["top"]
+    for m in sorted((root / "masks" / spec["concepts"][0]["name"]).glob("*.png")):
+        a = np.asarray(Image.open(m)).copy()
+        a[a.shape[0] // 2:] = 0
+        Image.fromarray(a).save(m.with_name(f"{m.stem}__top.png"))
+    (root / "concepts.json").write_text(json.dumps(spec))
+    concepts = load_concept_set(root)
+    builder = PairBuilder(concepts, size=64, segmenter=None, regions=RegionSpec(), seed=0)
+    first, *rest = builder.parts
+    assert {p.phrase for p in first} == {f"{concepts[0].token}'s top"}  # user parts take precedence
+    for c, pieces, wholes in zip(concepts[1:], rest, builder.wholes[1:]):
+        assert len(pieces) > len(wholes)  # several regions per photo
+        assert {p.phrase for p in pieces} == {c.token}
+        for p in pieces:  # each region is a strict part of its photo's whole cut-out
+            whole = next(w for w in wholes if w.source == p.source)
+            assert (np.asarray(p.image)[..., 3] > 0).sum() < (np.asarray(whole.image)[..., 3] > 0).sum()
+    pairs = builder.build(60, RATIOS, seed=3)
+    region = [p for p in pairs if p.kind == "region"]
+    assert region and all(p.key in {(c.token,) for c in concepts[1:]} | {(f"{concepts[0].token}'s top",)}
+                          for p in region)
+    again = PairBuilder(concepts, size=64, segmenter=None, regions=RegionSpec(), seed=0).build(60, RATIOS, seed=3)
+    assert [p.caption for p in pairs] == [p.caption for p in again]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(pairs, again))
+
+
+def test_held_out_photos_never_reach_a_pair(three):
+    concepts = load_concept_set(three)
+    builder = PairBuilder(concepts, size=64, segmenter=None, regions=RegionSpec(), holdout=1, seed=4)
+    assert all(len(h) == 1 and h[0] in c.images for h, c in zip(builder.held_files, concepts))
+    held = {p for h in builder.held_files for p in h}
+    used = {p.source for ps in builder.wholes + builder.parts for p in ps}
+    assert used and not used & held
+    assert {p.source for ps in builder.held_wholes for p in ps} == held
+    views = builder.views(3, seed=1, held_out=True)
+    assert len(views) == 9 and all(v.kind == "view" for v in views)
+    # another seed holds out other photos; concepts with < 3 photos hold out none
+    other = PairBuilder(concepts, size=64, segmenter=None, holdout=1, seed=5)
+    assert other.held_files != builder.held_files
+    assert PairBuilder(concepts, size=64, segmenter=None, holdout=3, seed=4).held_files == [[], [], []]
+
+
+def test_templates_vary_with_the_seed():
+    t, phrases = Templates(), ["<a>"]
+    import random
+
+    one = [t.caption(phrases, random.Random(s)) for s in range(40)]
+    assert one == [t.caption(phrases, random.Random(s)) for s in range(40)]
+    assert len(set(one)) >= 4 and set(one) <= {x.replace("{}", "<a>") for x in SINGLE}
+    two = {t.caption(["<a>", "a chef"], random.Random(s)) for s in range(40)}
+    assert len(two) >= 3 and two <= {x.replace("{}", "<a>", 1).replace("{}", "a chef", 1) for x in LEFT_RIGHT}
+    only = Templates(("a sketch of {}",), ())
+    assert only.caption(["<a>", "<b>"], random.Random(0)) == "a sketch of <a> on the left and <b> on the right"
+
+
+def test_template_file_is_used(tiny_sd15, concept_set, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("# mine\nan oil painting of {}\n\n{} at left, {} at right\n")
+    out = tmp_path / "s1"
+    preview = tmp_path / "preview"
+    augment.main(["--train_data_dir", str(concept_set), "--out", str(preview), "--num_pairs", "12", "--size", "64",
+                  "--caption_templates", str(path)])
+    caps = [c["caption"] for c in json.loads((preview / "captions.json").read_text())]
+    assert all(c.startswith("an oil painting of <") or " at left, " in c for c in caps)
+    assert any(" at left, " in c for c in caps)
+    for c in load_concept_set(concept_set):  # the preview shows each photo's regions
+        assert len(list((preview / "regions" / c.name).glob("*.png"))) == len(c.images) - 1  # 1 held out
+    train_clif.main(clif_args(tiny_sd15, concept_set, out, tmp_path / "c", "--caption_templates", str(path)))
+    assert json.loads((out / "clif_manifest.json").read_text())["args"]["caption_templates"] == str(path)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_confusion_json_says_which_views(family, tiny_models, concept_set, tmp_path):
+    out = tmp_path / "s1"
+    train_clif.main(clif_args(tiny_models[family], concept_set, out, tmp_path / "c"))
+    conf = json.loads((out / "confusion.json").read_text())
+    held, train = conf["held_out"], conf["train_views"]
+    assert "held out" in held["views"] and "optimistic" in train["views"]
+    assert all(len(v) == 1 for v in held["images"].values())  # 3 photos each: one held out
+    for res in (held["before"], held["after"], train["before"], train["after"]):
+        assert np.asarray(res["matrix"]).shape == (2, 2) and 0 <= res["accuracy"] <= 1
+    img = Image.open(out / "confusion.png")
+    assert img.size[0] > 400 and img.size[1] > 400  # a matplotlib figure with two rows of two panels
+
+
+def test_stage1_pair_bad_inputs(tiny_sd15, concept_set, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of {}\na photo without a slot\n")
+    cases = [
+        (["--caption_templates", str(bad)], "bad.txt:2"),
+        (["--caption_templates", str(tmp_path / "missing.txt")], "cannot read caption templates"),
+        (["--min_region_area", "0.9"], "no region of its mask"),
+        (["--min_region_area", "1.5"], "--min_region_area"),
+        (["--text_chunk_size", "0"], "--text_chunk_size"),
+        (["--text_chunk_size", "-3"], "--text_chunk_size"),
+    ]
+    for extra, text in cases:
+        code, err = run_cli(train_clif.main, clif_args(tiny_sd15, concept_set, out, tmp_path / "c", *extra), capsys)
+        assert code == 2 and text in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not out.exists()
+    code, err = run_cli(augment.main, ["--train_data_dir", str(concept_set), "--out", str(out), "--caption_templates",
+                                       str(bad)], capsys)
+    assert code == 2 and "bad.txt:2" in err and not out.exists()
