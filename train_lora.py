@@ -27,6 +27,7 @@ def build_parser():
     cli.add_data_args(p)
     p.add_argument("--stage_dir", required=True, help="Stage-2 output: tokens and starting embeddings.")
     cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
+    p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4, rank 16, alpha = rank)
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=cli.positive(int), default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=cli.positive(float), default=None, help="LoRA alpha (default: = rank).")
@@ -50,8 +51,8 @@ def build_parser():
     g.add_argument(
         "--embedding_learning_rate",
         type=cli.non_negative(float),
-        default=5e-5,
-        help="Learning rate of the concept token rows; 0 freezes them.",
+        default=None,
+        help="Learning rate of the concept token rows (default: --learning_rate, official code); 0 freezes them.",
     )
     g.add_argument("--snr_gamma", type=cli.positive(float), default=None, help="Min-SNR loss weighting (5.0 is usual).")
     g.add_argument(
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 def check_args(args) -> None:
     if args.with_prior_preservation and not (args.class_prompt and args.class_data_dir):
         raise cli.UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+    if args.embedding_learning_rate is None:  # recorded resolved in the manifest
+        args.embedding_learning_rate = args.learning_rate
 
 
 def run(args) -> None:

@@ -26,7 +26,8 @@ def build_parser():
     p.add_argument(
         "--stage_dir", default=None, help="Start from an earlier stage's output (stage 1): its tokens and embeddings."
     )
-    cli.add_training_args(p, lr=5e-4, steps=DEFAULT_STEPS)
+    cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
+    p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4)
     return p
 
 

@@ -29,7 +29,23 @@ def test_run_train_ti_sh(tiny_sd15, concept_set, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # tensorboard is the default tracker
 
 
-@pytest.mark.parametrize("script", ["train_ti", "inference"])
+def test_run_train_clif_sh_official_defaults(tiny_sd15, concept_set, tmp_path):
+    """The stage-1 wrapper runs with the official settings: batch 2048 in gradient-cached chunks, lr 1e-4, wd 1e-2."""
+    out = tmp_path / "clif"
+    env = {**_env(), "MODEL": str(tiny_sd15), "DATA": str(concept_set), "OUT": str(out), "COMMON": "",
+           "LAUNCH": "--num_processes 1 --num_machines 1 --dynamo_backend no"}
+    r = subprocess.run(["bash", str(REPO / "run_train_clif.sh"), "--mixed_precision", "no", "--max_train_steps", "1",
+                        "--num_pairs", "256", "--cache_dir", str(tmp_path / "cache"), "--report_to", "none"],
+                       env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.loads((out / "clif_manifest.json").read_text())["args"]
+    assert (a["train_batch_size"], a["text_chunk_size"], a["learning_rate"], a["adam_weight_decay"]) == \
+        (2048, 256, 1e-4, 1e-2)
+    assert a["lr_scheduler"] == "constant" and a["use_8bit_adam"] is False  # no CUDA here
+    assert json.loads((out / "confusion.json").read_text())["held_out"]["views"]
+
+
+@pytest.mark.parametrize("script", ["train_ti", "train_clif", "train_lora", "inference"])
 def test_help_explains_every_flag(script):
     import importlib
 
