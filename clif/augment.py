@@ -42,6 +42,7 @@ class Pair:
     layout: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # (label, box) left to right
     concepts: list[int] = field(default_factory=list)
     key: tuple[str, ...] = ()  # what the caption names, template aside: equal keys are contrastive positives
+    sources: list[Path] = field(default_factory=list)  # the photos its pieces were cut from
 
 
 def cut_out(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -195,6 +196,7 @@ class PairBuilder:
             [(p.label, b) for p, b in zip(pieces, boxes)],
             [p.concept for p in pieces if p.concept is not None],
             tuple(phrases),
+            [p.source for p in pieces],
         )
 
     def build(self, n: int, ratios: dict[str, float], seed: int) -> list[Pair]:
@@ -212,8 +214,10 @@ class PairBuilder:
         for i, c in enumerate(self.concepts):
             pieces = (self.held_wholes if held_out else self.wholes)[i]
             for _ in range(per_concept if pieces else 0):
-                image, boxes = compose([rng.choice(pieces)], self.size, rng)
-                out.append(Pair("view", f"a photo of {c.token}", image, [(c.name, boxes[0])], [i], (c.token,)))
+                piece = rng.choice(pieces)
+                image, boxes = compose([piece], self.size, rng)
+                layout = [(c.name, boxes[0])]
+                out.append(Pair("view", f"a photo of {c.token}", image, layout, [i], (c.token,), [piece.source]))
         return out
 
 
@@ -297,7 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         (out / "captions.json").write_text(
             json.dumps(
                 [
-                    {"file": f"pair-{i:03d}.png", "kind": q.kind, "caption": q.caption, "layout": q.layout}
+                    {
+                        "file": f"pair-{i:03d}.png",
+                        "kind": q.kind,
+                        "caption": q.caption,
+                        "layout": q.layout,
+                        "sources": [str(p) for p in q.sources],
+                    }
                     for i, q in enumerate(pairs)
                 ],
                 indent=2,

@@ -89,12 +89,32 @@ def test_held_out_photos_never_reach_a_pair(three):
     used = {p.source for ps in builder.wholes + builder.parts for p in ps}
     assert used and not used & held
     assert {p.source for ps in builder.held_wholes for p in ps} == held
+    pairs = builder.build(80, RATIOS, seed=2)
+    assert all(p.sources and not set(p.sources) & held for p in pairs)
     views = builder.views(3, seed=1, held_out=True)
-    assert len(views) == 9 and all(v.kind == "view" for v in views)
+    assert len(views) == 9 and all(v.kind == "view" and set(v.sources) <= held for v in views)
+    assert not {s for v in builder.views(3, seed=1, held_out=False) for s in v.sources} & held
     # another seed holds out other photos; concepts with < 3 photos hold out none
     other = PairBuilder(concepts, size=64, segmenter=None, holdout=1, seed=5)
     assert other.held_files != builder.held_files
     assert PairBuilder(concepts, size=64, segmenter=None, holdout=3, seed=4).held_files == [[], [], []]
+
+
+def test_pairs_naming_the_same_thing_are_positives(three):
+    """Two templates around one token are one positive class; captions alone would split them."""
+    import torch
+
+    from clif.losses import multi_positive_targets
+
+    keys = [("<a>",), ("<a>",), ("<b>",), ("<a>", "a chef")]
+    t = multi_positive_targets(keys, "cpu")
+    assert torch.equal(t, torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]]))
+    from clif.captions import Templates as T
+
+    builder = PairBuilder(load_concept_set(three), size=32, segmenter=None, templates=T())
+    pairs = builder.build(40, {"global": 1.0}, seed=0)
+    same = [p.caption for p in pairs if p.key == pairs[0].key]
+    assert len(set(same)) > 1  # one key, several captions: the loss sees one positive class
 
 
 def test_templates_vary_with_the_seed():

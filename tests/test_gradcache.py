@@ -15,6 +15,7 @@ from clif.losses import clip_loss
 from clif.paired import PairedCLIP, default_pair
 from clif.stage import install_embeddings, prepare
 from clif.text_side import TextSide
+from clif.tokens import expand_prompt
 
 
 def clif_args(model, data, out, cache, *extra: str) -> list[str]:
@@ -57,6 +58,23 @@ def test_chunked_gradient_equals_whole_batch(family, tiny_models, concept_set, t
             scale = float(b.abs().max())
             assert scale > 0  # float32 sums in another order: tolerance relative to the gradient's scale
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_text_features_skip_only_positions_after_the_last_eos(tiny_sdxl, concept_set, tmp_path):
+    args = train_clif.build_parser().parse_args(clif_args(tiny_sdxl, concept_set, tmp_path / "o", tmp_path / "c"))
+    inp = prepare(args, text_only=True)
+    install_embeddings(inp)
+    paired = [PairedCLIP(default_pair(str(tiny_sdxl), i, e.config.hidden_size), e, "cpu", torch.float32)
+              for i, e in enumerate(inp.model.text_encoders)]
+    text = TextSide(inp.model, paired, inp.concepts)
+    captions = ["a photo of <redball>", "a rendering of <bluebox> on the left and a dog on the right"]
+    with torch.no_grad():
+        short = text.features(captions)
+        ids = inp.model.tokenize([expand_prompt(c, inp.concepts) for c in captions])
+        full = [p.text_features(e, i, t.eos_token_id)  # all 77 positions
+                for p, e, i, t in zip(paired, inp.model.text_encoders, ids, inp.model.tokenizers)]
+    for a, b in zip(short, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_run_equals_whole_batch_run(tiny_sdxl, concept_set, tmp_path):

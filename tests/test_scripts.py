@@ -45,6 +45,21 @@ def test_run_train_clif_sh_official_defaults(tiny_sd15, concept_set, tmp_path):
     assert json.loads((out / "confusion.json").read_text())["held_out"]["views"]
 
 
+def test_parser_defaults_follow_the_official_code():
+    import train_clif
+    import train_lora
+    import train_ti
+
+    req = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--output_dir", "o"]
+    a = train_clif.build_parser().parse_args(req)
+    assert (a.train_batch_size, a.learning_rate, a.lr_scheduler, a.adam_weight_decay, a.use_8bit_adam) == \
+        (2048, 1e-4, "constant", 1e-2, None)  # None: 8-bit AdamW when bitsandbytes and CUDA exist
+    for script in (train_ti, train_lora):
+        a = script.build_parser().parse_args([*req, "--stage_dir", "s"])
+        assert (a.learning_rate, a.train_batch_size * a.gradient_accumulation_steps) == (2e-4, 64)
+    assert (a.rank, a.lora_alpha, a.embedding_learning_rate) == (16, None, None)  # alpha = rank, emb lr = lr
+
+
 @pytest.mark.parametrize("script", ["train_ti", "train_clif", "train_lora", "inference"])
 def test_help_explains_every_flag(script):
     import importlib
