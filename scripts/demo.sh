@@ -16,7 +16,7 @@ python -m clif.synthetic --out "$D/concepts" --num_concepts 2 --num_images 4
 export MODEL="$D/tiny-sd15" DATA="$D/concepts" RES=64 LAUNCH="--num_processes 1 --num_machines 1 --dynamo_backend no"
 CPU="--mixed_precision no --gradient_accumulation_steps 1"
 OUT="$D/s1-clif" COMMON="" bash run_train_clif.sh $CPU --segmenter "$D/tiny-clipseg" --cache_dir "$D/cache" \
-  --num_pairs 200 --max_train_steps 200 --learning_rate 5e-2 --global_ratio 0.7 --mix_ratio 0.3
+  --num_pairs 200 --train_batch_size 32 --max_train_steps 200 --learning_rate 5e-2 --global_ratio 0.7 --mix_ratio 0.3
 OUT="$D/s2-ti" STAGE="$D/s1-clif" bash run_train_ti.sh $CPU --max_train_steps 40 --learning_rate 5e-3 \
   --train_batch_size 2 --checkpointing_steps 20 --validation_steps 20 --num_validation_images 2 \
   --validation_inference_steps 10 --validation_prompt "a photo of a <redball> next to a <bluebox>"
