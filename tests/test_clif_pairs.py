@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED_DATA, run_cli
 from PIL import Image
 
@@ -15,6 +16,7 @@ from clif import augment
 from clif.augment import PairBuilder
 from clif.captions import LEFT_RIGHT, SINGLE, Templates
 from clif.concepts import load_concept_set
+from clif.confusion import ConfusionProbe
 from clif.regions import RegionSpec, over_segment
 from clif.synthetic import write_concept_set
 
@@ -39,9 +41,9 @@ def test_regions_split_the_mask_reproducibly():
         pytest.skip("../shared/data/break-a-scene-mini absent")
     image = Image.open(scene / "img.jpg").convert("RGB")
     mask = np.asarray(Image.open(scene / "mask0.png").convert("L").resize(image.size)) >= 128
-    spec = RegionSpec(segments=8, min_area=0.05, per_image=5)
+    spec = RegionSpec(segments=8, min_area=0.05, per_image=3)
     regions = over_segment(image, mask, spec)
-    assert 3 <= len(regions) <= 5  # a 3400-px bear: several regions, at most per_image
+    assert len(regions) == 3  # a 3400-px bear: 4 regions large enough, the 3 largest kept
     areas = [int(r.sum()) for r in regions]
     assert areas == sorted(areas, reverse=True) and min(areas) >= max(256, 0.05 * mask.sum())
     assert all(not (r & ~mask).any() for r in regions)  # inside the concept's mask
@@ -94,6 +96,14 @@ def test_held_out_photos_never_reach_a_pair(three):
     views = builder.views(3, seed=1, held_out=True)
     assert len(views) == 9 and all(v.kind == "view" and set(v.sources) <= held for v in views)
     assert not {s for v in builder.views(3, seed=1, held_out=False) for s in v.sources} & held
+
+    class Paired:  # frozen image features, as PairedCLIP computes them
+        def image_features(self, images):
+            return torch.zeros(len(images), 4)
+
+    probe = ConfusionProbe(builder, [Paired()], 2, seed=0)
+    assert {s for v in probe.sets["held_out"] for s in v.sources} == held
+    assert not {s for v in probe.sets["train_views"] for s in v.sources} & held
     # another seed holds out other photos; concepts with < 3 photos hold out none
     other = PairBuilder(concepts, size=64, segmenter=None, holdout=1, seed=5)
     assert other.held_files != builder.held_files
@@ -102,8 +112,6 @@ def test_held_out_photos_never_reach_a_pair(three):
 
 def test_pairs_naming_the_same_thing_are_positives(three):
     """Two templates around one token are one positive class; captions alone would split them."""
-    import torch
-
     from clif.losses import multi_positive_targets
 
     keys = [("<a>",), ("<a>",), ("<b>",), ("<a>", "a chef")]
