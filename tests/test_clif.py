@@ -252,8 +252,10 @@ def test_stage1_text_encoder_lora_is_carried(family, tiny_models, concept_set, s
         assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(img))
 
 
-def test_stage1_resume_is_bit_identical(tiny_sd15, concept_set, segmenter_dir, tmp_path):
-    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--learning_rate", "1e-1"]
+@pytest.mark.parametrize("chunk", [None, "3"])
+def test_stage1_resume_is_bit_identical(chunk, tiny_sd15, concept_set, segmenter_dir, tmp_path):
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--learning_rate",
+             "1e-1", *(["--text_chunk_size", chunk] if chunk else [])]
     full, part = tmp_path / "full", tmp_path / "part"
     train_clif.main(clif_args(tiny_sd15, concept_set, full, segmenter_dir, tmp_path / "c", *extra))
     part.mkdir()

@@ -187,3 +187,40 @@ def test_stage1_pair_bad_inputs(tiny_sd15, concept_set, tmp_path, capsys):
     code, err = run_cli(augment.main, ["--train_data_dir", str(concept_set), "--out", str(out), "--caption_templates",
                                        str(bad)], capsys)
     assert code == 2 and "bad.txt:2" in err and not out.exists()
+
+
+def test_first_step_loss_is_infonce_with_same_subject_positives(tiny_sd15, concept_set, tmp_path):
+    """Replays stage 1's first batch: the logged loss is the symmetric InfoNCE whose positives are the pairs that
+    name the same subjects (keys), not the pairs with identical caption strings."""
+    from clif.common_concepts import common_images
+    from clif.losses import clip_loss
+    from clif.paired import PairedCLIP, clip_image_size, default_pair
+    from clif.stage import install_embeddings, prepare
+    from clif.text_side import TextSide
+    from clif.training import NoiseSource
+
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of {}\na picture of {}\n")
+    out = tmp_path / "s1"
+    argv = clif_args(tiny_sd15, concept_set, out, tmp_path / "c", "--caption_templates", str(templates),
+                     "--train_batch_size", "16", "--max_train_steps", "1", "--mixed_precision", "no")
+    train_clif.main(argv)
+    logged = json.loads((out / "run_stats.json").read_text())["losses"][0]
+
+    args = train_clif.build_parser().parse_args([*argv[:5], str(tmp_path / "replay"), *argv[6:]])
+    inp = prepare(args, text_only=True)
+    clip = default_pair(str(tiny_sd15), 0, inp.model.text_encoders[0].config.hidden_size)
+    builder = augment.builder_from_args(args, inp.concepts, size=clip_image_size(clip), segmenter=None, regions=True)
+    builder.add_common(common_images(concept_set, [], tmp_path / "c"))
+    pairs = builder.build(args.num_pairs, {"global": 0.4, "region": 0.2, "mix": 0.4}, args.seed)
+    install_embeddings(inp)
+    paired = [PairedCLIP(clip, inp.model.text_encoders[0], "cpu", torch.float32)]
+    text = TextSide(inp.model, paired, inp.concepts)
+    idx = torch.randint(len(pairs), (16,), generator=NoiseSource(args.seed, torch.device("cpu"), 16, 0, 16).gen)
+    image = paired[0].image_features([pairs[i].image for i in idx])
+    with torch.no_grad():
+        (feats,) = text.features([pairs[i].caption for i in idx])
+    by_key = clip_loss(feats, image, [pairs[i].key for i in idx], paired[0].logit_scale)
+    by_caption = clip_loss(feats, image, [pairs[i].caption for i in idx], paired[0].logit_scale)
+    assert abs(float(by_key) - logged) <= 1e-5 * abs(logged)
+    assert abs(float(by_caption) - logged) > 1e-3  # the replay can tell the two apart
