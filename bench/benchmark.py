@@ -22,11 +22,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def sd15_text_config():
+    """SD1.5's text encoder (CLIP ViT-L/14 text): hidden 768, 12 layers, 12 heads, intermediate 3072, 77 positions."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        projection_dim=768,
+    )
+
+
 def build_full_sd15(out: Path) -> Path:
     """SD1.5's UNet/VAE/text-encoder architecture (LIBRARY_NOTES numbers), random weights, real CLIP tokenizer."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from clif.tiny import clip_tokenizer
 
@@ -48,20 +66,7 @@ def build_full_sd15(out: Path) -> Path:
         up_block_types=("UpDecoderBlock2D",) * 4,
         scaling_factor=0.18215,
     )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            projection_dim=768,
-        )
-    )
+    te = CLIPTextModel(sd15_text_config())
     sched = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -28,7 +28,8 @@ def one(batch: int, chunk: int, steps: int, warmup: int) -> dict:
     import resource
 
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from benchmark import sd15_text_config
+    from transformers import CLIPTextModel
 
     from clif.captions import Templates
     from clif.concepts import Concept
@@ -41,18 +42,7 @@ def one(batch: int, chunk: int, steps: int, warmup: int) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=768,
-        bos_token_id=49406,
-        eos_token_id=49407,
-    )
-    enc = CLIPTextModel(cfg).to(device).eval().requires_grad_(False)
+    enc = CLIPTextModel(sd15_text_config()).to(device).eval().requires_grad_(False)
     tok = clip_tokenizer()
     concepts = [Concept(n, f"<{n}>", w, w, []) for n, w in (("joe", "man"), ("wukong", "monkey"))]
     first = len(tok)
