@@ -84,8 +84,9 @@ class TransformersCLIP:
     def texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
         out = []
         for s in range(0, len(texts), batch_size):
-            ids = self.tokenizer(texts[s : s + batch_size], padding="max_length", max_length=77, truncation=True,
-                                 return_tensors="pt").input_ids.to(self.device)
+            ids = self.tokenizer(
+                texts[s : s + batch_size], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
             out.append(self.model.get_text_features(input_ids=ids).pooler_output.double().cpu())
         return torch.cat(out)
 

@@ -24,9 +24,22 @@ OTHER = "other"
 def _net(n_classes: int) -> torch.nn.Module:
     c = torch.nn
     return c.Sequential(
-        c.Conv2d(3, 32, 3, padding=1), c.GELU(), c.Conv2d(32, 32, 3, padding=1), c.GELU(), c.MaxPool2d(2),
-        c.Conv2d(32, 64, 3, padding=1), c.GELU(), c.Conv2d(64, 64, 3, padding=1), c.GELU(), c.MaxPool2d(2),
-        c.AdaptiveAvgPool2d((2, 1)), c.Flatten(), c.Linear(128, 64), c.GELU(), c.Linear(64, n_classes))
+        c.Conv2d(3, 32, 3, padding=1),
+        c.GELU(),
+        c.Conv2d(32, 32, 3, padding=1),
+        c.GELU(),
+        c.MaxPool2d(2),
+        c.Conv2d(32, 64, 3, padding=1),
+        c.GELU(),
+        c.Conv2d(64, 64, 3, padding=1),
+        c.GELU(),
+        c.MaxPool2d(2),
+        c.AdaptiveAvgPool2d((2, 1)),
+        c.Flatten(),
+        c.Linear(128, 64),
+        c.GELU(),
+        c.Linear(64, n_classes),
+    )
 
 
 def _negatives(concepts: dict[str, Obj], rng: np.random.Generator) -> Obj:
@@ -34,10 +47,15 @@ def _negatives(concepts: dict[str, Obj], rng: np.random.Generator) -> Obj:
     if rng.random() < 0.6:
         ref = list(concepts.values())[rng.integers(len(concepts))]
         while True:
-            o = replace(ref, pattern=PATTERNS[rng.integers(len(PATTERNS))],
-                        pattern_color=list(COLORS)[rng.integers(len(COLORS))])
-            if all((o.pattern, o.pattern_color) != (c.pattern, c.pattern_color) for c in concepts.values()) and \
-                    o.pattern_color != o.color:
+            o = replace(
+                ref,
+                pattern=PATTERNS[rng.integers(len(PATTERNS))],
+                pattern_color=list(COLORS)[rng.integers(len(COLORS))],
+            )
+            if (
+                all((o.pattern, o.pattern_color) != (c.pattern, c.pattern_color) for c in concepts.values())
+                and o.pattern_color != o.color
+            ):
                 return o
     return random_obj(rng, "center")
 
@@ -56,8 +74,14 @@ def half_crops(concepts: dict[str, Obj], n: int, size: int, seed: int) -> tuple[
             obj = _negatives(concepts, rng) if rng.random() < 0.85 else None
         objs = []
         if obj is not None:
-            objs.append(replace(obj, slot=side, dy=float(rng.uniform(-0.1, 0.1)),
-                                size=obj.size if rng.random() < 0.8 else ("small", "large")[rng.integers(2)]))
+            objs.append(
+                replace(
+                    obj,
+                    slot=side,
+                    dy=float(rng.uniform(-0.1, 0.1)),
+                    size=obj.size if rng.random() < 0.8 else ("small", "large")[rng.integers(2)],
+                )
+            )
         if rng.random() < 0.7:
             objs.append(random_obj(rng, "right" if side == "left" else "left"))
         img = np.asarray(render(Scene(tuple(objs), random_background(rng), int(rng.integers(2**31))), size)[0])
@@ -86,8 +110,9 @@ class Oracle:
         return left, right
 
 
-def train_oracle(concepts: dict[str, Obj], size: int, out: Path, steps: int = 1500, n_train: int = 6000,
-                 seed: int = 0) -> Oracle:
+def train_oracle(
+    concepts: dict[str, Obj], size: int, out: Path, steps: int = 1500, n_train: int = 6000, seed: int = 0
+) -> Oracle:
     """Train (or load from `out`) the oracle; held-out accuracy on fresh renders is stored with it."""
     from safetensors.torch import load_file, save_file
 
@@ -108,8 +133,11 @@ def train_oracle(concepts: dict[str, Obj], size: int, out: Path, steps: int = 15
         x = x_all[idx]
         # robustness to generated images: brightness/colour jitter, pixel noise, 1-px shifts
         x = x * (1 + 0.1 * torch.randn(len(idx), 3, 1, 1, generator=g)) + 0.05 * torch.randn(x.shape, generator=g)
-        x = torch.roll(x, shifts=(int(torch.randint(-1, 2, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))),
-                       dims=(2, 3))
+        x = torch.roll(
+            x,
+            shifts=(int(torch.randint(-1, 2, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))),
+            dims=(2, 3),
+        )
         loss = F.cross_entropy(net(x), y_all[idx])
         opt.zero_grad()
         loss.backward()
@@ -117,7 +145,7 @@ def train_oracle(concepts: dict[str, Obj], size: int, out: Path, steps: int = 15
         for grp in opt.param_groups:
             grp["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
     net.eval()
-    hx, hy = half_crops(concepts, 1500, size, seed + 1)
+    hx, hy = half_crops(concepts, max(64, min(1500, n_train // 4)), size, seed + 1)
     with torch.no_grad():
         acc = float((net(_tensor(hx)).argmax(1) == torch.from_numpy(hy)).float().mean())
     out.mkdir(parents=True, exist_ok=True)
