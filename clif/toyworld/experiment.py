@@ -173,7 +173,7 @@ def run_method(method: str, base: Path, data: Path, work: Path, seed: int, steps
         if key not in cache:
             if not (out / "clif_manifest.json").exists():
                 cache.setdefault("_times", {})["-".join(key)] = run_cmd(
-                    stage_argv(stage, base, data, out, prev, seed, steps), work / "log.txt"
+                    stage_argv(stage, base, data, out, prev, seed, steps), work / f"seed{seed}" / "log.txt"
                 )
             cache[key] = out
         prev = cache[key]
@@ -288,7 +288,7 @@ def aggregate(per_seed: dict) -> dict:
     return table
 
 
-def write_table(table: dict, path: Path, seeds: list[int], times: dict) -> str:
+def write_table(table: dict, path: Path, seeds: list[int], times: dict, stage1: dict | None = None) -> str:
     cols = [
         "oracle_confusion",
         "oracle_correct",
@@ -307,6 +307,12 @@ def write_table(table: dict, path: Path, seeds: list[int], times: dict) -> str:
     for m, vals in table.items():
         cells = [f"{vals[c][0]:.3f} ± {vals[c][1]:.3f}" if c in vals else "–" for c in cols]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for seed, d in (stage1 or {}).items():
+        if "before" in d and "after" in d:
+            lines.append(
+                f"\nStage-1 retrieval accuracy with the world CLIP, {seed} ({d.get('views', 'views')}): "
+                f"{d['before']['accuracy']:.3f} before -> {d['after']['accuracy']:.3f} after"
+            )
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -361,10 +367,12 @@ def run(args: argparse.Namespace) -> dict:
     if not (data / "concepts.json").exists():
         write_concept_set(data, size)
     oracle = train_oracle(LOOKALIKES, size, work / "oracle", steps=args.oracle_steps, n_train=args.oracle_crops)
-    log = work / "log.txt"
-    per_seed, diag, cache, last = {m: [] for m in args.methods}, {}, {}, {}
-    for seed in args.seeds:
-        cache = {"_times": cache.get("_times", {})}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one_seed(seed: int) -> tuple[dict, dict, dict, dict]:
+        """Every method for one seed: its rows, stage-1 diagnostics, stage times, image folders."""
+        (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        log, cache, rows, folders = work / f"seed{seed}" / "log.txt", {}, {}, {}
         for m in args.methods:
             stage = run_method(m, base, data, work, seed, steps, cache)
             folder = generate(
@@ -372,13 +380,20 @@ def run(args: argparse.Namespace) -> dict:
             )
             scores = oracle_scores(oracle, folder)
             ev = evaluate_folder(base, data, folder, work / f"seed{seed}" / f"eval-{m}", log)
-            row = {k: v for k, v in scores.items() if k != "rows"}
-            row.update({k: v for k, v in ev.items() if isinstance(v, (int, float))})
-            per_seed[m].append(row)
+            rows[m] = {k: v for k, v in scores.items() if k != "rows"}
+            rows[m].update({k: v for k, v in ev.items() if isinstance(v, (int, float))})
             (folder / "oracle.json").write_text(json.dumps(scores, indent=2) + "\n")
-            last[m] = folder
-            if "clif" in METHODS[m]:
-                diag[f"seed{seed}"] = stage1_diagnostics(cache[("clif",)])
+            folders[m] = folder
+        diag = stage1_diagnostics(cache[("clif",)]) if ("clif",) in cache else {}
+        return rows, diag, {f"seed{seed}/{k}": v for k, v in cache.get("_times", {}).items()}, folders
+
+    # the stages are subprocesses: seeds can run side by side (--jobs), results stay per seed
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        done = dict(zip(args.seeds, pool.map(one_seed, args.seeds)))
+    per_seed = {m: [done[s][0][m] for s in args.seeds] for m in args.methods}
+    diag = {f"seed{s}": done[s][1] for s in args.seeds if done[s][1]}
+    times = {k: v for s in args.seeds for k, v in done[s][2].items()}
+    last = done[args.seeds[0]][3]
     table = aggregate(per_seed)
     result = {
         "seeds": args.seeds,
@@ -387,10 +402,10 @@ def run(args: argparse.Namespace) -> dict:
         "table": table,
         "per_seed": per_seed,
         "stage1": diag,
-        "times_s": cache.get("_times", {}),
+        "times_s": times,
     }
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(write_table(table, work / "results.md", args.seeds, cache.get("_times", {})))
+    print(write_table(table, work / "results.md", args.seeds, times, diag))
     side_by_side(last, work / "side_by_side.png")
     return result
 
@@ -417,5 +432,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads of each stage (sets OMP_NUM_THREADS; 1 is fastest on a shared machine).",
     )
+    p.add_argument("--jobs", type=int, default=1, help="Seeds run side by side (one core each is best on CPU).")
     p.add_argument("--oracle_crops", type=int, default=6000, help="Rendered half-crops the oracle trains on.")
     p.add_argument("--oracle_steps", type=int, default=1500, help="Training steps of the oracle classifier.")
