@@ -91,11 +91,9 @@ def test_experiment_pipeline_end_to_end(tiny_world, tmp_path):
     from clif.toyworld.__main__ import main
 
     out = tmp_path / "exp"
-    main(
-        "experiment --seeds 0 --clif_steps 2 --ti_steps 2 --lora_steps 2 --images_per_prompt 1 --inference_steps 2 "
-        "--oracle_steps 2 --oracle_crops 64 --methods ti clif".split()
-        + ["--base", str(tiny_world), "--out", str(out)]
-    )
+    flags = "--seeds 0 --clif_steps 2 --ti_steps 2 --lora_steps 2 --images_per_prompt 1 --inference_steps 2"
+    flags += " --oracle_steps 2 --oracle_crops 64 --methods ti clif"
+    main(["experiment", *flags.split(" "), "--base", str(tiny_world), "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert set(res["table"]) == {"ti", "clif"}  # ti_lora is ti + the lora stage, both run here already
     for m in ("ti", "clif"):
