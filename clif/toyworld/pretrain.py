@@ -58,14 +58,52 @@ class Config:
 
 
 PRESETS = {
-    "cpu": {"vae_channels": (16, 32, 64), "unet_layers": 1, "clip_steps": 700, "vae_steps": 1500, "vae_batch": 32,
-            "vae_lr": 1e-3, "unet_steps": 2600, "unet_batch": 64, "unet_lr": 6e-4, "ema": 0.998},
-    "gpu": {"size": 64, "scenes": 100000, "text_width": 128, "vit_width": 128, "patch": 8,
-            "vae_channels": (32, 64, 128), "unet_channels": (96, 192, 192), "clip_steps": 4000, "clip_batch": 1024,
-            "vae_steps": 6000, "vae_batch": 128, "unet_steps": 30000, "unet_batch": 256},
-    "test": {"scenes": 64, "text_width": 32, "text_layers": 1, "vit_width": 32, "vit_layers": 1,
-             "vae_channels": (8, 16, 16), "unet_channels": (16, 32, 32), "unet_layers": 1, "clip_steps": 2,
-             "clip_batch": 8, "vae_steps": 2, "vae_batch": 4, "unet_steps": 2, "unet_batch": 4},
+    # sized for ~30 core-minutes on a shared 2-core machine (the issue-8 session had no GPU)
+    "cpu": {
+        "vae_channels": (16, 32, 64),
+        "unet_channels": (48, 96, 96),
+        "unet_layers": 1,
+        "clip_steps": 300,
+        "clip_batch": 192,
+        "vae_steps": 800,
+        "vae_batch": 32,
+        "vae_lr": 1e-3,
+        "unet_steps": 2000,
+        "unet_batch": 48,
+        "unet_lr": 8e-4,
+        "ema": 0.995,
+    },
+    "gpu": {
+        "size": 64,
+        "scenes": 100000,
+        "text_width": 128,
+        "vit_width": 128,
+        "patch": 8,
+        "vae_channels": (32, 64, 128),
+        "unet_channels": (96, 192, 192),
+        "clip_steps": 4000,
+        "clip_batch": 1024,
+        "vae_steps": 6000,
+        "vae_batch": 128,
+        "unet_steps": 30000,
+        "unet_batch": 256,
+    },
+    "test": {
+        "scenes": 64,
+        "text_width": 32,
+        "text_layers": 1,
+        "vit_width": 32,
+        "vit_layers": 1,
+        "vae_channels": (8, 16, 16),
+        "unet_channels": (16, 32, 32),
+        "unet_layers": 1,
+        "clip_steps": 2,
+        "clip_batch": 8,
+        "vae_steps": 2,
+        "vae_batch": 4,
+        "unet_steps": 2,
+        "unet_batch": 4,
+    },
 }
 
 SAMPLE_CAPTIONS = (
@@ -84,13 +122,29 @@ SAMPLE_CAPTIONS = (
 def clip_config(cfg: Config):
     from transformers import CLIPConfig
 
-    text = dict(vocab_size=49408, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
-                hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                projection_dim=cfg.text_width)
-    vision = dict(hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width, num_hidden_layers=cfg.vit_layers,
-                  num_attention_heads=4, image_size=cfg.size, patch_size=cfg.patch, hidden_act="quick_gelu",
-                  projection_dim=cfg.text_width)
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": cfg.text_width,
+        "intermediate_size": 4 * cfg.text_width,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": cfg.text_width,
+    }
+    vision = {
+        "hidden_size": cfg.vit_width,
+        "intermediate_size": 4 * cfg.vit_width,
+        "num_hidden_layers": cfg.vit_layers,
+        "num_attention_heads": 4,
+        "image_size": cfg.size,
+        "patch_size": cfg.patch,
+        "hidden_act": "quick_gelu",
+        "projection_dim": cfg.text_width,
+    }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_width)
 
 
@@ -98,9 +152,17 @@ def build_vae(cfg: Config):
     from diffusers import AutoencoderKL
 
     n = len(cfg.vae_channels)
-    return AutoencoderKL(block_out_channels=cfg.vae_channels, in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         layers_per_block=1, norm_num_groups=8, sample_size=cfg.size)
+    return AutoencoderKL(
+        block_out_channels=cfg.vae_channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=cfg.size,
+    )
 
 
 def build_unet(cfg: Config):
@@ -108,18 +170,31 @@ def build_unet(cfg: Config):
 
     c = cfg.unet_channels
     return UNet2DConditionModel(
-        sample_size=cfg.size // 2 ** (len(cfg.vae_channels) - 1), in_channels=4, out_channels=4,
-        block_out_channels=c, layers_per_block=cfg.unet_layers, norm_num_groups=8,
+        sample_size=cfg.size // 2 ** (len(cfg.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=c,
+        layers_per_block=cfg.unet_layers,
+        norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock2D",) * (len(c) - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1),
-        cross_attention_dim=cfg.text_width, attention_head_dim=4)
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=4,
+    )
 
 
 def noise_scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
 
 
 def text_encoder_from(clip):
@@ -179,13 +254,23 @@ def _load(path: Path) -> dict | None:
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def train_part(cfg: Config, work: Path, part: str, model: torch.nn.Module, steps: int, lr: float,
-               loss_fn, every: int, ema: torch.nn.Module | None = None) -> list[float]:
+def train_part(
+    cfg: Config,
+    work: Path,
+    part: str,
+    model: torch.nn.Module,
+    steps: int,
+    lr: float,
+    loss_fn,
+    every: int,
+    ema: torch.nn.Module | None = None,
+) -> list[float]:
     """Generic resumable loop: AdamW, linear warm-up then cosine, optional EMA; returns the loss log."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, min(500, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
     ckpt, log, start = work / f"{part}.ckpt", [], 0
     state = _load(ckpt)
     if state is not None:
@@ -212,8 +297,17 @@ def train_part(cfg: Config, work: Path, part: str, model: torch.nn.Module, steps
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
         if (step + 1) % every == 0 or step + 1 == steps:
-            _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "ema": ema.state_dict() if ema is not None else {}, "step": step + 1, "log": log})
+            _save(
+                ckpt,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "step": step + 1,
+                    "log": log,
+                },
+            )
             if part == "unet" and cfg.extra.get("on_checkpoint"):
                 cfg.extra["on_checkpoint"](step + 1)
     model.eval()
@@ -264,7 +358,12 @@ def pretrain_vae(cfg: Config, work: Path, imgs: np.ndarray, every: int):
     log = train_part(cfg, work, "vae", vae, cfg.vae_steps, cfg.vae_lr, loss_fn, every)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([vae.encode(to_tensor(imgs[s : s + 256], "vae")).latent_dist.mean for s in range(0, min(1024, len(imgs)), 256)])
+        z = torch.cat(
+            [
+                vae.encode(to_tensor(imgs[s : s + 256], "vae")).latent_dist.mean
+                for s in range(0, min(1024, len(imgs)), 256)
+            ]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return vae, log
 
@@ -308,9 +407,16 @@ def pretrain_unet(cfg: Config, work: Path, lat: torch.Tensor, hid: torch.Tensor,
 def assemble(clip, vae, unet):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder_from(clip), tokenizer=clip_tokenizer(),
-                                   unet=unet, scheduler=noise_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder_from(clip),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=noise_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def save_world(pipe, clip, cfg: Config, out: Path) -> None:
@@ -319,8 +425,13 @@ def save_world(pipe, clip, cfg: Config, out: Path) -> None:
 
     pipe.save_pretrained(out)
     clip.save_pretrained(out / "paired_clip")
-    CLIPImageProcessor(size={"shortest_edge": cfg.size}, crop_size={"height": cfg.size, "width": cfg.size},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out / "paired_clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": cfg.size},
+        crop_size={"height": cfg.size, "width": cfg.size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(out / "paired_clip")
+    clip_tokenizer().save_pretrained(out / "paired_clip")  # evaluate.py reads the folder as a whole CLIP
     meta = {k: v for k, v in asdict(cfg).items() if k != "extra"}
     (out / "toyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -332,12 +443,18 @@ def sample_grid(pipe, path: Path, captions=SAMPLE_CAPTIONS, seeds=(0, 1, 2), ste
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(captions), len(seeds), figsize=(1.6 * len(seeds) + 4.2, 1.6 * len(captions)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(captions), len(seeds), figsize=(1.6 * len(seeds) + 4.2, 1.6 * len(captions)), squeeze=False
+    )
     for r, cap in enumerate(captions):
         for c, s in enumerate(seeds):
-            img = pipe(cap, num_inference_steps=steps, guidance_scale=guidance, output_type="pil",
-                       generator=torch.Generator().manual_seed(s)).images[0]
+            img = pipe(
+                cap,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                output_type="pil",
+                generator=torch.Generator().manual_seed(s),
+            ).images[0]
             ax = axes[r][c]
             ax.imshow(img, interpolation="nearest")
             ax.set_xticks([])
@@ -382,18 +499,21 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
 
     `part` clip/vae trains only that part (the two are independent and may run in parallel processes)."""
     work.mkdir(parents=True, exist_ok=True)
-    imgs, caps, ids = world_data(cfg, work)
+    imgs, _caps, ids = world_data(cfg, work)
     held = slice(0, 256)  # CLIP / VAE checks use the first scenes of a separate seed
-    h_imgs, _, h_ids = world_data(Config(**{**asdict(cfg), "scenes": min(256, cfg.scenes), "seed": cfg.seed + 999}),
-                                  work)
+    h_imgs, _, h_ids = world_data(
+        Config(**{**asdict(cfg), "scenes": min(256, cfg.scenes), "seed": cfg.seed + 999}), work
+    )
     if part == "vae":
         pretrain_vae(cfg, work, imgs, every)
         return work
     clip, clip_log = pretrain_clip(cfg, work, imgs, ids, every)
     if part == "clip":
         return work
-    stats = {"clip_retrieval_top1_heldout": clip_retrieval(clip, h_imgs[held], h_ids[held]),
-             "clip_retrieval_chance": 1 / len(h_imgs[held])}
+    stats = {
+        "clip_retrieval_top1_heldout": clip_retrieval(clip, h_imgs[held], h_ids[held]),
+        "clip_retrieval_chance": 1 / len(h_imgs[held]),
+    }
     vae, vae_log = pretrain_vae(cfg, work, imgs, every)
     with torch.no_grad():
         x = to_tensor(h_imgs[:64], "vae")
@@ -401,22 +521,28 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
     encoder = text_encoder_from(clip)
     lat, hid = encode_all(vae, encoder, imgs, ids)
     with torch.no_grad():
-        empty = encoder(clip_tokenizer()([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-                        ).last_hidden_state[0]
+        empty = encoder(
+            clip_tokenizer()([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ).last_hidden_state[0]
     if grids:
+
         def on_ckpt(step: int) -> None:
             ema_now = build_unet(cfg)
             ema_now.load_state_dict(_load(work / "unet.ckpt")["ema"])
-            sample_grid(assemble(clip, vae, ema_now.eval()), work / "grids" / f"unet_{step:06d}.png", seeds=(0, 1),
-                        steps=20)
+            sample_grid(
+                assemble(clip, vae, ema_now.eval()), work / "grids" / f"unet_{step:06d}.png", seeds=(0, 1), steps=20
+            )
 
         cfg.extra["on_checkpoint"] = on_ckpt
     unet, unet_log = pretrain_unet(cfg, work, lat, hid, empty, every)
     pipe = assemble(clip, vae, unet)
     tmp = out.with_name(out.name + ".tmp")
     save_world(pipe, clip, cfg, tmp)
-    stats.update(unet_final_loss=float(np.mean(unet_log[-200:])), clip_final_loss=float(np.mean(clip_log[-100:])),
-                 vae_final_loss=float(np.mean(vae_log[-100:])))
+    stats.update(
+        unet_final_loss=float(np.mean(unet_log[-200:])),
+        clip_final_loss=float(np.mean(clip_log[-100:])),
+        vae_final_loss=float(np.mean(vae_log[-100:])),
+    )
     (tmp / "pretrain_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot_losses({"clip": clip_log, "vae": vae_log, "unet": unet_log}, work / "losses.png")
     if grids:
@@ -432,16 +558,28 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="Folder to write the pretrained world (a diffusers pipeline) into.")
     p.add_argument("--work", default=None, help="Checkpoints, data cache, sample grids (default: OUT.work).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: 32 px, fits ~1 h on 2 cores; gpu: 64 px, larger; test: tiny, 2 steps per part.")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu: 32 px, fits ~1 h on 2 cores; gpu: 64 px, larger; test: tiny, 2 steps per part.",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the world and of every weight init.")
     p.add_argument("--checkpoint_every", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     p.add_argument("--unet_steps", type=int, default=None, help="Override the preset's UNet steps.")
     p.add_argument("--no_grids", action="store_true", help="Skip the sample grids (faster; tests).")
-    p.add_argument("--part", choices=["all", "clip", "vae"], default="all",
-                   help="Train only CLIP or only the VAE (independent: run both at once, then 'all').")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores; 1 is fastest when the cores are shared).")
+    p.add_argument(
+        "--part",
+        choices=["all", "clip", "vae"],
+        default="all",
+        help="Train only CLIP or only the VAE (independent: run both at once, then 'all').",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores; 1 is fastest when the cores are shared).",
+    )
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -15,9 +15,16 @@ from PIL import Image, ImageDraw
 
 CLASSES = ("ball", "box", "cup", "star", "ring", "heart")
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 30),
-    "purple": (140, 50, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
-    "pink": (245, 130, 190), "brown": (130, 80, 40),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "pink": (245, 130, 190),
+    "brown": (130, 80, 40),
 }
 PATTERNS = ("solid", "stripes", "dots", "checks")
 SIZES = ("small", "large")
@@ -63,15 +70,31 @@ class Scene:
         return " and ".join(f"{o.phrase()} on the {o.slot}" for o in self.objects)
 
 
+def templated(caption: str, rng: np.random.Generator) -> str:
+    """Half the captions are wrapped in a stage-2 object template ("a photo of the {}"), so the world's text
+    encoder knows the words the training templates and prompts use; sizes stay the caption's own."""
+    from ..data import OBJECT_TEMPLATES
+
+    if rng.random() < 0.5:
+        return caption
+    usable = [t for t in OBJECT_TEMPLATES if "small" not in t and "large" not in t]
+    return usable[rng.integers(len(usable))].format(caption[2:])  # drop the caption's own leading "a "
+
+
 def random_obj(rng: np.random.Generator, slot: str) -> Obj:
     """An object with every attribute drawn at random (pattern colour differs from body colour)."""
     names = list(COLORS)
     color = names[rng.integers(len(names))]
     others = [c for c in names if c != color]
     return Obj(
-        cls=CLASSES[rng.integers(len(CLASSES))], color=color, pattern=PATTERNS[rng.integers(len(PATTERNS))],
-        pattern_color=others[rng.integers(len(others))], size=SIZES[rng.integers(len(SIZES))],
-        mark=MARKS[rng.integers(len(MARKS))], mark_color=others[rng.integers(len(others))], slot=slot,
+        cls=CLASSES[rng.integers(len(CLASSES))],
+        color=color,
+        pattern=PATTERNS[rng.integers(len(PATTERNS))],
+        pattern_color=others[rng.integers(len(others))],
+        size=SIZES[rng.integers(len(SIZES))],
+        mark=MARKS[rng.integers(len(MARKS))],
+        mark_color=others[rng.integers(len(others))],
+        slot=slot,
         dy=float(rng.uniform(-0.08, 0.08)),
     )
 
@@ -104,12 +127,19 @@ def _shape_mask(obj: Obj, size: int) -> Image.Image:
     elif obj.cls == "box":
         d.rectangle([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=255)
     elif obj.cls == "cup":
-        d.polygon([(cx - r, cy - r * 0.8), (cx + r * 0.7, cy - r * 0.8), (cx + r * 0.5, cy + r), (cx - r * 0.8, cy + r)],
-                  fill=255)
+        d.polygon(
+            [(cx - r, cy - r * 0.8), (cx + r * 0.7, cy - r * 0.8), (cx + r * 0.5, cy + r), (cx - r * 0.8, cy + r)],
+            fill=255,
+        )
         d.ellipse([cx + r * 0.35, cy - r * 0.5, cx + r * 1.15, cy + r * 0.4], outline=255, width=max(1, int(r * 0.22)))
     elif obj.cls == "star":
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
+        pts = [
+            (
+                cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         d.polygon(pts, fill=255)
     elif obj.cls == "ring":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
@@ -179,7 +209,7 @@ def render_batch(seed: int, count: int, size: int = 32) -> tuple[np.ndarray, lis
     for i in range(count):
         scene = random_scene(rng)
         imgs[i] = np.asarray(render(scene, size)[0])
-        caps.append(scene.caption())
+        caps.append(templated(scene.caption(), rng))
     return imgs, caps
 
 
@@ -188,4 +218,4 @@ def with_slot(obj: Obj, slot: str, rng: np.random.Generator | None = None) -> Ob
     return replace(obj, slot=slot, dy=float(rng.uniform(-0.08, 0.08)) if rng is not None else obj.dy)
 
 
-__all__ = ["CLASSES", "COLORS", "Obj", "Scene", "random_scene", "render", "render_batch", "with_slot", "field"]
+__all__ = ["CLASSES", "COLORS", "Obj", "Scene", "field", "random_scene", "render", "render_batch", "with_slot"]
