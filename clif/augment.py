@@ -18,7 +18,7 @@ from .captions import Templates, load_templates
 from .cli import UserError, non_negative, positive
 from .concepts import Concept
 from .masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
-from .regions import MIN_PIXELS, RegionSpec, over_segment
+from .regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
 
 KINDS = ("global", "region", "mix")
 
@@ -147,8 +147,8 @@ class PairBuilder:
                 found = over_segment(im, self._mask(path, c.masks_dir, c.class_word, None, im.size), spec)
                 if not found:
                     raise UserError(
-                        f"{path}: no region of its mask is large enough (>= {MIN_PIXELS} px and >= "
-                        f"{spec.min_area:.0%} of the mask) for Region pairs; use a larger mask or image, a smaller "
+                        f"{path}: no region of its mask is large enough (>= {MIN_IMAGE_SHARE:.1%} of the photo "
+                        f"and >= {spec.min_area:.0%} of the mask) for Region pairs; use a larger mask, a smaller "
                         "--min_region_area, or --region_ratio 0"
                     )
                 self.region_masks[i].append((path, found))
@@ -229,7 +229,7 @@ def add_pair_args(p) -> None:
         "--min_region_area",
         type=positive(float),
         default=d.min_area,
-        help="Regions smaller than this fraction of the concept's mask (or 16x16 px) are dropped.",
+        help="Regions smaller than this fraction of the concept's mask (or 0.5%% of the photo) are dropped.",
     )
     p.add_argument(
         "--regions_per_image", type=positive(int), default=d.per_image, help="At most this many (largest) regions."

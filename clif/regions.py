@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-MIN_PIXELS = 16 * 16  # below this a region keeps no detail once resized to the CLIP input (224 px)
+MIN_IMAGE_SHARE = 0.005  # a region under 0.5 % of the photo (16x16 px of a 224-px CLIP input) keeps no detail
 
 
 @dataclass(frozen=True)
 class RegionSpec:
-    """How a mask is split: about `segments` superpixels (fewer for small masks, so each keeps >= MIN_PIXELS),
-    regions under `min_area` of the mask (edge slivers) or MIN_PIXELS are dropped, the `per_image` largest kept."""
+    """How a mask is split: about `segments` superpixels (fewer for small masks, so each can keep MIN_IMAGE_SHARE
+    of the photo); regions under `min_area` of the mask (edge slivers) or under MIN_IMAGE_SHARE of the photo are
+    dropped; the `per_image` largest are kept."""
 
     segments: int = 8
     min_area: float = 0.05
@@ -32,15 +33,16 @@ def over_segment(image: Image.Image, mask: np.ndarray, spec: RegionSpec) -> list
     from skimage.segmentation import slic
 
     area = int(mask.sum())
+    floor = MIN_IMAGE_SHARE * mask.size
     labels = slic(
         np.asarray(image.convert("RGB")),
-        n_segments=max(2, min(spec.segments, area // (2 * MIN_PIXELS))),
+        n_segments=max(2, min(spec.segments, int(area / (2 * floor)))),
         compactness=10.0,
         mask=mask,
         start_label=1,
         channel_axis=-1,
     )
-    min_px = max(MIN_PIXELS, spec.min_area * area)
+    min_px = max(floor, spec.min_area * area)
     found = []
     for k in np.unique(labels[labels > 0]):
         region = labels == k

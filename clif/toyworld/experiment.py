@@ -271,7 +271,11 @@ def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) 
 
 def stage1_diagnostics(stage1: Path) -> dict:
     f = stage1 / "confusion.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+    if not f.exists():
+        return {}
+    conf = json.loads(f.read_text())
+    # the held-out photos' matrix when the concepts have >= 3 photos, else the (labelled) train-photo one
+    return next((conf[k] for k in ("held_out", "train_views") if (conf.get(k) or {}).get("views")), conf)
 
 
 def aggregate(per_seed: dict) -> dict:
