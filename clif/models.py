@@ -59,6 +59,27 @@ class DiffusionModel:
         return self.vae.config.scaling_factor
 
     @property
+    def text_encoder_names(self) -> list[str]:
+        """The pipeline's component names of the text encoders ('text_encoder', 'text_encoder_2')."""
+        return ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(len(self.text_encoders))]
+
+    @property
+    def kohya_text_prefixes(self) -> list[str]:
+        """kohya/A1111/ComfyUI key prefix of each text encoder: SD 1.x/2.x 'lora_te', SDXL 'lora_te1'/'lora_te2'."""
+        if len(self.text_encoders) == 1:
+            return ["lora_te"]
+        return [f"lora_te{i + 1}" for i in range(len(self.text_encoders))]
+
+    def kohya_metadata(self) -> dict[str, str]:
+        """The kohya header fields by which A1111 and others tell the base model (sd_v1, sd_v2[_v], sdxl_base_v1-0)."""
+        if self.family == "sdxl":
+            return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+        # SD 2.x uses the OpenCLIP ViT-H text tower (width 1024); SD 1.x CLIP ViT-L (768)
+        v2 = self.text_encoders[0].config.hidden_size == 1024
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if self.prediction_type == "v_prediction" else "")
+        return {"ss_base_model_version": version, "ss_v2": str(v2)}
+
+    @property
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
