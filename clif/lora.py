@@ -59,7 +59,8 @@ def text_state_dict(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     from peft.utils import get_peft_model_state_dict
 
-    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in get_peft_model_state_dict(enc).items()}
+    state = get_peft_model_state_dict(enc)
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
 def _diffusers_layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
