@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_embedding, run_cli, stock_pipeline, ti_args
+from conftest import SHARED_DATA, load_embedding, needs_data, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -118,7 +118,7 @@ def test_frozen_embeddings_and_prior_preservation(tiny_sd15, concept_set, ti_run
         assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0 freezes the rows exactly
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dreambench-mini").is_dir(), reason="../shared/data/dreambench-mini absent")
+@needs_data("dreambench-mini")
 def test_loss_falls_when_overfitting_two_concepts(tiny_sd15, tmp_path):
     root = tmp_path / "db"
     root.mkdir()

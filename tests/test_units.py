@@ -135,3 +135,21 @@ def test_diffusion_loss_target_follows_prediction_type(prediction):
     target = eps if prediction == "epsilon" else a * eps - s * x0
     torch.testing.assert_close(loss, (target**2).mean())
     assert not math.isclose(float((eps**2).mean()), float(((a * eps - s * x0) ** 2).mean()), rel_tol=1e-3)
+
+
+def test_missing_real_photos_skip_locally_and_fail_under_ci(monkeypatch, tmp_path):
+    """A needs_data test whose data set is absent: skipped with its reason, but a failure when CI=true."""
+    import conftest
+
+    (tmp_path / "there").mkdir()
+    assert conftest.data_gate(["there"], tmp_path, ci=True) is None
+    assert conftest.data_gate(["there", "gone"], tmp_path, ci=False) == ("skip", f"{tmp_path / 'gone'} absent")
+    assert conftest.data_gate(["gone"], tmp_path, ci=True)[0] == "fail"
+
+    item = type("Item", (), {"iter_markers": lambda self, name: [conftest.needs_data("no-such-set").mark]})()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-such-set absent"):
+        conftest.pytest_runtest_setup(item)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no-such-set absent"):
+        conftest.pytest_runtest_setup(item)
