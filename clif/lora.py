@@ -29,18 +29,25 @@ def check_targets(module: torch.nn.Module, targets: list[str], what: str) -> Non
 
 
 def add_lora(
-    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str]
+    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0
 ) -> list[torch.nn.Parameter]:
-    """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params."""
+    """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params.
+
+    The random init of the down-weights comes from `seed`, not the global RNG: every process of a multi-process
+    run starts from the same adapter, and two runs with the same arguments are equal.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
     )
-    if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):  # diffusers models
-        module.add_adapter(config)
-    else:  # transformers 5.24's add_adapter demands peft >= 0.22, unreleased: inject with peft directly
-        inject_adapter_in_model(config, module)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):  # diffusers models
+            module.add_adapter(config)
+        else:  # transformers 5.24's add_adapter demands peft >= 0.22, unreleased: inject with peft directly
+            inject_adapter_in_model(config, module)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -61,7 +61,7 @@ class DiffusionModel:
     @property
     def text_encoder_names(self) -> list[str]:
         """The pipeline's component names of the text encoders ('text_encoder', 'text_encoder_2')."""
-        return ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(len(self.text_encoders))]
+        return _encoder_names(len(self.text_encoders))
 
     @property
     def kohya_text_prefixes(self) -> list[str]:
@@ -84,6 +84,14 @@ class DiffusionModel:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+
+    def text_components(self) -> dict:
+        """The tokenizer/text-encoder arguments of the family's pipeline class (SD: no safety checker)."""
+        comps = {}
+        for i, name in enumerate(self.text_encoder_names):
+            comps[name] = self.text_encoders[i]
+            comps[name.replace("text_encoder", "tokenizer")] = self.tokenizers[i]
+        return {**comps, **pipeline_extras(self.family)}
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids of `prompts` for each tokenizer, padded to 77 (memoised per caption)."""
@@ -118,6 +126,33 @@ class DiffusionModel:
     def fingerprint(self) -> str:
         """A short hash of the text encoders' vocabulary rows: identifies the base model wherever it is stored."""
         return fingerprint(self.text_encoders)
+
+
+def _encoder_names(n: int) -> list[str]:
+    return ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(n)]
+
+
+def pipeline_extras(family: str) -> dict:
+    """Extra pipeline arguments of a family: SD 1.x/2.x pipelines are built without the safety checker."""
+    return (
+        {}
+        if family == "sdxl"
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
+
+
+def from_pipeline(pipe, family: str, base: str) -> DiffusionModel:
+    """The components of a loaded diffusers pipeline, seen through the family seam (inference uses stock pipelines)."""
+    names = _encoder_names(2 if family == "sdxl" else 1)
+    return DiffusionModel(
+        family,
+        base,
+        [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names],
+        [getattr(pipe, n) for n in names],
+        pipe.unet,
+        pipe.vae,
+        pipe.scheduler,
+    )
 
 
 def fingerprint(text_encoders: list) -> str:
