@@ -84,13 +84,13 @@ SAMPLE_CAPTIONS = (
 def clip_config(cfg: Config):
     from transformers import CLIPConfig
 
-    text = dict(vocab_size=49408, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
-                hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                projection_dim=cfg.text_width)
-    vision = dict(hidden_size=cfg.vit_width, intermediate_size=4 * cfg.vit_width, num_hidden_layers=cfg.vit_layers,
-                  num_attention_heads=4, image_size=cfg.size, patch_size=cfg.patch, hidden_act="quick_gelu",
-                  projection_dim=cfg.text_width)
+    text = {"vocab_size": 49408, "hidden_size": cfg.text_width, "intermediate_size": 4 * cfg.text_width,
+                "num_hidden_layers": cfg.text_layers, "num_attention_heads": 4, "max_position_embeddings": 77,
+                "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+                "projection_dim": cfg.text_width}
+    vision = {"hidden_size": cfg.vit_width, "intermediate_size": 4 * cfg.vit_width, "num_hidden_layers": cfg.vit_layers,
+                  "num_attention_heads": 4, "image_size": cfg.size, "patch_size": cfg.patch, "hidden_act": "quick_gelu",
+                  "projection_dim": cfg.text_width}
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_width)
 
 
@@ -264,7 +264,8 @@ def pretrain_vae(cfg: Config, work: Path, imgs: np.ndarray, every: int):
     log = train_part(cfg, work, "vae", vae, cfg.vae_steps, cfg.vae_lr, loss_fn, every)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([vae.encode(to_tensor(imgs[s : s + 256], "vae")).latent_dist.mean for s in range(0, min(1024, len(imgs)), 256)])
+        z = torch.cat([vae.encode(to_tensor(imgs[s : s + 256], "vae")).latent_dist.mean
+                       for s in range(0, min(1024, len(imgs)), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return vae, log
 
@@ -382,7 +383,7 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
 
     `part` clip/vae trains only that part (the two are independent and may run in parallel processes)."""
     work.mkdir(parents=True, exist_ok=True)
-    imgs, caps, ids = world_data(cfg, work)
+    imgs, _caps, ids = world_data(cfg, work)
     held = slice(0, 256)  # CLIP / VAE checks use the first scenes of a separate seed
     h_imgs, _, h_ids = world_data(Config(**{**asdict(cfg), "scenes": min(256, cfg.scenes), "seed": cfg.seed + 999}),
                                   work)

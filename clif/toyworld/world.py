@@ -104,8 +104,8 @@ def _shape_mask(obj: Obj, size: int) -> Image.Image:
     elif obj.cls == "box":
         d.rectangle([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=255)
     elif obj.cls == "cup":
-        d.polygon([(cx - r, cy - r * 0.8), (cx + r * 0.7, cy - r * 0.8), (cx + r * 0.5, cy + r), (cx - r * 0.8, cy + r)],
-                  fill=255)
+        d.polygon([(cx - r, cy - r * 0.8), (cx + r * 0.7, cy - r * 0.8), (cx + r * 0.5, cy + r),
+                   (cx - r * 0.8, cy + r)], fill=255)
         d.ellipse([cx + r * 0.35, cy - r * 0.5, cx + r * 1.15, cy + r * 0.4], outline=255, width=max(1, int(r * 0.22)))
     elif obj.cls == "star":
         pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
@@ -188,4 +188,4 @@ def with_slot(obj: Obj, slot: str, rng: np.random.Generator | None = None) -> Ob
     return replace(obj, slot=slot, dy=float(rng.uniform(-0.08, 0.08)) if rng is not None else obj.dy)
 
 
-__all__ = ["CLASSES", "COLORS", "Obj", "Scene", "random_scene", "render", "render_batch", "with_slot", "field"]
+__all__ = ["CLASSES", "COLORS", "Obj", "Scene", "field", "random_scene", "render", "render_batch", "with_slot"]
