@@ -58,8 +58,10 @@ class Config:
 
 
 PRESETS = {
-    "cpu": {"vae_channels": (16, 32, 64), "unet_layers": 1, "clip_steps": 700, "vae_steps": 1500, "vae_batch": 32,
-            "vae_lr": 1e-3, "unet_steps": 2600, "unet_batch": 64, "unet_lr": 6e-4, "ema": 0.998},
+    # sized for ~30 core-minutes on a shared 2-core machine (the issue-8 session had no GPU)
+    "cpu": {"vae_channels": (16, 32, 64), "unet_channels": (48, 96, 96), "unet_layers": 1, "clip_steps": 300,
+            "clip_batch": 192, "vae_steps": 800, "vae_batch": 32, "vae_lr": 1e-3, "unet_steps": 2000,
+            "unet_batch": 48, "unet_lr": 8e-4, "ema": 0.995},
     "gpu": {"size": 64, "scenes": 100000, "text_width": 128, "vit_width": 128, "patch": 8,
             "vae_channels": (32, 64, 128), "unet_channels": (96, 192, 192), "clip_steps": 4000, "clip_batch": 1024,
             "vae_steps": 6000, "vae_batch": 128, "unet_steps": 30000, "unet_batch": 256},
@@ -322,6 +324,7 @@ def save_world(pipe, clip, cfg: Config, out: Path) -> None:
     clip.save_pretrained(out / "paired_clip")
     CLIPImageProcessor(size={"shortest_edge": cfg.size}, crop_size={"height": cfg.size, "width": cfg.size},
                        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out / "paired_clip")
+    clip_tokenizer().save_pretrained(out / "paired_clip")  # evaluate.py reads the folder as a whole CLIP
     meta = {k: v for k, v in asdict(cfg).items() if k != "extra"}
     (out / "toyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -63,6 +63,17 @@ class Scene:
         return " and ".join(f"{o.phrase()} on the {o.slot}" for o in self.objects)
 
 
+def templated(caption: str, rng: np.random.Generator) -> str:
+    """Half the captions are wrapped in a stage-2 object template ("a photo of the {}"), so the world's text
+    encoder knows the words the training templates and prompts use; sizes stay the caption's own."""
+    from ..data import OBJECT_TEMPLATES
+
+    if rng.random() < 0.5:
+        return caption
+    usable = [t for t in OBJECT_TEMPLATES if "small" not in t and "large" not in t]
+    return usable[rng.integers(len(usable))].format(caption[2:])  # drop the caption's own leading "a "
+
+
 def random_obj(rng: np.random.Generator, slot: str) -> Obj:
     """An object with every attribute drawn at random (pattern colour differs from body colour)."""
     names = list(COLORS)
@@ -179,7 +190,7 @@ def render_batch(seed: int, count: int, size: int = 32) -> tuple[np.ndarray, lis
     for i in range(count):
         scene = random_scene(rng)
         imgs[i] = np.asarray(render(scene, size)[0])
-        caps.append(scene.caption())
+        caps.append(templated(scene.caption(), rng))
     return imgs, caps
 
 
