@@ -34,7 +34,8 @@ def build_parser():
     )
     p.add_argument("--output_dir", required=True, help="Where metrics.json/.csv/.md and metrics.png go.")
     p.add_argument("--overwrite", action="store_true", help="Replace earlier metrics in --output_dir.")
-    p.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name, hf-hub:org/repo, local-dir:/path, or a transformers CLIPModel folder "
+    p.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name, hf-hub:org/repo, local-dir:/path, "
+        "or a transformers CLIPModel folder "
         "(e.g. the toy world's paired_clip/).")
     p.add_argument(
         "--clip_pretrained", default="openai", help="open_clip pretrained tag (ignored for hf-hub:/local-dir:)."

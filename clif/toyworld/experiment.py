@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .oracle import OTHER, Oracle, train_oracle
@@ -103,7 +102,7 @@ def run_cmd(argv: list[str], log: Path) -> float:
     with open(log, "a") as f:
         f.write("$ " + " ".join(argv) + "\n")
         f.flush()
-        r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"{argv[1]} failed (exit {r.returncode}); see {log}:\n" + log.read_text()[-2000:])
     return time.time() - t
@@ -152,7 +151,8 @@ def oracle_scores(oracle: Oracle, folder: Path) -> dict:
                      "correct": [pl, pr] == [left, right], "swapped": [pl, pr] == [right, left],
                      "confused": bool(confused)})
     n = max(1, len(rows))
-    return {"oracle_confusion": sum(r["confused"] for r in rows) / n, "oracle_correct": sum(r["correct"] for r in rows) / n,
+    return {"oracle_confusion": sum(r["confused"] for r in rows) / n,
+            "oracle_correct": sum(r["correct"] for r in rows) / n,
             "oracle_swapped": sum(r["swapped"] for r in rows) / n, "n_images": len(rows), "rows": rows}
 
 
@@ -175,8 +175,10 @@ def aggregate(per_seed: dict) -> dict:
     """mean ± std over seeds of every numeric metric, per method."""
     table = {}
     for method, runs in per_seed.items():
-        keys = sorted({k for r in runs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        table[method] = {k: (float(np.mean([r[k] for r in runs if k in r])), float(np.std([r[k] for r in runs if k in r])))
+        keys = sorted({k for r in runs for k, v in r.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        table[method] = {k: (float(np.mean([r[k] for r in runs if k in r])),
+                             float(np.std([r[k] for r in runs if k in r])))
                          for k in keys}
     return table
 

@@ -108,7 +108,8 @@ def train_oracle(concepts: dict[str, Obj], size: int, out: Path, steps: int = 15
         x = x_all[idx]
         # robustness to generated images: brightness/colour jitter, pixel noise, 1-px shifts
         x = x * (1 + 0.1 * torch.randn(len(idx), 3, 1, 1, generator=g)) + 0.05 * torch.randn(x.shape, generator=g)
-        x = torch.roll(x, shifts=(int(torch.randint(-1, 2, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))),
+        x = torch.roll(x, shifts=(int(torch.randint(-1, 2, (1,), generator=g)),
+                                  int(torch.randint(-1, 2, (1,), generator=g))),
                        dims=(2, 3))
         loss = F.cross_entropy(net(x), y_all[idx])
         opt.zero_grad()
