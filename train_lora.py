@@ -11,10 +11,9 @@ from pathlib import Path
 from accelerate.logging import get_logger
 
 from clif import cli, lora, prior, training
-from clif.concepts import Concept, list_images
 from clif.data import Shard, image_stream
 from clif.loop import StepRunner
-from clif.stage import current_rows, install_embeddings, prepare, start_run, write_stage_outputs
+from clif.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
 
 PROG = "train_lora.py"
 DEFAULT_STEPS = 1000
@@ -94,58 +93,23 @@ def run(args) -> None:
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
     training.place_frozen(model, device, dtype, gradient_checkpointing=args.gradient_checkpointing)
 
-    if args.with_prior_preservation and prior.missing_class_images(args.class_data_dir, args.num_class_images):
-        if accelerator.is_main_process:  # generated with the untouched base model, once, then cached
-            prior.generate_class_images(
-                model,
-                args.class_data_dir,
-                args.class_prompt,
-                args.num_class_images,
-                device=device,
-                dtype=dtype,
-                seed=args.seed,
-            )
-        accelerator.wait_for_everyone()
+    if args.with_prior_preservation:  # before any adapter: class images come from the untouched base model
+        prior.ensure_class_images(args, model, accelerator, dtype=dtype)
 
-    # ---- trainables: LoRA (fp32) on the frozen half-precision UNet, concept rows (fp32)
-    lr = training.scaled_lr(args.learning_rate, args, accelerator.num_processes)
-    lora_params = lora.add_lora(model.unet, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=targets)
-    trainables = lora.named_lora_params(model.unet, "unet")
-    groups = [{"params": lora_params, "lr": lr}]
-    if args.train_text_encoder_lora:
-        if inp.text_lora:  # continue the stage-1 text-encoder LoRA
-            te_params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
-        else:
-            te_params = [
-                p
-                for enc in model.text_encoders
-                for p in lora.add_lora(
-                    enc, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=lora.TEXT_TARGETS
-                )
-            ]
-        for i, enc in enumerate(model.text_encoders):
-            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
-        groups.append({"params": te_params, "lr": args.text_encoder_lr or lr})
-    modules = install_embeddings(inp)
-    if args.embedding_learning_rate > 0:
-        groups.append({"params": [m.new for m in modules], "lr": args.embedding_learning_rate})
-        trainables.update({f"embedding.{i}": m.new for i, m in enumerate(modules)})
-    else:
-        for m in modules:
-            m.new.requires_grad_(False)
+    # ---- trainables: LoRA (fp32) on the frozen half-precision UNet (+ text encoders), concept rows (fp32)
+    groups, trainables, modules = lora_trainables(
+        inp,
+        args,
+        lr=training.scaled_lr(args.learning_rate, args, accelerator.num_processes),
+        alpha=alpha,
+        targets=targets,
+    )
     params = [p for g in groups for p in g["params"]]
 
     # ---- data (+ class images), latent caches
     shard = Shard.of(accelerator, args.train_batch_size)
     data, cache = image_stream(concepts, args, model.vae, device)
-    prior_data = prior_cache = prior_noise = None
-    if args.with_prior_preservation:
-        images = list_images(Path(args.class_data_dir))[: args.num_class_images]
-        cls = Concept(
-            name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1
-        )
-        prior_data, prior_cache = image_stream([cls], args, model.vae, device, seed=args.seed + 1, property="fixed")
-        prior_noise = training.NoiseSource(args.seed + 1, device, shard.global_batch, shard.rank, shard.local)
+    prior_term = prior.PriorPreservation(args, model, device, shard) if args.with_prior_preservation else None
     if args.cache_latents and not args.validation_prompt:
         model.vae.to("cpu")
     # nothing on the text side trains: encode each caption once
@@ -182,7 +146,7 @@ def run(args) -> None:
         save,
         max_steps,
         "lora",
-        extra_noise=[prior_noise] if prior_noise else [],
+        extra_noise=[prior_term.noise] if prior_term else [],
     )
     runner.resume(inp.resume_path)
     logger.info(
@@ -191,34 +155,15 @@ def run(args) -> None:
     )
 
     # ---- loop
+    loss_kwargs = {"dtype": dtype, "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma}
     while not runner.done:
         total = 0.0
         for k in runner.micro_steps():
             with accelerator.autocast():
-                loss = training.diffusion_loss(
-                    model,
-                    data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None),
-                    cache,
-                    runner.noise,
-                    dtype=dtype,
-                    noise_offset=args.noise_offset,
-                    snr_gamma=args.snr_gamma,
-                    text_cache=text_cache,
-                )
-                if prior_data is not None:
-                    sample = prior_data.micro_batch(
-                        k, shard.global_batch, shard.rank, shard.local, with_pixels=prior_cache is None
-                    )
-                    loss = loss + args.prior_loss_weight * training.diffusion_loss(
-                        model,
-                        sample,
-                        prior_cache,
-                        prior_noise,
-                        dtype=dtype,
-                        noise_offset=args.noise_offset,
-                        snr_gamma=args.snr_gamma,
-                        text_cache=text_cache,
-                    )
+                sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
+                loss = training.diffusion_loss(model, sample, cache, runner.noise, text_cache=text_cache, **loss_kwargs)
+                if prior_term is not None:
+                    loss = loss + prior_term.loss(model, k, text_cache=text_cache, **loss_kwargs)
             runner.backward(loss)
             total += loss.detach() / args.gradient_accumulation_steps
         runner.finish(total)

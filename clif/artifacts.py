@@ -106,11 +106,13 @@ def read_manifest(stage_dir: str | Path) -> dict:
         raise UserError(f"invalid {path}: {err}") from None
 
 
-def check_stage_compatible(manifest: dict, stage_dir: str | Path, family: str, fingerprint: str, base: str) -> None:
-    """Refuse a stage dir made for another family or base model."""
+def check_stage_compatible(
+    manifest: dict, stage_dir: str | Path, family: str, fingerprint: str | None, base: str
+) -> None:
+    """Refuse a stage dir made for another family or base model (fingerprint None: the family only, before loading)."""
     if manifest.get("family") != family:
         raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, but {base} is {family!r}")
-    if manifest.get("base_fingerprint") != fingerprint:
+    if fingerprint is not None and manifest.get("base_fingerprint") != fingerprint:
         raise UserError(
             f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, "
             f"not on {base} (text encoder weights differ)"
@@ -168,7 +170,6 @@ def write_manifest(
     args: dict,
     inputs: list[str],
     files: dict[str, list[str]] | None = None,
-    extra: dict | None = None,
 ) -> None:
     entries = []
     for c in concepts:
@@ -186,6 +187,5 @@ def write_manifest(
             "args": args,
             "inputs": inputs,
             "files": files or {},
-            **(extra or {}),
         },
     )

@@ -28,20 +28,13 @@ def generate_common_images(
     """'a photo of a {word}' images from the base pipeline, cached in cache_dir/common/<word>/ (once)."""
     from diffusers import DiffusionPipeline
 
-    from .images import save_png
+    from .images import fill_with_generated, missing_images
 
-    todo = {
-        w: n - len(list_images(cache_dir / "common" / w)) if (cache_dir / "common" / w).is_dir() else n for w in words
-    }
-    todo = {w: k for w, k in todo.items() if k > 0}
+    todo = [w for w in words if missing_images(cache_dir / "common" / w, n)]
     if not todo:
         return
     pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, revision=revision).to(device)
     pipe.set_progress_bar_config(disable=True)
-    for word, k in tqdm(todo.items(), desc="common images"):
-        for i in range(n - k, n):
-            image = pipe(
-                f"a photo of a {word}", generator=torch.Generator("cpu").manual_seed(seed + i), num_inference_steps=30
-            ).images[0]
-            save_png(image, cache_dir / "common" / word / f"{i:04d}.png")
+    for word in tqdm(todo, desc="common images"):
+        fill_with_generated(pipe, cache_dir / "common" / word, f"a photo of a {word}", n, seed=seed, name="{:04d}.png")
     del pipe

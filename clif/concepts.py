@@ -140,7 +140,6 @@ def load_concept_set(
     initializer: str | None = None,
     class_word: str | None = None,
     num_vectors: int = 2,
-    names: list[str] | None = None,
 ) -> list[Concept]:
     """Read and validate a concept set; every image is decoded once so a broken file is named now."""
     root = Path(root)
@@ -152,11 +151,6 @@ def load_concept_set(
         concepts = _from_json(root, num_vectors)
     else:
         concepts = _from_folders(root, initializer, class_word, num_vectors)
-    if names:
-        unknown = sorted(set(names) - {c.name for c in concepts})
-        if unknown:
-            raise UserError(f"{root}: no concept named {', '.join(unknown)}")
-        concepts = [c for c in concepts if c.name in names]
     for attr in ("name", "token"):
         seen: set[str] = set()
         for c in concepts:

@@ -10,7 +10,7 @@ import torch
 
 from . import artifacts, lora
 from .cli import UserError
-from .models import detect_family, fingerprint, quiet_loading
+from .models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -38,21 +38,16 @@ def auto_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     return device, table[dtype]
 
 
-def load_embeddings_into(pipe, stage_dir: str | Path, family: str) -> list[dict]:
-    """Load every concept embedding of a stage dir with stock `load_textual_inversion`; returns the concepts."""
+def load_embeddings_into(pipe, stage_dir: str | Path, model: DiffusionModel) -> list[dict]:
+    """Load every concept embedding of a stage dir with stock `load_textual_inversion` (one call per text encoder,
+    as the README shows for SDXL), and its LoRA with `load_lora_weights`; returns the manifest's concepts."""
     manifest = artifacts.read_manifest(stage_dir)
     for entry in manifest["concepts"]:
-        path = Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors"
-        if family == "sd":
-            pipe.load_textual_inversion(str(path))
-        else:  # SDXL files hold clip_l / clip_g: one call per text encoder (documented in README)
-            rows, _ = artifacts.load_embedding_file(path, family)
-            pipe.load_textual_inversion(
-                rows[0], token=entry["token"], text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-            )
-            pipe.load_textual_inversion(
-                rows[1], token=entry["token"], text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-            )
+        rows, _ = artifacts.load_embedding_file(
+            Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors", model.family
+        )
+        for r, enc, tok in zip(rows, model.text_encoders, model.tokenizers):
+            pipe.load_textual_inversion(r, token=entry["token"], text_encoder=enc, tokenizer=tok)
     if (Path(stage_dir) / lora.LORA_FILE).is_file():
         pipe.load_lora_weights(str(stage_dir))
     return manifest["concepts"]
@@ -75,18 +70,18 @@ def load_pipeline(
     quiet_loading()
     family = detect_family(base, revision)
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
-    if manifest is not None and manifest.get("family") != family:
-        raise UserError(f"{stage_dir} was trained for family {manifest.get('family')!r}, but {base} is {family!r}")
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if manifest is not None:  # the family first: no model loaded for a stage dir of another family
+        artifacts.check_stage_compatible(manifest, stage_dir, family, None, base)
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, revision=revision, variant=variant, **extra)
+        pipe = DiffusionPipeline.from_pretrained(
+            base, dtype=dtype, revision=revision, variant=variant, **pipeline_extras(family)
+        )
     except OSError as err:
         raise UserError(f"cannot load model {base!r}: {str(err).splitlines()[0]}") from None
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    model = from_pipeline(pipe, family, base)
     if manifest is not None:
-        if manifest.get("base_fingerprint") != fingerprint(encoders):
-            raise UserError(f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, not on {base}")
-        load_embeddings_into(pipe, stage_dir, family)
+        artifacts.check_stage_compatible(manifest, stage_dir, family, model.fingerprint(), base)
+        load_embeddings_into(pipe, stage_dir, model)
     if scheduler:
         cls = getattr(diffusers, SCHEDULERS[scheduler])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)

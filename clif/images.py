@@ -27,6 +27,45 @@ def grid(images: list[Image.Image], cols: int | None = None, captions: list[str]
     return sheet
 
 
+def missing_images(folder: str | Path, n: int) -> int:
+    """How many images `folder` lacks to hold `n`."""
+    from .concepts import list_images
+
+    folder = Path(folder)
+    return max(0, n - (len(list_images(folder)) if folder.is_dir() else 0))
+
+
+@torch.no_grad()
+def fill_with_generated(
+    pipe,
+    folder: Path,
+    prompt: str,
+    n: int,
+    *,
+    seed: int,
+    name: str,
+    steps: int = 30,
+    batch_size: int = 1,
+    dtype: torch.dtype | None = None,
+    desc: str | None = None,
+) -> None:
+    """Generate images of `prompt` into `folder` until it holds `n` (a cache: a rerun adds only what is missing).
+
+    Image i uses torch.Generator('cpu').manual_seed(seed + i) and is saved as `name.format(i)`.
+    """
+    from tqdm.auto import tqdm
+
+    start = n - missing_images(folder, n)
+    starts = range(start, n, batch_size)
+    for s in tqdm(starts, desc=desc, disable=desc is None or not starts):
+        idx = list(range(s, min(n, s + batch_size)))
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
+        with torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
+            images = pipe([prompt] * len(idx), num_inference_steps=steps, generator=gens).images
+        for i, im in zip(idx, images):
+            save_png(im, folder / name.format(i))
+
+
 def save_png(image: Image.Image, path: Path) -> None:
     import io
 
@@ -60,7 +99,7 @@ def render_validation(
         vae=model.vae,
         unet=model.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config),
-        **text_components(model),
+        **model.text_components(),
     )
     pipe.set_progress_bar_config(disable=True)
     vae_device = model.vae.device
@@ -85,16 +124,6 @@ def render_validation(
         import numpy as np
 
         writer.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
-
-
-def text_components(model) -> dict:
-    """The tokenizer/text-encoder arguments of the family's pipeline class (SD: no safety checker)."""
-    comps = {"text_encoder": model.text_encoders[0], "tokenizer": model.tokenizers[0]}
-    if model.family == "sdxl":
-        comps.update(text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1])
-    else:
-        comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return comps
 
 
 def _tensorboard_writer(accelerator):

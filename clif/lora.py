@@ -29,18 +29,25 @@ def check_targets(module: torch.nn.Module, targets: list[str], what: str) -> Non
 
 
 def add_lora(
-    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str]
+    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0
 ) -> list[torch.nn.Parameter]:
-    """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params."""
+    """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params.
+
+    The random init of the down-weights comes from `seed`, not the global RNG: every process of a multi-process
+    run starts from the same adapter, and two runs with the same arguments are equal.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
     )
-    if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):  # diffusers models
-        module.add_adapter(config)
-    else:  # transformers 5.24's add_adapter demands peft >= 0.22, unreleased: inject with peft directly
-        inject_adapter_in_model(config, module)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):  # diffusers models
+            module.add_adapter(config)
+        else:  # transformers 5.24's add_adapter demands peft >= 0.22, unreleased: inject with peft directly
+            inject_adapter_in_model(config, module)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -51,28 +58,37 @@ def named_lora_params(module: torch.nn.Module, prefix: str) -> dict[str, torch.n
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad and "lora_" in n}
 
 
-def _diffusers_layers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers
+def text_state_dict(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft LoRA state of a text encoder, keys under `text_model.` as in files in the wild and in the tools.
+
+    transformers 5's CLIPTextModel has no `text_model` submodule (CLIPTextModelWithProjection has one);
+    diffusers' loader strips the prefix again where the module lacks it.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    state = get_peft_model_state_dict(enc)
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+def _diffusers_layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(state)
 
 
 def save_lora(out: Path, model, text_lora: bool, unet: bool = True) -> None:
     """pytorch_lora_weights.safetensors via the pipeline's save_lora_weights, rank/alpha in the header; atomic."""
+    from peft.utils import get_peft_model_state_dict
+
     kwargs = {}
     if unet:
         kwargs = {
-            "unet_lora_layers": _diffusers_layers(model.unet),
+            "unet_lora_layers": _diffusers_layers(get_peft_model_state_dict(model.unet)),
             "unet_lora_adapter_metadata": model.unet.peft_config["default"].to_dict(),
         }
     if text_lora:
-        names = ["text_encoder", "text_encoder_2"][: len(model.text_encoders)]
-        for name, enc in zip(names, model.text_encoders):
-            kwargs[f"{name}_lora_layers"] = _diffusers_layers(enc)
+        for name, enc in zip(model.text_encoder_names, model.text_encoders):
+            kwargs[f"{name}_lora_layers"] = _diffusers_layers(text_state_dict(enc))
             kwargs[f"{name}_lora_adapter_metadata"] = enc.peft_config["default"].to_dict()
     with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
         model.pipeline_class.save_lora_weights(tmp, safe_serialization=True, **kwargs)
@@ -89,7 +105,7 @@ def load_text_lora(stage_dir: str | Path, model) -> bool:
         return False
     state, alphas, metadata = model.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
     found = False
-    for name, enc in zip(TEXT_ENCODER_NAMES, model.text_encoders):
+    for name, enc in zip(model.text_encoder_names, model.text_encoders):
         if any(k.startswith(f"{name}.") for k in state):
             model.pipeline_class.load_lora_into_text_encoder(
                 state, alphas, text_encoder=enc, prefix=name, adapter_name="default", metadata=metadata
@@ -108,33 +124,41 @@ def make_trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def kohya_keys(state: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
+    """peft `<module path>.lora_A/B.weight` -> kohya `<prefix>_<path with _>.lora_down/up.weight` + `.alpha`.
+
+    The naming rule of kohya's networks/lora.py, which A1111 and ComfyUI read back.
+    """
+    out = {}
+    for key, value in state.items():
+        path, kind = key.rsplit(".lora_", 1)
+        name = f"{prefix}_{path.replace('.', '_')}"
+        out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))  # diffusers would write alpha = rank: the scale needs ours
+    return out
+
+
 def export_kohya(
     path: Path, model, alpha: float, text_lora: bool, concepts: list[Concept], rows: list[list[torch.Tensor]]
 ) -> None:
-    """One A1111/ComfyUI file: kohya keys with the real alpha, embeddings bundled as bundle_emb.<name>.<key>."""
-    from diffusers.utils import convert_state_dict_to_kohya
+    """One A1111/ComfyUI file: kohya keys with the real alpha and metadata, embeddings bundled as bundle_emb.<name>.*"""
     from peft.utils import get_peft_model_state_dict
 
-    peft_sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(model.unet).items()}
+    kohya = kohya_keys(get_peft_model_state_dict(model.unet), "lora_unet", alpha)
     if text_lora:
-        for name, enc in zip(["text_encoder", "text_encoder_2"], model.text_encoders):
-            peft_sd.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(enc).items()})
-    kohya = convert_state_dict_to_kohya(peft_sd)
-    for k in [k for k in kohya if k.endswith(".alpha")]:
-        kohya[k] = torch.tensor(float(alpha))  # diffusers writes alpha = rank; the scale needs the real one
+        for prefix, enc in zip(model.kohya_text_prefixes, model.text_encoders):
+            kohya.update(kohya_keys(text_state_dict(enc), prefix, enc.peft_config["default"].lora_alpha))
+    # A1111's bundle: SD `string_to_param.*` (its .pt layout), SDXL one key per text encoder (clip_l, clip_g)
+    emb_keys = artifacts.ENCODER_KEYS[model.family] or ["string_to_param.*"]
     for c, r in zip(concepts, rows):
-        if model.family == "sdxl":
-            kohya[f"bundle_emb.{c.name}.clip_l"] = r[0]
-            kohya[f"bundle_emb.{c.name}.clip_g"] = r[1]
-        else:
-            kohya[f"bundle_emb.{c.name}.string_to_param.*"] = r[0]
+        kohya.update({f"bundle_emb.{c.name}.{k}": t for k, t in zip(emb_keys, r)})
     kohya = {k: v.float() if v.is_floating_point() else v for k, v in kohya.items()}
-    artifacts.atomic_save_safetensors(
-        kohya,
-        path,
-        {
-            "ss_network_dim": str(model.unet.peft_config["default"].r),
-            "ss_network_alpha": str(alpha),
-            "clif.family": model.family,
-        },
-    )
+    rank = model.unet.peft_config["default"].r
+    metadata = {
+        **model.kohya_metadata(),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "clif.family": model.family,
+    }
+    artifacts.atomic_save_safetensors(kohya, path, metadata)

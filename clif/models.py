@@ -59,10 +59,39 @@ class DiffusionModel:
         return self.vae.config.scaling_factor
 
     @property
+    def text_encoder_names(self) -> list[str]:
+        """The pipeline's component names of the text encoders ('text_encoder', 'text_encoder_2')."""
+        return _encoder_names(len(self.text_encoders))
+
+    @property
+    def kohya_text_prefixes(self) -> list[str]:
+        """kohya/A1111/ComfyUI key prefix of each text encoder: SD 1.x/2.x 'lora_te', SDXL 'lora_te1'/'lora_te2'."""
+        if len(self.text_encoders) == 1:
+            return ["lora_te"]
+        return [f"lora_te{i + 1}" for i in range(len(self.text_encoders))]
+
+    def kohya_metadata(self) -> dict[str, str]:
+        """The kohya header fields by which A1111 and others tell the base model (sd_v1, sd_v2[_v], sdxl_base_v1-0)."""
+        if self.family == "sdxl":
+            return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+        # SD 2.x uses the OpenCLIP ViT-H text tower (width 1024); SD 1.x CLIP ViT-L (768)
+        v2 = self.text_encoders[0].config.hidden_size == 1024
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if self.prediction_type == "v_prediction" else "")
+        return {"ss_base_model_version": version, "ss_v2": str(v2)}
+
+    @property
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+
+    def text_components(self) -> dict:
+        """The tokenizer/text-encoder arguments of the family's pipeline class (SD: no safety checker)."""
+        comps = {}
+        for i, name in enumerate(self.text_encoder_names):
+            comps[name] = self.text_encoders[i]
+            comps[name.replace("text_encoder", "tokenizer")] = self.tokenizers[i]
+        return {**comps, **pipeline_extras(self.family)}
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids of `prompts` for each tokenizer, padded to 77 (memoised per caption)."""
@@ -97,6 +126,33 @@ class DiffusionModel:
     def fingerprint(self) -> str:
         """A short hash of the text encoders' vocabulary rows: identifies the base model wherever it is stored."""
         return fingerprint(self.text_encoders)
+
+
+def _encoder_names(n: int) -> list[str]:
+    return ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(n)]
+
+
+def pipeline_extras(family: str) -> dict:
+    """Extra pipeline arguments of a family: SD 1.x/2.x pipelines are built without the safety checker."""
+    return (
+        {}
+        if family == "sdxl"
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
+
+
+def from_pipeline(pipe, family: str, base: str) -> DiffusionModel:
+    """The components of a loaded diffusers pipeline, seen through the family seam (inference uses stock pipelines)."""
+    names = _encoder_names(2 if family == "sdxl" else 1)
+    return DiffusionModel(
+        family,
+        base,
+        [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names],
+        [getattr(pipe, n) for n in names],
+        pipe.unet,
+        pipe.vae,
+        pipe.scheduler,
+    )
 
 
 def fingerprint(text_encoders: list) -> str:

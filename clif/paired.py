@@ -57,10 +57,6 @@ class PairedCLIP:
         self.name, self.device = name_or_path, device
 
     @property
-    def image_size(self) -> int:
-        return self.model.config.vision_config.image_size
-
-    @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().float()
 

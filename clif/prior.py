@@ -5,42 +5,70 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .concepts import list_images
-
-
-def missing_class_images(class_dir: str | Path, n: int) -> int:
-    d = Path(class_dir)
-    have = len(list_images(d)) if d.is_dir() else 0
-    return max(0, n - have)
+from . import training
+from .concepts import Concept, list_images
+from .data import Shard, image_stream
+from .images import fill_with_generated, missing_images
 
 
-@torch.no_grad()
+def ensure_class_images(args, model, accelerator, *, dtype: torch.dtype) -> None:
+    """Generate the missing --num_class_images on the main process (cached in --class_data_dir); the others wait."""
+    if not missing_images(args.class_data_dir, args.num_class_images):
+        return
+    if accelerator.is_main_process:
+        generate_class_images(
+            model,
+            args.class_data_dir,
+            args.class_prompt,
+            args.num_class_images,
+            device=accelerator.device,
+            dtype=dtype,
+            seed=args.seed,
+        )
+    accelerator.wait_for_everyone()
+
+
 def generate_class_images(
     model, class_dir: str | Path, prompt: str, n: int, *, device, dtype, seed: int, batch_size: int = 4, steps: int = 30
 ) -> None:
     """Fill `class_dir` up to `n` images of `prompt` with the frozen base components (before any adapter)."""
-    from .images import save_png, text_components
-
-    d = Path(class_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    start = len(list_images(d))
-    todo = n - start
-    if todo <= 0:
-        return
-    pipe = model.pipeline_class(vae=model.vae, unet=model.unet, scheduler=_sampler(model), **text_components(model))
+    pipe = model.pipeline_class(vae=model.vae, unet=model.unet, scheduler=_sampler(model), **model.text_components())
     pipe.set_progress_bar_config(disable=True)
-    for s in tqdm(range(0, todo, batch_size), desc="class images"):
-        idx = list(range(start + s, start + min(todo, s + batch_size)))
-        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            images = pipe([prompt] * len(idx), num_inference_steps=steps, generator=gens).images
-        for i, im in zip(idx, images):
-            save_png(im, d / f"class-{i:05d}.png")
+    fill_with_generated(
+        pipe.to(device),
+        Path(class_dir),
+        prompt,
+        n,
+        seed=seed,
+        name="class-{:05d}.png",
+        steps=steps,
+        batch_size=batch_size,
+        dtype=dtype,
+        desc="class images",
+    )
 
 
 def _sampler(model):
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config)
+
+
+class PriorPreservation:
+    """The class-image term of the stage-3 loss: its own sample and noise streams, weighted by --prior_loss_weight."""
+
+    def __init__(self, args, model, device, shard: Shard):
+        images = list_images(Path(args.class_data_dir))[: args.num_class_images]
+        cls = Concept(
+            name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1
+        )
+        self.data, self.cache = image_stream([cls], args, model.vae, device, seed=args.seed + 1, property="fixed")
+        self.noise = training.NoiseSource(args.seed + 1, device, shard.global_batch, shard.rank, shard.local)
+        self.shard, self.weight = shard, args.prior_loss_weight
+
+    def loss(self, model, k: int, **loss_kwargs) -> torch.Tensor:
+        """Weighted denoising loss of micro-batch `k` of the class images."""
+        sh = self.shard
+        sample = self.data.micro_batch(k, sh.global_batch, sh.rank, sh.local, with_pixels=self.cache is None)
+        return self.weight * training.diffusion_loss(model, sample, self.cache, self.noise, **loss_kwargs)

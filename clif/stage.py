@@ -81,6 +81,39 @@ def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
     return tokens.install(inp.model.text_encoders, per_encoder, inp.first_new_id)
 
 
+def lora_trainables(
+    inp: StageInputs, args, *, lr: float, alpha: float, targets: list[str]
+) -> tuple[list[dict], dict[str, torch.nn.Parameter], list[tokens.ConceptEmbedding]]:
+    """Stage 3's optimizer groups, checkpoint names and concept-row modules: the UNet LoRA; with
+    --train_text_encoder_lora the text encoders' LoRA (continued when stage 1 left one); the concept rows
+    unless --embedding_learning_rate is 0."""
+    model = inp.model
+
+    def new(module: torch.nn.Module, on: list[str]) -> list[torch.nn.Parameter]:
+        return lora.add_lora(module, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=on, seed=args.seed)
+
+    groups = [{"params": new(model.unet, targets), "lr": lr}]
+    trainables = lora.named_lora_params(model.unet, "unet")
+    if args.train_text_encoder_lora:
+        params = [
+            p
+            for enc in model.text_encoders
+            for p in (lora.make_trainable(enc) if inp.text_lora else new(enc, lora.TEXT_TARGETS))
+        ]
+        for i, enc in enumerate(model.text_encoders):
+            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
+        groups.append({"params": params, "lr": args.text_encoder_lr or lr})
+    # after the adapters: peft marks every parameter it finds in a module as frozen, the concept rows included
+    modules = install_embeddings(inp)
+    if args.embedding_learning_rate > 0:
+        groups.append({"params": [m.new for m in modules], "lr": args.embedding_learning_rate})
+        trainables.update({f"embedding.{i}": m.new for i, m in enumerate(modules)})
+    else:
+        for m in modules:
+            m.new.requires_grad_(False)
+    return groups, trainables, modules
+
+
 def current_rows(inp: StageInputs, modules: list[tokens.ConceptEmbedding]) -> list[list[torch.Tensor]]:
     return [
         [tokens.concept_rows(m, i, inp.concepts).detach().float().cpu() for m in modules]

@@ -151,7 +151,7 @@ class TextCache:
                 hidden, pooled = self.model.encode_prompt(self.model.tokenize([c]))
                 self.store[c] = (hidden[0], None if pooled is None else pooled[0])
         hidden = torch.stack([self.store[c][0] for c in captions])
-        pooled = None if self.model.family == "sd" else torch.stack([self.store[c][1] for c in captions])
+        pooled = None if self.store[captions[0]][1] is None else torch.stack([self.store[c][1] for c in captions])
         return hidden, pooled
 
 
@@ -164,7 +164,6 @@ def diffusion_loss(
     dtype: torch.dtype,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
-    per_sample: bool = False,
     text_cache: TextCache | None = None,
 ) -> torch.Tensor:
     """The denoising loss of one micro-batch (epsilon or v target from the scheduler config)."""
@@ -191,7 +190,7 @@ def diffusion_loss(
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
         loss = loss * snr_weights(sched, t, snr_gamma)
-    return loss if per_sample else loss.mean()
+    return loss.mean()
 
 
 def all_reduce_grads(params: list[torch.Tensor], accelerator) -> None:

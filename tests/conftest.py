@@ -14,6 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def needs_data(*names: str):
+    """Mark a test that reads real photos from ../shared/data/<name>: skipped when absent, failed under CI=true."""
+    return pytest.mark.needs_data(*names)
+
+
+def data_gate(names, root: Path, ci: bool) -> tuple[str, str] | None:
+    """None when every data set is there, else ('skip' or 'fail', reason): CI must not pass without its fixtures."""
+    missing = [n for n in names if not (root / n).is_dir()]
+    if not missing:
+        return None
+    reason = f"{root / missing[0]} absent"
+    return ("fail", f"{reason} (CI=true: real-photo tests may not skip)") if ci else ("skip", reason)
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_data"):
+        gate = data_gate(mark.args, SHARED_DATA, os.environ.get("CI", "").lower() in ("true", "1"))
+        if gate is not None:
+            (pytest.fail if gate[0] == "fail" else pytest.skip)(gate[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
     from clif.tiny import build

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, run_cli, stock_pipeline, ti_args
+from conftest import REPO, SHARED_DATA, needs_data, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -90,10 +90,9 @@ def test_builder_layout_counts_and_determinism(four):
             assert near.mean() > 0.15, (name, near.mean())
 
 
+@needs_data("break-a-scene-mini")
 def test_real_masks_are_respected(tmp_path):
     scene = SHARED_DATA / "break-a-scene-mini" / "bear"
-    if not scene.is_dir():
-        pytest.skip("../shared/data/break-a-scene-mini absent")
     root = tmp_path / "set"
     (root / "images" / "bear").mkdir(parents=True)
     (root / "masks" / "bear").mkdir(parents=True)
@@ -193,7 +192,7 @@ def test_clif_bad_inputs(tiny_sd15, concept_set, segmenter_dir, tmp_path, capsys
     assert code == 2 and "cannot load CLIP model" in err and not out.exists()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dreambench-mini").is_dir(), reason="../shared/data/dreambench-mini absent")
+@needs_data("dreambench-mini")
 def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segmenter_dir, tmp_path):
     """No user masks: CLIPSeg masks are computed once and cached; --common_words images are generated and used."""
     root = tmp_path / "set"

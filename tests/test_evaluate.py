@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, run_cli, ti_args
+from conftest import SHARED_DATA, needs_data, run_cli, ti_args
 from PIL import Image
 
 import evaluate
@@ -19,7 +19,7 @@ from clif.concepts import load_concept_set
 from clif.evaluation import Backbone, Item, score_folder, summarize
 
 DB = SHARED_DATA / "dreambench-mini"
-needs_db = pytest.mark.skipif(not DB.is_dir(), reason="../shared/data/dreambench-mini absent")
+needs_db = needs_data("dreambench-mini")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_embedding, run_cli, stock_pipeline, ti_args
+from conftest import SHARED_DATA, load_embedding, needs_data, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -38,7 +38,7 @@ def ti_runs(tiny_models, concept_set, tmp_path_factory):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, tmp_path):
     model, out = tiny_models[family], tmp_path / "lora"
-    extra = ["--export_kohya", "--cache_latents"] + (["--train_text_encoder_lora"] if family == "sd15" else [])
+    extra = ["--export_kohya", "--cache_latents", "--train_text_encoder_lora"]
     train_lora.main(lora_args(model, concept_set, ti_runs[family], out, *extra))
     manifest = json.loads((out / "clif_manifest.json").read_text())
     assert manifest["stage"] == "lora" and manifest["inputs"] == [str(ti_runs[family].resolve())]
@@ -65,6 +65,8 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
     # kohya export: real alpha, bundled embeddings; diffusers needs the bundle_emb keys split off.
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
+    te = ["lora_te1_text_model_", "lora_te2_text_model_"] if family == "sdxl" else ["lora_te_text_model_"]
+    assert all(any(k.startswith(p) for k in kohya) for p in te)
     bundle = {k: v for k, v in kohya.items() if k.startswith("bundle_emb.")}
     pipe = stock_pipeline(model, family)
     per_token: dict[str, dict] = {}
@@ -116,7 +118,7 @@ def test_frozen_embeddings_and_prior_preservation(tiny_sd15, concept_set, ti_run
         assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0 freezes the rows exactly
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dreambench-mini").is_dir(), reason="../shared/data/dreambench-mini absent")
+@needs_data("dreambench-mini")
 def test_loss_falls_when_overfitting_two_concepts(tiny_sd15, tmp_path):
     root = tmp_path / "db"
     root.mkdir()

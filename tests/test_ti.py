@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import stock_pipeline, ti_args
+from conftest import needs_data, stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -129,8 +129,7 @@ def test_checkpoints_total_limit_and_stage_chaining(tiny_sd15, concept_set, tmp_
     assert json.loads((out2 / "clif_manifest.json").read_text())["inputs"] == [str(out.resolve())]
 
 
-@pytest.mark.skipif(not (__import__("conftest").SHARED_DATA / "dreambench-mini").is_dir(),
-                    reason="../shared/data/dreambench-mini is absent")
+@needs_data("dreambench-mini")
 def test_real_photos_dreambench(tiny_sd15, tmp_path):
     from conftest import SHARED_DATA
 
