@@ -30,7 +30,8 @@ def build_parser():
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=cli.positive(int), default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=cli.positive(float), default=None, help="LoRA alpha (default: = rank).")
-    g.add_argument("--lora_dropout", type=cli.non_negative(float), default=0.0, help="Dropout on the LoRA input.")
+    dropout = cli.number(float, 0, 1, hi_open=True)
+    g.add_argument("--lora_dropout", type=dropout, default=0.0, help="Dropout on the LoRA input.")
     g.add_argument(
         "--lora_targets",
         default=",".join(lora.DEFAULT_UNET_TARGETS),

@@ -1,10 +1,9 @@
-"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, output/stage dir checks."""
+"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, stage dir checks."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -127,34 +126,6 @@ def stage_rows(manifest: dict, stage_dir: str | Path, family: str) -> dict[str, 
         rows, _ = load_embedding_file(path, family)
         result[entry["name"]] = (entry, rows)
     return result
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / MANIFEST).exists() or any(path.glob("checkpoint-*")) or (path / "run_args.json").exists()
-
-
-def check_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
-    """Refuse (before anything is written) an output dir that holds something, unless resuming or overwriting a run."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output dir {path} is a file")
-    if not path.exists() or not any(path.iterdir()) or resuming:
-        return
-    if not overwrite:
-        raise UserError(
-            f"output dir {path} already holds files; pass --overwrite to replace a previous run "
-            "or --resume_from_checkpoint to continue it"
-        )
-    if not is_run_dir(path):
-        raise UserError(f"output dir {path} is not a CLIF run; refusing to delete it even with --overwrite")
-
-
-def clear_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
-    """Delete a previous run (already checked by check_output_dir) and create the folder."""
-    path = Path(path)
-    if overwrite and not resuming and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def write_manifest(

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .cli import UserError
-from .concepts import Concept, list_images
+from .concepts import Concept, list_images, open_rgb
 from .masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
 
 KINDS = ("global", "region", "mix")
@@ -98,29 +98,25 @@ class PairBuilder:
     def _wholes(self, i: int, c: Concept) -> list[Piece]:
         out = []
         for path in c.images:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                out.append(
-                    Piece(cut_out(im, self._mask(path, c.masks_dir, c.class_word, None, im.size)), c.name, c.token, i)
-                )
+            im = open_rgb(path)
+            mask = self._mask(path, c.masks_dir, c.class_word, None, im.size)
+            out.append(Piece(cut_out(im, mask), c.name, c.token, i))
         return out
 
     def _parts(self, i: int, c: Concept) -> list[Piece]:
         out = []
         for part in c.parts:
             for path in c.images:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    mask = self._mask(path, c.masks_dir, part, part, im.size)
-                    out.append(Piece(cut_out(im, mask), f"{c.name}:{part}", f"{c.token}'s {part}", i))
+                im = open_rgb(path)
+                mask = self._mask(path, c.masks_dir, part, part, im.size)
+                out.append(Piece(cut_out(im, mask), f"{c.name}:{part}", f"{c.token}'s {part}", i))
         return out
 
     def _common(self, word: str, paths: list[Path]) -> list[Piece]:
         out = []
         for path in paths:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                out.append(Piece(cut_out(im, self._mask(path, None, word, None, im.size)), word, f"a {word}"))
+            im = open_rgb(path)
+            out.append(Piece(cut_out(im, self._mask(path, None, word, None, im.size)), word, f"a {word}"))
         return out
 
     def counts(self, n: int, ratios: dict[str, float]) -> dict[str, int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .concepts import Concept
+from .concepts import Concept, open_rgb
 from .tokens import expand_prompt
 
 OBJECT_TEMPLATES = [
@@ -86,8 +86,7 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as im:
-            x, size, crop = preprocess(im, self.resolution, self.center_crop)
+        x, size, crop = preprocess(open_rgb(self.paths[i]), self.resolution, self.center_crop)
         return x, torch.tensor([*size, *crop])
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .cli import UserError
-from .concepts import Concept, list_images
+from .concepts import Concept, list_images, open_rgb
 
 
 class Backbone:
@@ -177,7 +177,7 @@ def score_folder(
     match_refs = match_refs if match_refs is not None else refs
     by_token = {c.token: c for c in concepts}
     class_of = {c.token: c.class_word for c in concepts}
-    images = [Image.open(it.path).convert("RGB") for it in items]
+    images = [open_rgb(it.path) for it in items]
     feats = backbone.images(images, batch_size)
     texts = backbone.texts([metrics.replace_tokens(it.prompt, class_of) for it in items], batch_size)
     score, cos = metrics.clip_score(feats, texts)

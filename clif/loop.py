@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, checkpoint, training
+from . import artifacts, checkpoint, outdir, training
 from .images import render_validation
 
 
@@ -130,3 +130,4 @@ class StepRunner:
         acc.free_memory()
         gc.collect()
         acc.end_training()
+        outdir.release_lock(self.out)

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, lora, tokens
+from . import artifacts, lora, outdir, tokens
 from .cli import UserError
 from .concepts import Concept, load_concept_set
 from .models import DiffusionModel, load_model
+
+# folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
+INPUT_FLAGS = ("train_data_dir", "stage_dir", "pretrained_model_name_or_path", "class_data_dir", "cache_dir")
 
 
 @dataclass
@@ -33,8 +36,11 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     from . import checkpoint
     from .training import check_optimizer_flags
 
-    artifacts.check_output_dir(
-        args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None
+    outdir.check_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite,
+        resuming=args.resume_from_checkpoint is not None,
+        inputs=[(f"--{k}", getattr(args, k, None)) for k in INPUT_FLAGS],
     )
     resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_optimizer_flags(args)
@@ -126,9 +132,7 @@ def start_run(args, name: str):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
     if accelerator.is_main_process:
-        artifacts.clear_output_dir(
-            args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None
-        )
+        outdir.open_run_dir(args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None)
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))
         accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
     accelerator.wait_for_everyone()
