@@ -131,6 +131,9 @@ def start_run(args, name: str):
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
+    # torch's global generator drives LoRA init and dropout: seed it, so two runs (and a resumed one) agree;
+    # checkpoints save its state for dropout after a resume
+    torch.manual_seed(args.seed)
     if accelerator.is_main_process:
         outdir.open_run_dir(args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None)
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))

@@ -91,3 +91,65 @@ def test_lock_refuses_a_second_run_and_stale_tmp_is_cleaned(tiny_sd15, concept_s
     train_ti.main(ti_args(tiny_sd15, concept_set, run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
     assert not (run / ".checkpoint-7.tmp").exists() and not (run / ".run_stats.json.abc.tmp").exists()
     assert not outdir.lock_held(run)
+
+
+def _lora_argv(model, data, stage, out, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--stage_dir", str(stage),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--embedding_learning_rate", "1e-2",
+            "--rank", "4", "--lora_dropout", "0.1", "--random_flip", "--report_to", "none", *extra]
+
+
+def _all_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a finished run's final files, keyed by file and name."""
+    files = [run / "pytorch_lora_weights.safetensors", *sorted((run / "embeddings").glob("*.safetensors"))]
+    return {f"{f.name}:{k}": v for f in files if f.exists() for k, v in load_file(str(f)).items()}
+
+
+def _assert_equal_runs(a: Path, b: Path) -> None:
+    ta, tb = _all_tensors(a), _all_tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) >= 2
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_two_stage3_runs_are_bitwise_equal(tiny_sd15, concept_set, ti_run, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_lora.main(_lora_argv(tiny_sd15, concept_set, ti_run, a, "--max_train_steps", "2"))
+    torch.randn(100)  # whatever ran before must not matter
+    train_lora.main(_lora_argv(tiny_sd15, concept_set, ti_run, b, "--max_train_steps", "2"))
+    _assert_equal_runs(a, b)
+
+
+def _kill_after_checkpoint(argv: list[str], out: Path) -> None:
+    """Start the script in a real subprocess, SIGKILL it once a first checkpoint is complete."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoint-*/state.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make it longer"
+    assert not (out / "clif_manifest.json").exists(), "a killed run must not look finished"
+
+
+KILL_CASES = {
+    "stage3-sd": ("train_lora.py", "sd15", lambda m, d, s, o: _lora_argv(m, d, s, o)),
+    "stage2-sd": ("train_ti.py", "sd15", lambda m, d, s, o: ti_args(m, d, o, "--random_flip")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KILL_CASES))
+def test_kill_and_resume_equals_uninterrupted(case, tiny_models, concept_set, ti_run, tmp_path):
+    script, family, make = KILL_CASES[case]
+    main = {"train_lora.py": train_lora.main, "train_ti.py": train_ti.main}[script]
+    steps = ["--max_train_steps", "12", "--checkpointing_steps", "2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    main([*make(tiny_models[family], concept_set, ti_run, full), *steps])  # uninterrupted, in-process
+    _kill_after_checkpoint([script, *make(tiny_models[family], concept_set, ti_run, killed), *steps], killed)
+    main([*make(tiny_models[family], concept_set, ti_run, killed), *steps, "--resume_from_checkpoint", "latest"])
+    _assert_equal_runs(full, killed)
