@@ -151,19 +151,15 @@ def run(args) -> None:
         training.TextCache(model) if not args.embedding_learning_rate and not args.train_text_encoder_lora else None
     )
 
+    text_lora = args.train_text_encoder_lora or inp.text_lora
+
+    def kohya(out: Path) -> None:
+        name = f"{Path(args.output_dir).name}_kohya.safetensors"
+        lora.export_kohya(out / name, model, alpha, text_lora, concepts, current_rows(inp, modules))
+
     def save(out: Path) -> None:
-        write_stage_outputs(out, "lora", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]})
-        text = args.train_text_encoder_lora or inp.text_lora
-        lora.save_lora(out, model, text)
-        if args.export_kohya:
-            lora.export_kohya(
-                out / f"{Path(args.output_dir).name}_kohya.safetensors",
-                model,
-                alpha,
-                text,
-                concepts,
-                current_rows(inp, modules),
-            )
+        extra = kohya if args.export_kohya else None
+        write_stage_outputs(out, "lora", inp, modules, args, text_lora=text_lora, unet_lora=True, extra=extra)
 
     max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))

@@ -87,20 +87,24 @@ def save_checkpoint(
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_save_safetensors(trainables, tmp / "trainables.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-    atomic_save_safetensors(_rng_tensors(generators), tmp / "rng.safetensors")
-    write_artifacts(tmp)  # embeddings (+ LoRA) and manifest: a checkpoint is also a usable stage dir
-    atomic_write_json(
-        tmp / "state.json",
-        {
-            "step": step,
-            "optimizer": opt_meta,
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        },
-    )
+    try:
+        atomic_save_safetensors(trainables, tmp / "trainables.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+        atomic_save_safetensors(_rng_tensors(generators), tmp / "rng.safetensors")
+        write_artifacts(tmp)  # embeddings (+ LoRA) and manifest: a checkpoint is also a usable stage dir
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "optimizer": opt_meta,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            },
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint (a kill leaves one: the next run drops it)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if limit:

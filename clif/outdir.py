@@ -102,6 +102,7 @@ def open_run_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
         os.close(fd)
         raise UserError(f"output dir {path} is in use by another running CLIF run (lock {LOCK} is held)") from None
     _HELD[str(path.resolve())] = fd
+    (path / MANIFEST).unlink(missing_ok=True)  # a resumed run is unfinished until it writes its manifest again
     for folder in (path, path / "embeddings"):
         for p in folder.iterdir() if folder.is_dir() else []:
             if _STALE.match(p.name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,15 +101,25 @@ def write_stage_outputs(
     inp: StageInputs,
     modules: list[tokens.ConceptEmbedding],
     args,
-    extra_files: dict[str, list[str]] | None = None,
+    *,
+    text_lora: bool = False,
+    unet_lora: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Embeddings + manifest of this stage into `out` (the final dir or a checkpoint)."""
+    """This stage's files into `out` (the final dir or a checkpoint): embeddings, the LoRA file when one trains,
+    `extra` files, and the manifest last, so that a folder with a manifest is always complete."""
     meta = {
         "clif.stage": stage,
         "clif.family": inp.model.family,
         "clif.base_model": str(args.pretrained_model_name_or_path),
     }
     artifacts.save_embeddings(out, inp.model.family, inp.concepts, current_rows(inp, modules), meta)
+    files = {}
+    if text_lora or unet_lora:
+        lora.save_lora(out, inp.model, text_lora, unet=unet_lora)
+        files["lora"] = [lora.LORA_FILE]
+    if extra is not None:
+        extra(out)
     inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
     artifacts.write_manifest(
         out,
@@ -119,7 +130,7 @@ def write_stage_outputs(
         concepts=inp.concepts,
         args=vars(args),
         inputs=inputs,
-        files=extra_files,
+        files=files,
     )
 
 

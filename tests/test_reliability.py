@@ -25,6 +25,12 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"/" for p in sorted(root.rglob("*"))}
 
 
+def _one_error(err: str) -> bool:
+    """A run that started may have logged progress; it ends with exactly one error line and no traceback."""
+    lines = err.strip().splitlines()
+    return "Traceback" not in err and sum("error:" in ln for ln in lines) == 1 and "error:" in lines[-1]
+
+
 def _refused(main, argv, capsys, needle: str, *keep: Path) -> None:
     before = [_tree(k) for k in keep]
     code, err = run_cli(main, argv, capsys)
@@ -153,3 +159,59 @@ def test_kill_and_resume_equals_uninterrupted(case, tiny_models, concept_set, ti
     _kill_after_checkpoint([script, *make(tiny_models[family], concept_set, ti_run, killed), *steps], killed)
     main([*make(tiny_models[family], concept_set, ti_run, killed), *steps, "--resume_from_checkpoint", "latest"])
     _assert_equal_runs(full, killed)
+
+
+def test_manifest_is_written_last_and_disk_errors_are_one_line(tiny_sd15, concept_set, ti_run, tmp_path, capsys,
+                                                               monkeypatch):
+    from clif import lora
+
+    run, real = tmp_path / "run", lora.save_lora
+
+    def disk_full_at_the_end(out, *a, **kw):
+        if Path(out) == run:  # the final write, after the last checkpoint is complete
+            raise OSError(28, "No space left on device")
+        return real(out, *a, **kw)
+
+    monkeypatch.setattr(lora, "save_lora", disk_full_at_the_end)
+    code, err = run_cli(train_lora.main, _lora_argv(tiny_sd15, concept_set, ti_run, run, "--max_train_steps", "2"),
+                        capsys)
+    assert code == 1 and _one_error(err) and "No space left" in err, err
+    assert not (run / "clif_manifest.json").exists(), "an incomplete folder must not carry a manifest"
+    assert (run / "checkpoint-2" / "clif_manifest.json").exists() and not list(run.glob(".*.tmp"))
+    gen = tmp_path / "gen"
+    code, err = run_cli(__import__("inference").main, ["--pretrained_model_name_or_path", str(tiny_sd15),
+                        "--stage_dir", str(run), "--prompt", "x", "--output_dir", str(gen)], capsys)
+    assert code == 2 and "not a finished" in err and not gen.exists()
+
+    def disk_full_in_checkpoint(out, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora, "save_lora", disk_full_in_checkpoint)
+    run2 = tmp_path / "run2"
+    code, err = run_cli(train_lora.main, _lora_argv(tiny_sd15, concept_set, ti_run, run2, "--max_train_steps", "1"),
+                        capsys)
+    assert code == 1 and _one_error(err), err
+    assert not [p for p in run2.iterdir() if "checkpoint" in p.name], "no half checkpoint may stay"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd15, concept_set, tmp_path, capsys,
+                                                                  monkeypatch):
+    from clif import training
+
+    real, calls = training.diffusion_loss, []
+
+    def diverging(*a, **kw):
+        calls.append(1)
+        loss = real(*a, **kw)
+        return loss * float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", diverging)
+    run = tmp_path / "run"
+    argv = ti_args(tiny_sd15, concept_set, run, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    code, err = run_cli(train_ti.main, argv, capsys)
+    assert code == 1 and _one_error(err) and "not finite" in err, err
+    assert "checkpoint-2" in err and (run / "checkpoint-2" / "state.json").exists()
+    assert not (run / "clif_manifest.json").exists() and not (run / "checkpoint-4").exists()
+    rows = load_file(str(run / "checkpoint-2" / "embeddings" / "redball.safetensors"))
+    assert all(torch.isfinite(v).all() for v in rows.values())
+    assert not outdir.lock_held(run)
