@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,16 @@ def _from_folders(root: Path, initializer: str | None, class_word: str | None, n
             )
         )
     return concepts
+
+
+def data_fingerprint(concepts: list[Concept]) -> str:
+    """A short hash of every concept's name and image bytes (a resumed run must train on the same data)."""
+    h = hashlib.sha256()
+    for c in concepts:
+        h.update(c.name.encode() + b"\0")
+        for p in c.images:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def check_tokens(concepts: list[Concept], where: str) -> None:

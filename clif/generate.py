@@ -38,15 +38,26 @@ def auto_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     return device, table[dtype]
 
 
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL)."""
+    return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None]
+
+
 def load_embeddings_into(pipe, stage_dir: str | Path, family: str) -> list[dict]:
     """Load every concept embedding of a stage dir with stock `load_textual_inversion`; returns the concepts."""
     manifest = artifacts.read_manifest(stage_dir)
-    for entry in manifest["concepts"]:
+    widths = [e.get_input_embeddings().weight.shape[1] for e in text_encoders(pipe)]
+    checked = [
+        artifacts.load_embedding_file(Path(stage_dir) / "embeddings" / f"{e['name']}.safetensors", family, widths)
+        for e in manifest["concepts"]
+    ]  # all files checked before the first is loaded
+    if (Path(stage_dir) / lora.LORA_FILE).exists():
+        artifacts.check_safetensors(Path(stage_dir) / lora.LORA_FILE)
+    for entry, (rows, _) in zip(manifest["concepts"], checked):
         path = Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors"
         if family == "sd":
             pipe.load_textual_inversion(str(path))
         else:  # SDXL files hold clip_l / clip_g: one call per text encoder (documented in README)
-            rows, _ = artifacts.load_embedding_file(path, family)
             pipe.load_textual_inversion(
                 rows[0], token=entry["token"], text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
             )
@@ -82,9 +93,8 @@ def load_pipeline(
         pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, revision=revision, variant=variant, **extra)
     except OSError as err:
         raise UserError(f"cannot load model {base!r}: {str(err).splitlines()[0]}") from None
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     if manifest is not None:
-        if manifest.get("base_fingerprint") != fingerprint(encoders):
+        if manifest.get("base_fingerprint") != fingerprint(text_encoders(pipe)):
             raise UserError(f"{stage_dir} was trained on base model {manifest.get('base_model')!r}, not on {base}")
         load_embeddings_into(pipe, stage_dir, family)
     if scheduler:

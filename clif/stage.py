@@ -10,7 +10,7 @@ import torch
 
 from . import artifacts, lora, outdir, tokens
 from .cli import UserError
-from .concepts import Concept, load_concept_set
+from .concepts import Concept, data_fingerprint, load_concept_set
 from .models import DiffusionModel, load_model
 
 # folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
@@ -29,6 +29,7 @@ class StageInputs:
     stage_manifest: dict | None
     resume_path: Path | None = None  # checkpoint to continue from (--resume_from_checkpoint)
     text_lora: bool = False  # the earlier stage trained a text-encoder LoRA: loaded here, carried forward
+    data_fingerprint: str = ""  # hash of the concept images: a resume must see the same data
 
 
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
@@ -63,13 +64,17 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         artifacts.check_stage_compatible(
             manifest, stage_dir, model.family, fingerprint, args.pretrained_model_name_or_path
         )
-        saved = artifacts.stage_rows(manifest, stage_dir, model.family)
+        widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders]
+        saved = artifacts.stage_rows(manifest, stage_dir, model.family, widths)
         missing = [c.name for c in concepts if c.name not in saved]
         if missing:
             raise UserError(f"{stage_dir} has no embeddings for concept(s) {', '.join(missing)}")
         for c in concepts:  # token and vector count are fixed by the earlier stage
             entry = saved[c.name][0]
             c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
+    data = data_fingerprint(concepts)
+    if resume_path is not None:  # before run_args.json or anything else is rewritten
+        checkpoint.check_resumable(resume_path, concepts, vars(args), data)
     text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
@@ -79,7 +84,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
             start.append([r.float() for r in saved[c.name][1]])
         else:
             start.append([tokens.initializer_rows(t, e, c) for t, e in zip(model.tokenizers, model.text_encoders)])
-    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora)
+    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora, data)
 
 
 def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
@@ -131,6 +136,7 @@ def write_stage_outputs(
         args=vars(args),
         inputs=inputs,
         files=files,
+        extra={"data_fingerprint": inp.data_fingerprint},
     )
 
 
