@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 def check_args(args) -> None:
     if args.with_prior_preservation and not (args.class_prompt and args.class_data_dir):
         raise cli.UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+    if not [t for t in args.lora_targets.split(",") if t.strip()]:
+        raise cli.UserError("--lora_targets names no layer (e.g. to_q,to_k,to_v,to_out.0)")
 
 
 def run(args) -> None:

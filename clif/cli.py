@@ -53,6 +53,22 @@ def user_errors(prog: str) -> Iterator[None]:
         release_locks(keep=before)  # the locks this run took, also when it fails
 
 
+@contextlib.contextmanager
+def loading(what: str, name: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
+    """Load a model by hub id or path: its warnings silenced, its failure one UserError line naming it."""
+    import os
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except errors as err:
+        hint = " (HF_HUB_OFFLINE is set: only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load {what} {name!r}: {first}{hint}") from None
+
+
 def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
     """argparse type: a finite number in [lo, hi] (an end excluded when `*_open`)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +10,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import metrics
-from .cli import UserError
+from .cli import UserError, loading
 from .concepts import Concept, list_images, open_rgb
+from .validate import get_field, read_json
 
 
 class Backbone:
@@ -26,13 +26,11 @@ class Backbone:
             raise UserError(
                 f"unknown open_clip model {name!r} (see open_clip.list_models(), or use hf-hub:/local-dir:)"
             )
-        try:
+        with loading("CLIP model", name, errors=(RuntimeError, OSError, ValueError)):
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None if schema else pretrained, device=device
             )
             self.tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, OSError, ValueError) as err:
-            raise UserError(f"cannot load CLIP model {name!r} ({pretrained}): {str(err).splitlines()[0]}") from None
         self.model.eval().requires_grad_(False)
         self.device = device
 
@@ -64,11 +62,9 @@ class Dino:
     def __init__(self, name: str, device):
         from transformers import AutoImageProcessor, AutoModel
 
-        try:
+        with loading("DINO model", name):
             self.processor = AutoImageProcessor.from_pretrained(name)
             self.model = AutoModel.from_pretrained(name).to(device).eval()
-        except OSError as err:
-            raise UserError(f"cannot load DINO model {name!r}: {str(err).splitlines()[0]}") from None
         self.device = device
 
     @torch.no_grad()
@@ -86,11 +82,9 @@ class Detector:
     def __init__(self, name: str, device, threshold: float = 0.1):
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        try:
+        with loading("detector", name):
             self.processor = Owlv2Processor.from_pretrained(name)
             self.model = Owlv2ForObjectDetection.from_pretrained(name).to(device).eval()
-        except OSError as err:
-            raise UserError(f"cannot load detector {name!r}: {str(err).splitlines()[0]}") from None
         self.device, self.threshold = device, threshold
 
     @torch.no_grad()
@@ -128,13 +122,12 @@ def read_folder(folder: str | Path) -> list[Item]:
     """PNGs with inference.py's JSON sidecars, or a prompts.json {file: prompt} in the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist")
+        raise UserError(f"image folder {folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
     mapping = {}
-    if (folder / "prompts.json").is_file():
-        try:
-            mapping = json.loads((folder / "prompts.json").read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid {folder / 'prompts.json'}: {err}") from None
+    if (folder / "prompts.json").exists():
+        mapping = read_json(folder / "prompts.json")
+        for name in mapping:
+            get_field(mapping, name, str, str(folder / "prompts.json"))
     items = []
     for p in list_images(folder):
         if p.name == "contact_sheet.png":
@@ -142,7 +135,8 @@ def read_folder(folder: str | Path) -> list[Item]:
         if p.name in mapping:
             items.append(Item(p, mapping[p.name]))
         elif p.with_suffix(".json").is_file():
-            items.append(Item(p, json.loads(p.with_suffix(".json").read_text())["prompt"]))
+            sidecar = p.with_suffix(".json")
+            items.append(Item(p, get_field(read_json(sidecar), "prompt", str, str(sidecar))))
         else:
             raise UserError(f"{p} has no prompt: no {p.with_suffix('.json').name} sidecar and not in prompts.json")
     if not items:

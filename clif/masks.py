@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UserError
+from .cli import UserError, loading
 from .concepts import open_rgb
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
@@ -50,11 +50,9 @@ class Segmenter:
     def _load(self) -> None:
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        try:
+        with loading("segmenter", self.name):
             self._processor = CLIPSegProcessor.from_pretrained(self.name)
             self._model = CLIPSegForImageSegmentation.from_pretrained(self.name).to(self.device).eval()
-        except OSError as err:
-            raise UserError(f"cannot load segmenter {self.name!r}: {str(err).splitlines()[0]}") from None
 
     def _key(self, image: Path, prompt: str) -> Path:
         st = image.stat()

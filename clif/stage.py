@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, lora, outdir, tokens
+from . import artifacts, lora, outdir, tokens, validate
 from .cli import UserError
 from .concepts import Concept, data_fingerprint, load_concept_set
 from .models import DiffusionModel, load_model
@@ -46,6 +46,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     )
     resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_optimizer_flags(args)
+    validate.check_tracker(args.report_to)
     if getattr(args, "resolution", 8) % 8:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(
