@@ -13,7 +13,7 @@ from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set, open_rgb
-from clif.evaluation import Backbone, Detector, Dino, per_prompt, read_folder, score_folder, summarize
+from clif.evaluation import Detector, Dino, open_backbone, per_prompt, read_folder, score_folder, summarize
 from clif.generate import auto_device_dtype
 from clif.outdir import check_output_dir
 from clif.report import write_report
@@ -35,7 +35,8 @@ def build_parser():
     )
     p.add_argument("--output_dir", required=True, help="Where metrics.json/.csv/.md and metrics.png go.")
     p.add_argument("--overwrite", action="store_true", help="Replace earlier metrics in --output_dir.")
-    p.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name, hf-hub:org/repo or local-dir:/path.")
+    p.add_argument("--clip_model", default="ViT-B-32", help="open_clip model name, hf-hub:org/repo, local-dir:/path, or a transformers CLIPModel folder "
+        "(e.g. the toy world's paired_clip/).")
     p.add_argument(
         "--clip_pretrained", default="openai", help="open_clip pretrained tag (ignored for hf-hub:/local-dir:)."
     )
@@ -77,7 +78,7 @@ def run(args) -> dict:
     inputs = [("--images", d) for d in args.images] + [("--concepts", root)]
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     device, _ = auto_device_dtype("auto")
-    backbone = Backbone(args.clip_model, args.clip_pretrained, device)
+    backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
     dino = Dino(args.dino, device) if args.dino else None
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
 

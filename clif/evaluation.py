@@ -56,6 +56,43 @@ class Backbone:
         )
 
 
+class TransformersCLIP:
+    """A transformers CLIPModel folder (e.g. the toy world's `paired_clip/`) with the Backbone interface."""
+
+    def __init__(self, path: str, device):
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        with loading("CLIP model", path):
+            self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+            self.processor = CLIPImageProcessor.from_pretrained(path)
+            self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+        out = []
+        for s in range(0, len(images), batch_size):
+            px = self.processor(images=images[s : s + batch_size], return_tensors="pt")["pixel_values"]
+            out.append(self.model.get_image_features(pixel_values=px.to(self.device)).pooler_output.double().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        out = []
+        for s in range(0, len(texts), batch_size):
+            ids = self.tokenizer(texts[s : s + batch_size], padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device)
+            out.append(self.model.get_text_features(input_ids=ids).pooler_output.double().cpu())
+        return torch.cat(out)
+
+
+def open_backbone(name: str, pretrained: str | None, device):
+    """`name` is a transformers CLIPModel folder (has config.json) or an open_clip name / hf-hub: / local-dir:."""
+    if (Path(name) / "config.json").is_file():
+        return TransformersCLIP(name, device)
+    return Backbone(name, pretrained, device)
+
+
 class Dino:
     """DINO image features (CLS token) from transformers, e.g. facebook/dino-vits16."""
 

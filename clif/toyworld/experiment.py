@@ -1,0 +1,275 @@
+"""The toy-world experiment: does CLIF lower the confusion of two look-alike concepts?
+
+Two custom concepts share class and body colour (two yellow balls) and differ only in pattern. For each seed:
+(c) TI alone, (a) TI+LoRA (stages 2+3), (b) CLIF (stages 1+2+3), with the same steps, seeds and prompts. Each
+generates the two-concept prompt set; `evaluate.py` scores it with the world's own CLIP, and an oracle classifier
+(trained on rendered crops, only possible in a toy world) labels each half of every image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .oracle import OTHER, Oracle, train_oracle
+from .world import Obj, Scene, random_background, random_obj, render
+
+REPO = Path(__file__).resolve().parents[2]
+# look-alikes: same class and body colour, identity in the pattern only
+LOOKALIKES = {
+    "ball_a": Obj("ball", "yellow", "dots", "purple"),
+    "ball_b": Obj("ball", "yellow", "stripes", "purple"),
+}
+COMMON = ("box", "cup", "star", "heart", "ring")
+PAIR_PROMPTS = (
+    "a photo of a {0} on the left and a {1} on the right",
+    "a {0} on the left and a {1} on the right",
+    "a photo of a {1} on the left and a {0} on the right",
+    "a {1} on the left and a {0} on the right",
+)
+METHODS = {  # label -> the stages it runs
+    "ti": ("ti",),
+    "ti_lora": ("ti", "lora"),
+    "clif": ("clif", "ti", "lora"),
+}
+
+
+def render_concept(obj: Obj, rng: np.random.Generator, size: int, slot: str = "center"):
+    """One render of a concept on a fresh background: image and mask."""
+    from dataclasses import replace
+
+    o = replace(obj, slot=slot, dy=float(rng.uniform(-0.08, 0.08)))
+    img, masks = render(Scene((o,), random_background(rng), int(rng.integers(2**31))), size)
+    return img, masks[0]
+
+
+def write_concept_set(root: Path, size: int, n_train: int = 5, seed: int = 0) -> Path:
+    """The custom concepts (n_train renders each, masks from the generator) + common concepts for stage 1."""
+    rng = np.random.default_rng([seed, 11])
+    entries = []
+    for name, obj in LOOKALIKES.items():
+        (root / "images" / name).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_train):
+            img, mask = render_concept(obj, rng, size, ("center", "left", "right")[i % 3] if i >= 3 else "center")
+            img.save(root / "images" / name / f"{i:02d}.png")
+            mask.save(root / "masks" / name / f"{i:02d}.png")
+        entries.append({"name": name, "token": f"<{name}>", "initializer": obj.cls, "class": obj.cls,
+                        "images": f"images/{name}", "masks": f"masks/{name}"})
+    for word in COMMON:
+        d = root / "common" / word
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            o = random_obj(rng, "center")
+            from dataclasses import replace
+
+            o = replace(o, cls=word)
+            render(Scene((o,), random_background(rng), int(rng.integers(2**31))), size)[0].save(d / f"{i:02d}.png")
+    (root / "concepts.json").write_text(json.dumps({"concepts": entries}, indent=2) + "\n")
+    return root
+
+
+def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None, seed: int, steps: dict) -> list[str]:
+    """Command line of one stage, identical across methods but for --stage_dir."""
+    common = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir", str(out),
+              "--seed", str(seed), "--report_to", "none", "--num_vectors", "2"]
+    common += ["--stage_dir", str(prev)] if prev is not None else []
+    if stage == "clif":
+        return [sys.executable, str(REPO / "train_clif.py"), *common, "--common_words", ",".join(COMMON),
+                "--num_common_images", "4", "--num_pairs", "600", "--train_batch_size", "64",
+                "--learning_rate", "5e-3", "--max_train_steps", str(steps["clif"]), "--lr_scheduler", "constant"]
+    diff = ["--resolution", str(steps["size"]), "--train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--cache_latents", "--lr_scheduler", "constant"]
+    if stage == "ti":
+        return [sys.executable, str(REPO / "train_ti.py"), *common, *diff, "--learning_rate", "5e-3",
+                "--max_train_steps", str(steps["ti"])]
+    return [sys.executable, str(REPO / "train_lora.py"), *common, *diff, "--rank", "8", "--learning_rate", "1e-3",
+            "--embedding_learning_rate", "1e-3", "--max_train_steps", str(steps["lora"])]
+
+
+def run_cmd(argv: list[str], log: Path) -> float:
+    """Run one script (its output to `log`); raises with the log's tail when it fails; returns seconds."""
+    t = time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(argv) + "\n")
+        f.flush()
+        r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[1]} failed (exit {r.returncode}); see {log}:\n" + log.read_text()[-2000:])
+    return time.time() - t
+
+
+def run_method(method: str, base: Path, data: Path, work: Path, seed: int, steps: dict, cache: dict) -> Path:
+    """Train `method`'s stages (reusing identical earlier stages across methods); returns the last stage dir."""
+    prev, key = None, ()
+    for stage in METHODS[method]:
+        key = (*key, stage)
+        out = work / f"seed{seed}" / "-".join(key)
+        if key not in cache:
+            if not (out / "clif_manifest.json").exists():
+                cache.setdefault("_times", {})["-".join(key)] = run_cmd(
+                    stage_argv(stage, base, data, out, prev, seed, steps), work / "log.txt")
+            cache[key] = out
+        prev = cache[key]
+    return prev
+
+
+def generate(base: Path, stage: Path, out: Path, n: int, steps: int, log: Path) -> Path:
+    prompts = out.with_suffix(".prompts.txt")
+    prompts.write_text("\n".join(PAIR_PROMPTS) + "\n")
+    if not (out / "contact_sheet.png").exists():
+        run_cmd([sys.executable, str(REPO / "inference.py"), "--pretrained_model_name_or_path", str(base),
+                 "--stage_dir", str(stage), "--prompt_set", str(prompts), "--output_dir", str(out), "--overwrite",
+                 "--num_images_per_prompt", str(n), "--num_inference_steps", str(steps), "--batch_size", "16",
+                 "--guidance_scale", "4.0"], log)
+    return out
+
+
+def oracle_scores(oracle: Oracle, folder: Path) -> dict:
+    """Per image: what the oracle sees left and right, and whether the two concepts were confused."""
+    rows = []
+    for side in sorted(folder.glob("*.json")):
+        meta = json.loads(side.read_text())
+        if "prompt" not in meta:
+            continue
+        prompt = meta["prompt"]
+        a, b = [n for n in LOOKALIKES if f"<{n}>" in prompt]
+        left, right = (a, b) if prompt.index(f"<{a}>") < prompt.index(f"<{b}>") else (b, a)
+        img = Image.open(side.with_suffix(".png")).convert("RGB")
+        pl, pr = oracle.halves(img)
+        confused = pl == pr or OTHER in (pl, pr)
+        rows.append({"image": side.with_suffix(".png").name, "want": [left, right], "got": [pl, pr],
+                     "correct": [pl, pr] == [left, right], "swapped": [pl, pr] == [right, left],
+                     "confused": bool(confused)})
+    n = max(1, len(rows))
+    return {"oracle_confusion": sum(r["confused"] for r in rows) / n, "oracle_correct": sum(r["correct"] for r in rows) / n,
+            "oracle_swapped": sum(r["swapped"] for r in rows) / n, "n_images": len(rows), "rows": rows}
+
+
+def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) -> dict:
+    if not (out / "metrics.json").exists():
+        run_cmd([sys.executable, str(REPO / "evaluate.py"), "--images", str(folder), "--concepts", str(data),
+                 "--output_dir", str(out), "--overwrite", "--clip_model", str(base / "paired_clip"),
+                 "--detector", "none"], log)
+    summary = json.loads((out / "metrics.json").read_text())
+    first = next(iter(summary.values())) if isinstance(summary, dict) else summary
+    return first.get("summary", first) if isinstance(first, dict) else {}
+
+
+def stage1_diagnostics(stage1: Path) -> dict:
+    f = stage1 / "confusion.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def aggregate(per_seed: dict) -> dict:
+    """mean ± std over seeds of every numeric metric, per method."""
+    table = {}
+    for method, runs in per_seed.items():
+        keys = sorted({k for r in runs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        table[method] = {k: (float(np.mean([r[k] for r in runs if k in r])), float(np.std([r[k] for r in runs if k in r])))
+                         for k in keys}
+    return table
+
+
+def write_table(table: dict, path: Path, seeds: list[int], times: dict) -> str:
+    cols = ["oracle_confusion", "oracle_correct", "oracle_swapped", "text_alignment", "image_alignment", "confusion"]
+    lines = [f"Seeds: {seeds}. mean ± std over seeds (oracle: fraction of two-concept images).", "",
+             "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for m, vals in table.items():
+        cells = [f"{vals[c][0]:.3f} ± {vals[c][1]:.3f}" if c in vals else "–" for c in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def side_by_side(folders: dict[str, Path], path: Path, per_prompt: int = 4) -> None:
+    """Same prompts, same seeds: one column block per method (matplotlib, prompts as row labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(folders)
+    first = folders[methods[0]]
+    metas = [json.loads(p.read_text()) for p in sorted(first.glob("*.json")) if "prompt" in json.loads(p.read_text())]
+    prompts = list(dict.fromkeys(m["prompt"] for m in metas))[:2]
+    fig, axes = plt.subplots(len(prompts), len(methods) * per_prompt,
+                             figsize=(1.1 * len(methods) * per_prompt + 1, 1.4 * len(prompts) + 0.6), squeeze=False)
+    for r, prompt in enumerate(prompts):
+        for mi, m in enumerate(methods):
+            files = [p for p in sorted(folders[m].glob("*.json")) if json.loads(p.read_text()).get("prompt") == prompt]
+            for k in range(per_prompt):
+                ax = axes[r][mi * per_prompt + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k < len(files):
+                    ax.imshow(Image.open(files[k].with_suffix(".png")), interpolation="nearest")
+                if r == 0 and k == 0:
+                    ax.set_title(m, fontsize=9, loc="left")
+                if mi == 0 and k == 0:
+                    ax.set_ylabel(prompt.replace(" on the ", "\non the "), rotation=0, ha="right", va="center",
+                                  fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    base, work = Path(args.base), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    size = json.loads((base / "toyworld.json").read_text())["size"]
+    steps = {"size": size, "clif": args.clif_steps, "ti": args.ti_steps, "lora": args.lora_steps}
+    data = work / "concepts"
+    if not (data / "concepts.json").exists():
+        write_concept_set(data, size)
+    oracle = train_oracle(LOOKALIKES, size, work / "oracle", steps=args.oracle_steps)
+    log = work / "log.txt"
+    per_seed, diag, cache, last = {m: [] for m in args.methods}, {}, {}, {}
+    for seed in args.seeds:
+        cache = {"_times": cache.get("_times", {})}
+        for m in args.methods:
+            stage = run_method(m, base, data, work, seed, steps, cache)
+            folder = generate(base, stage, work / f"seed{seed}" / f"images-{m}", args.images_per_prompt,
+                              args.inference_steps, log)
+            scores = oracle_scores(oracle, folder)
+            ev = evaluate_folder(base, data, folder, work / f"seed{seed}" / f"eval-{m}", log)
+            row = {k: v for k, v in scores.items() if k != "rows"}
+            row.update({k: v for k, v in ev.items() if isinstance(v, (int, float))})
+            per_seed[m].append(row)
+            (folder / "oracle.json").write_text(json.dumps(scores, indent=2) + "\n")
+            last[m] = folder
+            if "clif" in METHODS[m]:
+                diag[f"seed{seed}"] = stage1_diagnostics(cache[("clif",)])
+    table = aggregate(per_seed)
+    result = {"seeds": args.seeds, "steps": steps, "oracle_heldout_accuracy": oracle.heldout_accuracy,
+              "table": table, "per_seed": per_seed, "stage1": diag, "times_s": cache.get("_times", {})}
+    (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(write_table(table, work / "results.md", args.seeds, cache.get("_times", {})))
+    side_by_side(last, work / "side_by_side.png")
+    return result
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="The pretrained world (python -m clif.toyworld pretrain --out).")
+    p.add_argument("--out", required=True, help="Work folder: concept set, stage dirs, images, results.md/json.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training/generation seeds.")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["ti", "ti_lora", "clif"],
+                   help="ti = stage 2 only; ti_lora = stages 2+3; clif = stages 1+2+3.")
+    p.add_argument("--clif_steps", type=int, default=300, help="Stage-1 steps.")
+    p.add_argument("--ti_steps", type=int, default=400, help="Stage-2 steps.")
+    p.add_argument("--lora_steps", type=int, default=300, help="Stage-3 steps.")
+    p.add_argument("--images_per_prompt", type=int, default=8, help="Images per two-concept prompt.")
+    p.add_argument("--inference_steps", type=int, default=30, help="Denoising steps.")
+    p.add_argument("--oracle_steps", type=int, default=1500, help="Training steps of the oracle classifier.")
