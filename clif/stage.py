@@ -10,7 +10,7 @@ import torch
 
 from . import artifacts, lora, outdir, tokens, validate
 from .cli import UserError
-from .concepts import Concept, data_fingerprint, load_concept_set
+from .concepts import Concept, check_tokens, data_fingerprint, load_concept_set
 from .models import DiffusionModel, load_model
 
 # folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
@@ -46,7 +46,9 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     )
     resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_optimizer_flags(args)
-    validate.check_tracker(args.report_to)
+    validate.check_tracker(getattr(args, "report_to", "none"))
+    for k in ("class_data_dir", "cache_dir"):  # folders the run fills
+        validate.folder_or_absent(getattr(args, k, None), f"--{k}")
     if getattr(args, "resolution", 8) % 8:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(
@@ -73,6 +75,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         for c in concepts:  # token and vector count are fixed by the earlier stage
             entry = saved[c.name][0]
             c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
+        check_tokens(concepts, str(stage_dir))
     data = data_fingerprint(concepts)
     if resume_path is not None:  # before run_args.json or anything else is rewritten
         checkpoint.check_resumable(resume_path, concepts, vars(args), data)

@@ -77,6 +77,12 @@ def file_name(name: str, where: str) -> str:
     return name
 
 
+def folder_or_absent(path: str | Path | None, what: str) -> None:
+    """A folder the run will create or fill: a file in its place is refused."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+
+
 def check_tracker(report_to: str) -> None:
     """--report_to names a tracker that is installed."""
     needed = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": []}.get(report_to, [])

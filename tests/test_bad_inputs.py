@@ -7,6 +7,7 @@ built once per module, and almost every case is refused before a model is loaded
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,17 +29,45 @@ MAINS = {"ti": train_ti.main, "lora": train_lora.main, "clif": train_clif.main, 
          "eval": evaluate.main}
 
 
+class World:
+    """Shared, read-only inputs, each built on first use: most cases need only the model and the concept set."""
+
+    def __init__(self, sd: Path, xl: Path, data: Path, root: Path):
+        self.sd, self.xl, self.data, self.root = sd, xl, data, root
+
+    @functools.cached_property
+    def stage(self) -> Path:  # a stage-2 run with checkpoint-1 and checkpoint-2
+        out = self.root / "ti"
+        train_ti.main(ti_args(self.sd, self.data, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+        return out
+
+    @functools.cached_property
+    def stage_xl(self) -> Path:
+        out = self.root / "ti_xl"
+        train_ti.main(ti_args(self.xl, self.data, out, "--max_train_steps", "1"))
+        return out
+
+    @functools.cached_property
+    def gen(self) -> Path:  # inference.py images with their sidecars
+        out = self.root / "gen"
+        inference.main(["--pretrained_model_name_or_path", str(self.sd), "--stage_dir", str(self.stage), "--prompt",
+                        "a photo of <redball>", "--output_dir", str(out), "--num_images_per_prompt", "1",
+                        "--num_inference_steps", "1"])
+        return out
+
+    def built(self) -> list[Path]:
+        return [self.sd, self.data, *[self.__dict__[k] for k in ("stage", "stage_xl", "gen") if k in self.__dict__]]
+
+
 @dataclass
 class Ctx:
-    """Paths of one case: shared read-only inputs and the case's own folder."""
+    """Paths of one case: the shared inputs and the case's own folder."""
 
-    sd: Path
-    xl: Path
-    data: Path
-    stage: Path
-    stage_xl: Path
-    gen: Path
+    world: World
     tmp: Path
+
+    def __getattr__(self, name: str):
+        return getattr(self.world, name)
 
     @property
     def out(self) -> Path:
@@ -161,7 +190,7 @@ def _ckpt_run(c: Ctx) -> Path:
 
 def _other_images(c: Ctx) -> Path:
     root = c.copy(c.data, "set")
-    first = sorted((root / "images" / "redball").iterdir())[0]
+    first = min((root / "images" / "redball").iterdir())
     im = Image.open(first).convert("RGB")
     im.putpixel((0, 0), (1, 2, 3))
     im.save(first)
@@ -190,9 +219,24 @@ TRAIN_NUMBERS = [
     ("--num_train_epochs", "0"), ("--num_vectors", "0"), ("--lr_scheduler", "sometimes"),
     ("--mixed_precision", "fp8"), ("--report_to", "mlflow"),
 ]
+CHOICES = {"--lr_scheduler", "--mixed_precision", "--report_to", "--train_text_encoder", "--scheduler", "--dtype"}
+
+
+def _number_needle(flag: str, value: str) -> str:
+    """What the message must say: the flag and why the value is wrong (not argparse's 'expected one argument')."""
+    if flag in CHOICES:
+        return f"{flag}: invalid choice"
+    try:
+        float(value)
+    except ValueError:
+        return f"{flag}: expected"
+    return f"{flag}: expected an integer" if "." in value and flag == "--seed" else f"{flag}: must be"
+
+
 for script, build in (("ti", _ti), ("lora", _lora), ("clif", _clif)):
     for flag, value in TRAIN_NUMBERS:
-        case(f"{script}{flag}={value}", script, lambda c, b=build, f=flag, v=value: b(c, f, v), flag)
+        case(f"{script}{flag}={value}", script, lambda c, b=build, f=flag, v=value: b(c, f, v),
+             _number_needle(flag, value))
 for script, build in (("ti", _ti), ("lora", _lora)):
     case(f"{script}-resolution-60", script, lambda c, b=build: b(c, "--resolution", "60"), "multiple of 8")
     case(f"{script}-resolution-neg", script, lambda c, b=build: b(c, "--resolution", "-64"), "--resolution")
@@ -202,13 +246,13 @@ for script, build in (("ti", _ti), ("lora", _lora)):
 
 # ---- stage 3 flags
 for flag, value, needle in [
-    ("--rank", "0", "--rank"), ("--lora_alpha", "nan", "--lora_alpha"), ("--lora_dropout", "1.5", "--lora_dropout"),
-    ("--lora_dropout", "1", "--lora_dropout"), ("--lora_targets", "", "--lora_targets"),
-    ("--lora_targets", "to_nothing", "to_nothing"), ("--snr_gamma", "nan", "--snr_gamma"),
-    ("--snr_gamma", "0", "--snr_gamma"), ("--text_encoder_lr", "inf", "--text_encoder_lr"),
-    ("--embedding_learning_rate", "-1", "--embedding_learning_rate"),
-    ("--prior_loss_weight", "nan", "--prior_loss_weight"), ("--num_class_images", "0", "--num_class_images"),
+    ("--rank", "0", None), ("--lora_alpha", "nan", None), ("--lora_dropout", "1.5", None),
+    ("--lora_dropout", "1", None), ("--lora_targets", "", "--lora_targets names no layer"),
+    ("--lora_targets", "to_nothing", "to_nothing match no layer"), ("--snr_gamma", "nan", None),
+    ("--snr_gamma", "0", None), ("--text_encoder_lr", "inf", None), ("--embedding_learning_rate", "-1", None),
+    ("--prior_loss_weight", "nan", None), ("--num_class_images", "0", None),
 ]:
+    needle = needle or _number_needle(flag, value)
     case(f"lora{flag}={value}", "lora", lambda c, f=flag, v=value: _lora(c, f, v), needle)
 case("lora-prior-without-prompt", "lora", lambda c: _lora(c, "--with_prior_preservation"), "--class_prompt")
 case("lora-stage-missing", "lora", lambda c: _lora(c, stage=c.tmp / "nope"), "does not exist")
@@ -247,8 +291,11 @@ case("lora-stage-lora-garbage", "lora",
 for flag, value in [("--num_pairs", "0"), ("--global_ratio", "nan"), ("--mix_ratio", "-1"), ("--num_views", "0"),
                     ("--text_encoder_rank", "0"), ("--text_encoder_lr", "nan"), ("--num_common_images", "0"),
                     ("--train_text_encoder", "full")]:
-    case(f"clif{flag}={value}", "clif", lambda c, f=flag, v=value: _clif(c, f, v), flag)
+    case(f"clif{flag}={value}", "clif", lambda c, f=flag, v=value: _clif(c, f, v), _number_needle(flag, value))
 case("clif-clip-model-missing", "clif", lambda c: _clif(c, "--clip_model", str(c.tmp / "noclip")), "CLIP model")
+case("clif-cache-is-file", "clif", lambda c: [*_clif(c), "--cache_dir", str(_text(c, "cache", b"x"))], "is a file")
+case("lora-class-dir-is-file", "lora", lambda c: _lora(c, "--with_prior_preservation", "--class_prompt", "a ball",
+                                                       "--class_data_dir", str(_text(c, "cls", b"x"))), "is a file")
 case("clif-data-missing", "clif", lambda c: _clif(c, data=c.tmp / "nope"), "does not exist")
 case("clif-name-escape", "clif",
      lambda c: _clif(c, data=c.concepts(lambda s: s["concepts"][0].update(name="../x"))), "file name")
@@ -364,7 +411,8 @@ for flag, value in [("--num_inference_steps", "0"), ("--num_images_per_prompt", 
                     ("--height", "60"), ("--width", "0"), ("--guidance_scale", "nan"), ("--guidance_scale", "inf"),
                     ("--guidance_scale", "-1"), ("--lora_scale", "nan"), ("--seed", "-1"), ("--seed", str(2**64)),
                     ("--scheduler", "magic"), ("--dtype", "fp8")]:
-    case(f"inf{flag}={value}", "inf", lambda c, f=flag, v=value: _inf(c, f, v), flag.strip("-"))
+    needle = "multiple of 8" if value == "60" else _number_needle(flag, value)
+    case(f"inf{flag}={value}", "inf", lambda c, f=flag, v=value, n=needle: _inf(c, f, v), needle)
 case("inf-no-prompt", "inf", lambda c: _inf(c, prompt=False), "no prompt")
 case("inf-prompts-missing", "inf", lambda c: _inf(c, "--prompts_file", str(c.tmp / "p.txt")), "does not exist")
 case("inf-prompts-folder", "inf", lambda c: _inf(c, "--prompts_file", str(_folder(c, "p", {}))), "folder")
@@ -413,7 +461,7 @@ def _inf_out(c: Ctx) -> list[str]:
 # ---- evaluate
 for flag, value in [("--detector_threshold", "nan"), ("--confusion_margin", "nan"), ("--confusion_margin", "-1"),
                     ("--batch_size", "0"), ("--detector_threshold", "-0.5")]:
-    case(f"eval{flag}={value}", "eval", lambda c, f=flag, v=value: _ev(c, f, v), flag)
+    case(f"eval{flag}={value}", "eval", lambda c, f=flag, v=value: _ev(c, f, v), _number_needle(flag, value))
 case("eval-images-missing", "eval", lambda c: _ev(c, images=c.tmp / "nope"), "does not exist")
 case("eval-images-is-file", "eval", lambda c: _ev(c, images=_text(c, "i", b"x")), "is a file")
 case("eval-images-empty", "eval", lambda c: _ev(c, images=_folder(c, "e", {})), "no images")
@@ -455,16 +503,8 @@ except ImportError:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_sd15, tiny_sdxl, concept_set, tmp_path_factory) -> dict:
-    """Shared, read-only inputs: a stage-2 run per family (with checkpoints) and generated images."""
-    root = tmp_path_factory.mktemp("world")
-    stage, stage_xl, gen = root / "ti", root / "ti_xl", root / "gen"
-    train_ti.main(ti_args(tiny_sd15, concept_set, stage, "--max_train_steps", "2", "--checkpointing_steps", "1"))
-    train_ti.main(ti_args(tiny_sdxl, concept_set, stage_xl, "--max_train_steps", "1"))
-    inference.main(["--pretrained_model_name_or_path", str(tiny_sd15), "--stage_dir", str(stage), "--prompt",
-                    "a photo of <redball>", "--output_dir", str(gen), "--num_images_per_prompt", "1",
-                    "--num_inference_steps", "1"])
-    return {"sd": tiny_sd15, "xl": tiny_sdxl, "data": concept_set, "stage": stage, "stage_xl": stage_xl, "gen": gen}
+def world(tiny_sd15, tiny_sdxl, concept_set, tmp_path_factory) -> World:
+    return World(tiny_sd15, tiny_sdxl, concept_set, tmp_path_factory.mktemp("world"))
 
 
 def _snapshot(paths: list[Path]) -> dict:
@@ -485,9 +525,9 @@ def test_corpus_is_large_enough():
 @pytest.mark.parametrize("cid", list(CASES))
 def test_bad_input(cid, world, tmp_path, capsys):
     script, build, needle, code = CASES[cid]
-    c = Ctx(tmp=tmp_path, **world)
+    c = Ctx(world, tmp_path)
     argv = build(c)
-    shared = [world[k] for k in ("data", "stage", "stage_xl", "gen", "sd")]
+    shared = world.built()
     before, shared_before = _snapshot([tmp_path]), _snapshot(shared)
     got, err = run_cli(MAINS[script], argv, capsys)
     lines = err.strip().splitlines()
