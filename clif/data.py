@@ -142,7 +142,7 @@ class ConceptImages:
 
     def _epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if e not in self._epochs:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % 2**64)  # any --seed < 2**63
             perm = torch.randperm(len(self), generator=g)
             flip = (torch.rand(len(self), generator=g) < 0.5) & self.random_flip
             tmpl = torch.randint(len(self.templates), (len(self),), generator=g)

@@ -236,3 +236,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd15, con
     rows = load_file(str(run / "checkpoint-2" / "embeddings" / "redball.safetensors"))
     assert all(torch.isfinite(v).all() for v in rows.values())
     assert not outdir.lock_held(run)
+
+
+def test_largest_seed_trains(tiny_sd15, concept_set, tmp_path):
+    """Every seed the flag accepts works (derived seeds stay inside torch's 64-bit range)."""
+    out = tmp_path / "run"
+    train_ti.main(ti_args(tiny_sd15, concept_set, out, "--max_train_steps", "1", "--seed", str(2**63 - 1)))
+    assert (out / "clif_manifest.json").exists()
