@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from clif import cli
-from clif.concepts import load_concept_set
+from clif.concepts import load_concept_set, open_rgb
 from clif.evaluation import Detector, Dino, open_backbone, per_prompt, read_folder, score_folder, summarize
 from clif.generate import auto_device_dtype
+from clif.outdir import check_output_dir
 from clif.report import write_report
 
 PROG = "evaluate.py"
@@ -78,18 +79,16 @@ def run(args) -> dict:
     concepts = load_concept_set(root.parent if root.name == "concepts.json" else root)
     folders = {label: read_folder(d) for label, d in zip(labels, args.images)}
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise cli.UserError(f"output dir {out} already holds files; pass --overwrite to replace them")
+    inputs = [("--images", d) for d in args.images] + [("--concepts", root)]
+    check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     device, _ = auto_device_dtype("auto")
     backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
     dino = Dino(args.dino, device) if args.dino else None
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
 
-    from PIL import Image
-
     refs, dino_refs = {}, {}
     for c in concepts:
-        ims = [Image.open(p).convert("RGB") for p in c.images]
+        ims = [open_rgb(p) for p in c.images]
         refs[c.name] = backbone.images(ims, args.batch_size)
         if dino is not None:
             dino_refs[c.name] = dino.images(ims, args.batch_size)

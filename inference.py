@@ -23,6 +23,7 @@ from clif.generate import (
 )
 from clif.images import grid, save_png
 from clif.lora import LORA_FILE
+from clif.outdir import check_output_dir
 
 PROG = "inference.py"
 
@@ -51,7 +52,7 @@ def build_parser():
     p.add_argument("--output_dir", required=True, help="Where <stem>.png, <stem>.json and contact_sheet.png go.")
     p.add_argument("--overwrite", action="store_true", help="Write into an output dir that already holds files.")
     p.add_argument("--num_images_per_prompt", type=cli.positive(int), default=4, help="Images per prompt.")
-    p.add_argument("--seed", type=int, default=0, help="Image i of a prompt uses seed + i.")
+    p.add_argument("--seed", type=cli.seed_type(), default=0, help="Image i of a prompt uses seed + i.")
     p.add_argument("--num_inference_steps", type=cli.positive(int), default=50, help="Denoising steps.")
     p.add_argument(
         "--guidance_scale",
@@ -98,8 +99,15 @@ def run(args) -> list[Path]:
         if v is not None and v % 8:
             raise cli.UserError(f"--{side} {v} is not a multiple of 8")
     out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
-        raise cli.UserError(f"output dir {out} already holds files; pass --overwrite to write into it")
+    check_output_dir(
+        out,
+        overwrite=args.overwrite,
+        deletes=False,
+        inputs=[
+            ("--stage_dir", args.stage_dir),
+            ("--pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+        ],
+    )
     device, dtype = auto_device_dtype(args.dtype)
     pipe, family = load_pipeline(
         args.pretrained_model_name_or_path,

@@ -170,10 +170,7 @@ def run(args) -> None:
         params = params + te
 
     def save(out: Path) -> None:
-        extra = {"lora": [lora.LORA_FILE]} if args.train_text_encoder == "lora" else None
-        write_stage_outputs(out, "clif", inp, modules, args, extra_files=extra)
-        if args.train_text_encoder == "lora":
-            lora.save_lora(out, model, text_lora=True, unet=False)
+        write_stage_outputs(out, "clif", inp, modules, args, text_lora=args.train_text_encoder == "lora")
 
     text = TextSide(model, paired, concepts)
     before = probe.measure(text)

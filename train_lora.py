@@ -30,7 +30,8 @@ def build_parser():
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=cli.positive(int), default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=cli.positive(float), default=None, help="LoRA alpha (default: = rank).")
-    g.add_argument("--lora_dropout", type=cli.non_negative(float), default=0.0, help="Dropout on the LoRA input.")
+    dropout = cli.number(float, 0, 1, hi_open=True)
+    g.add_argument("--lora_dropout", type=dropout, default=0.0, help="Dropout on the LoRA input.")
     g.add_argument(
         "--lora_targets",
         default=",".join(lora.DEFAULT_UNET_TARGETS),
@@ -79,6 +80,8 @@ def check_args(args) -> None:
         raise cli.UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
     if args.embedding_learning_rate is None:  # recorded resolved in the manifest
         args.embedding_learning_rate = args.learning_rate
+    if not [t for t in args.lora_targets.split(",") if t.strip()]:
+        raise cli.UserError("--lora_targets names no layer (e.g. to_q,to_k,to_v,to_out.0)")
 
 
 def run(args) -> None:
@@ -117,19 +120,15 @@ def run(args) -> None:
         training.TextCache(model) if not args.embedding_learning_rate and not args.train_text_encoder_lora else None
     )
 
+    text_lora = args.train_text_encoder_lora or inp.text_lora
+
+    def kohya(out: Path) -> None:
+        name = f"{Path(args.output_dir).name}_kohya.safetensors"
+        lora.export_kohya(out / name, model, alpha, text_lora, concepts, current_rows(inp, modules))
+
     def save(out: Path) -> None:
-        write_stage_outputs(out, "lora", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]})
-        text = args.train_text_encoder_lora or inp.text_lora
-        lora.save_lora(out, model, text)
-        if args.export_kohya:
-            lora.export_kohya(
-                out / f"{Path(args.output_dir).name}_kohya.safetensors",
-                model,
-                alpha,
-                text,
-                concepts,
-                current_rows(inp, modules),
-            )
+        extra = kohya if args.export_kohya else None
+        write_stage_outputs(out, "lora", inp, modules, args, text_lora=text_lora, unet_lora=True, extra=extra)
 
     max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora, training
+from clif import cli, training
 from clif.data import Shard, image_stream
 from clif.loop import StepRunner
 from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
@@ -60,11 +60,8 @@ def run(args) -> None:
     optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
 
     def save(out: Path) -> None:
-        write_stage_outputs(
-            out, "ti", inp, modules, args, extra_files={"lora": [lora.LORA_FILE]} if inp.text_lora else None
-        )
-        if inp.text_lora:  # the stage-1 text-encoder LoRA these embeddings were trained with travels along
-            lora.save_lora(out, model, text_lora=True, unet=False)
+        # the stage-1 text-encoder LoRA these embeddings were trained with travels along
+        write_stage_outputs(out, "ti", inp, modules, args, text_lora=inp.text_lora)
 
     runner = StepRunner(
         args,

@@ -1,10 +1,9 @@
-"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, output/stage dir checks."""
+"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, stage dir checks."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 
 from .cli import UserError
 from .concepts import Concept
+from .validate import file_name, get_field, read_json
 
 MANIFEST = "clif_manifest.json"
 ENCODER_KEYS = {"sd": None, "sdxl": ("clip_l", "clip_g")}
@@ -82,8 +82,23 @@ def save_embeddings(
         atomic_save_safetensors(embedding_tensors(family, c, r), out / "embeddings" / f"{c.name}.safetensors", header)
 
 
-def load_embedding_file(path: Path, family: str) -> tuple[list[torch.Tensor], dict[str, str]]:
-    """Rows per encoder and header metadata of one embedding file."""
+def check_safetensors(path: str | Path) -> None:
+    """UserError naming `path` when it is missing or not a complete safetensors file (truncated, corrupt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing" + (" (a folder)" if path.exists() else ""))
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # noqa: BLE001  SafetensorError is not importable under a stable name
+        raise UserError(f"{path} is not a valid safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def load_embedding_file(
+    path: Path, family: str, widths: list[int] | None = None, num_vectors: int | None = None
+) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """Rows per encoder and header metadata of one embedding file, checked against the encoders' `widths`."""
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         keys = ENCODER_KEYS[family] or list(f.keys())
@@ -91,19 +106,38 @@ def load_embedding_file(path: Path, family: str) -> tuple[list[torch.Tensor], di
         missing = [k for k in keys if k not in present]
         if missing or (ENCODER_KEYS[family] is None and len(keys) != 1):
             raise UserError(f"{path} is not a {family} embedding file (keys {list(f.keys())})")
-        return [f.get_tensor(k) for k in keys], meta
+        rows = [f.get_tensor(k) for k in keys]
+    for i, r in enumerate(rows):
+        want = [num_vectors, widths[i] if widths else None]
+        if r.dim() != 2 or any(w is not None and w != s for w, s in zip(want, r.shape)):
+            need = "x".join("n" if w is None else str(w) for w in want)
+            raise UserError(f"{path}: embedding of shape {tuple(r.shape)} does not fit this model (need {need})")
+    return rows, meta
 
 
 def read_manifest(stage_dir: str | Path) -> dict:
+    """The manifest of a finished stage dir, its fields checked for type (UserError naming the field)."""
     path = Path(stage_dir) / MANIFEST
     if not Path(stage_dir).is_dir():
-        raise UserError(f"stage dir {stage_dir} does not exist")
+        what = "is a file, not a folder" if Path(stage_dir).exists() else "does not exist"
+        raise UserError(f"stage dir {stage_dir} {what}")
     if not path.is_file():
         raise UserError(f"{stage_dir} is not a finished CLIF stage output (no {MANIFEST})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"invalid {path}: {err}") from None
+    manifest = read_json(path)
+    for key in ("stage", "base_model", "base_fingerprint"):
+        get_field(manifest, key, str, str(path))
+    if get_field(manifest, "family", str, str(path)) not in ENCODER_KEYS:
+        raise UserError(f"{path}: field 'family' must be one of {', '.join(ENCODER_KEYS)}")
+    entries = get_field(manifest, "concepts", list, str(path))
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise UserError(f"{path}: concept #{i} is not an object")
+        where = f"{path}: concept #{i}"
+        file_name(get_field(e, "name", str, where), where)
+        get_field(e, "token", str, where)
+        get_field(e, "num_vectors", int, where)
+    get_field(manifest, "args", dict, str(path), default={})
+    return manifest
 
 
 def check_stage_compatible(
@@ -119,44 +153,18 @@ def check_stage_compatible(
         )
 
 
-def stage_rows(manifest: dict, stage_dir: str | Path, family: str) -> dict[str, tuple[dict, list[torch.Tensor]]]:
-    """name -> (manifest concept entry, rows per encoder) of a stage output."""
+def stage_rows(
+    manifest: dict, stage_dir: str | Path, family: str, widths: list[int]
+) -> dict[str, tuple[dict, list[torch.Tensor]]]:
+    """name -> (manifest concept entry, rows per encoder of the given widths) of a stage output."""
     result = {}
     for entry in manifest.get("concepts", []):
         path = Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors"
         if not path.is_file():
             raise UserError(f"{stage_dir}: embedding file {path.name} is missing")
-        rows, _ = load_embedding_file(path, family)
+        rows, _ = load_embedding_file(path, family, widths, entry["num_vectors"])
         result[entry["name"]] = (entry, rows)
     return result
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / MANIFEST).exists() or any(path.glob("checkpoint-*")) or (path / "run_args.json").exists()
-
-
-def check_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
-    """Refuse (before anything is written) an output dir that holds something, unless resuming or overwriting a run."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output dir {path} is a file")
-    if not path.exists() or not any(path.iterdir()) or resuming:
-        return
-    if not overwrite:
-        raise UserError(
-            f"output dir {path} already holds files; pass --overwrite to replace a previous run "
-            "or --resume_from_checkpoint to continue it"
-        )
-    if not is_run_dir(path):
-        raise UserError(f"output dir {path} is not a CLIF run; refusing to delete it even with --overwrite")
-
-
-def clear_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
-    """Delete a previous run (already checked by check_output_dir) and create the folder."""
-    path = Path(path)
-    if overwrite and not resuming and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def write_manifest(

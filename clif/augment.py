@@ -16,7 +16,7 @@ from PIL import Image
 
 from .captions import Templates, load_templates
 from .cli import UserError, non_negative, positive
-from .concepts import Concept
+from .concepts import Concept, open_rgb
 from .masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
 from .regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
 
@@ -122,45 +122,41 @@ class PairBuilder:
     def _wholes(self, i: int, c: Concept, paths: list[Path]) -> list[Piece]:
         out = []
         for path in paths:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                mask = self._mask(path, c.masks_dir, c.class_word, None, im.size)
-                out.append(Piece(cut_out(im, mask), c.name, c.token, i, path))
+            im = open_rgb(path)
+            mask = self._mask(path, c.masks_dir, c.class_word, None, im.size)
+            out.append(Piece(cut_out(im, mask), c.name, c.token, i, path))
         return out
 
     def _parts(self, i: int, c: Concept, paths: list[Path]) -> list[Piece]:
         out = []
         for part in c.parts:
             for path in paths:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    mask = self._mask(path, c.masks_dir, part, part, im.size)
-                    out.append(Piece(cut_out(im, mask), f"{c.name}:{part}", f"{c.token}'s {part}", i, path))
+                im = open_rgb(path)
+                mask = self._mask(path, c.masks_dir, part, part, im.size)
+                out.append(Piece(cut_out(im, mask), f"{c.name}:{part}", f"{c.token}'s {part}", i, path))
         return out
 
     def _regions(self, i: int, c: Concept, paths: list[Path], spec: RegionSpec) -> list[Piece]:
         """Over-segmented regions of the concept's mask, each captioned with the concept's token."""
         out, self.region_masks[i] = [], []
         for path in paths:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                found = over_segment(im, self._mask(path, c.masks_dir, c.class_word, None, im.size), spec)
-                if not found:
-                    raise UserError(
-                        f"{path}: no region of its mask is large enough (>= {MIN_IMAGE_SHARE:.1%} of the photo "
-                        f"and >= {spec.min_area:.0%} of the mask) for Region pairs; use a larger mask, a smaller "
-                        "--min_region_area, or --region_ratio 0"
-                    )
-                self.region_masks[i].append((path, found))
-                out += [Piece(cut_out(im, r), f"{c.name}:region{k}", c.token, i, path) for k, r in enumerate(found)]
+            im = open_rgb(path)
+            found = over_segment(im, self._mask(path, c.masks_dir, c.class_word, None, im.size), spec)
+            if not found:
+                raise UserError(
+                    f"{path}: no region of its mask is large enough (>= {MIN_IMAGE_SHARE:.1%} of the photo "
+                    f"and >= {spec.min_area:.0%} of the mask) for Region pairs; use a larger mask, a smaller "
+                    "--min_region_area, or --region_ratio 0"
+                )
+            self.region_masks[i].append((path, found))
+            out += [Piece(cut_out(im, r), f"{c.name}:region{k}", c.token, i, path) for k, r in enumerate(found)]
         return out
 
     def _common(self, word: str, paths: list[Path]) -> list[Piece]:
         out = []
         for path in paths:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                out.append(Piece(cut_out(im, self._mask(path, None, word, None, im.size)), word, f"a {word}"))
+            im = open_rgb(path)
+            out.append(Piece(cut_out(im, self._mask(path, None, word, None, im.size)), word, f"a {word}"))
         return out
 
     def counts(self, n: int, ratios: dict[str, float]) -> dict[str, int]:

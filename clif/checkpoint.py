@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .artifacts import atomic_save_safetensors, atomic_write_json
+from .artifacts import atomic_save_safetensors, atomic_write_json, read_manifest
 from .cli import UserError
 
 _STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -41,6 +41,34 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
     if not (path / "state.json").is_file():
         raise UserError(f"--resume_from_checkpoint: {spec} is not a checkpoint folder")
     return path
+
+
+# flags whose change alters the result: a checkpoint made with other values cannot be continued
+RESULT_FLAGS = (
+    "pretrained_model_name_or_path", "stage_dir", "resolution", "center_crop", "random_flip", "learnable_property",
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "seed",
+    "noise_offset", "mixed_precision", "rank", "lora_alpha", "lora_dropout", "lora_targets",
+    "train_text_encoder_lora", "text_encoder_lr", "embedding_learning_rate", "snr_gamma", "with_prior_preservation",
+    "prior_loss_weight", "num_pairs", "global_ratio", "region_ratio", "mix_ratio", "train_text_encoder",
+    "text_encoder_rank", "common_words", "num_common_images",
+)  # fmt: skip
+
+
+def check_resumable(path: Path, concepts: list, args: dict, data: str) -> None:
+    """UserError when checkpoint `path` was made with other concepts, images or result-changing flags."""
+    saved = read_manifest(path)
+    mine = [(c.name, c.token, c.num_vectors) for c in concepts]
+    theirs = [(e.get("name"), e.get("token"), e.get("num_vectors")) for e in saved.get("concepts", [])]
+    if mine != theirs:
+        raise UserError(f"cannot resume from {path}: it was trained on concepts {theirs}, this run has {mine}")
+    if saved.get("data_fingerprint", data) != data:
+        raise UserError(f"cannot resume from {path}: the concept images differ from the ones it was trained on")
+    old = saved.get("args", {})
+    for k in RESULT_FLAGS:
+        now = json.loads(json.dumps(args.get(k), default=str))
+        if k in old and k in args and old[k] != now:
+            raise UserError(f"cannot resume from {path}: it was made with --{k} {old[k]}, this run has {now}")
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -87,20 +115,24 @@ def save_checkpoint(
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_save_safetensors(trainables, tmp / "trainables.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-    atomic_save_safetensors(_rng_tensors(generators), tmp / "rng.safetensors")
-    write_artifacts(tmp)  # embeddings (+ LoRA) and manifest: a checkpoint is also a usable stage dir
-    atomic_write_json(
-        tmp / "state.json",
-        {
-            "step": step,
-            "optimizer": opt_meta,
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-        },
-    )
+    try:
+        atomic_save_safetensors(trainables, tmp / "trainables.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        atomic_save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+        atomic_save_safetensors(_rng_tensors(generators), tmp / "rng.safetensors")
+        write_artifacts(tmp)  # embeddings (+ LoRA) and manifest: a checkpoint is also a usable stage dir
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "optimizer": opt_meta,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            },
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half checkpoint (a kill leaves one: the next run drops it)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     if limit:

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import re
 import sys
 from collections.abc import Iterator
+
+SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + k) must stay below 2**64
 
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line on stderr with exit code 2."""
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (e.g. a non-finite loss): one line on stderr, exit code 1."""
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (no usage dump), exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes '-1e-3' or '-inf' for an option ("expected one argument"): let the type check say why
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
@@ -27,37 +40,73 @@ def make_parser(prog: str, description: str) -> Parser:
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
     """Turn a UserError raised inside the block into one stderr line and exit code 2."""
+    from .outdir import held_locks, release_locks
+
+    before = held_locks()
     try:
         yield
-    except UserError as err:
+    except (UserError, RunFailed) as err:
         msg = str(err).replace("\n", " ")
         sys.stderr.write(f"{prog}: error: {msg}\n")
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(err, UserError) else 1) from None
+    finally:
+        release_locks(keep=before)  # the locks this run took, also when it fails
 
 
-def _bounded(kind: type, strict: bool):
-    """argparse type: a number > 0 (`strict`) or >= 0."""
+@contextlib.contextmanager
+def loading(what: str, name: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
+    """Load a model by hub id or path: its warnings silenced, its failure one UserError line naming it."""
+    import os
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except errors as err:
+        hint = " (HF_HUB_OFFLINE is set: only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load {what} {name!r}: {first}{hint}") from None
+
+
+def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    """argparse type: a finite number in [lo, hi] (an end excluded when `*_open`)."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < 0 or (strict and value == 0):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = lo is not None and (value < lo or (lo_open and value == lo))
+        too_high = hi is not None and (value > hi or (hi_open and value == hi))
+        if too_low or too_high:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            if hi is None:
+                need = f"{'>' if lo_open else '>='} {lo}"
+            else:
+                need = f"in {left}{lo}, {hi}{right}"
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
         return value
 
     return parse
 
 
 def positive(kind: type = int):
-    """argparse type: a strictly positive number."""
-    return _bounded(kind, strict=True)
+    """argparse type: a strictly positive finite number."""
+    return number(kind, 0, lo_open=True)
 
 
 def non_negative(kind: type = int):
-    """argparse type: a number >= 0."""
-    return _bounded(kind, strict=False)
+    """argparse type: a finite number >= 0."""
+    return number(kind, 0)
+
+
+def seed_type():
+    """argparse type: a seed torch accepts, also after the small offsets derived seeds add."""
+    return number(int, 0, SEED_LIMIT, hi_open=True)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +184,7 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
         action="store_true",
         help="Replace an output dir that holds another CLIF run (refuses to delete other folders).",
     )
-    g.add_argument("--seed", type=int, default=0, help="Seed of every random draw; same seed, same result.")
+    g.add_argument("--seed", type=seed_type(), default=0, help="Seed of every random draw; same seed, same result.")
     g.add_argument("--train_batch_size", type=positive(int), default=1, help="Batch size per process.")
     g.add_argument(
         "--gradient_accumulation_steps",
@@ -161,10 +210,10 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
         help="Learning-rate schedule.",
     )
     g.add_argument("--lr_warmup_steps", type=non_negative(int), default=0, help="Warm-up steps of the schedule.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--adam_beta1", type=number(float, 0, 1, hi_open=True), default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=number(float, 0, 1, hi_open=True), default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=non_negative(float), default=0.0, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=positive(float), default=1e-8, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=positive(float), default=1.0, help="Gradient clipping norm.")
     g.add_argument(
         "--use_8bit_adam",

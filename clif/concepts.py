@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +10,12 @@ from pathlib import Path
 from PIL import Image
 
 from .cli import UserError
+from .validate import file_name, get_field, read_json, string_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MIN_SIDE = 16  # pixels; smaller images cannot be segmented, cropped or encoded meaningfully
+# CLIP reads 77 tokens (75 between start and end): two concepts and a caption of ~16 words must fit
+MAX_VECTORS = 29
 
 
 @dataclass
@@ -48,49 +52,54 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image as 8-bit RGB; 16-bit greyscale is scaled down, not clipped to white."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+            im = im.point(lambda v: v * (1 / 256)).convert("L")
+        return im.convert("RGB")
+
+
 def check_image(path: Path) -> None:
-    """Raise a UserError naming `path` when it is not a decodable image."""
+    """Raise a UserError naming `path` when it is not a decodable image of a usable size."""
     try:
         with Image.open(path) as im:
             im.load()
+            size = im.size
     except Exception as err:  # noqa: BLE001  PIL raises many types for broken files
         raise UserError(f"cannot read image {path}: {err}") from None
+    if min(size) < MIN_SIDE:
+        raise UserError(f"image {path} is {size[0]}x{size[1]} pixels; need at least {MIN_SIDE} on each side")
 
 
 def _from_json(root: Path, default_vectors: int) -> list[Concept]:
-    try:
-        spec = json.loads((root / "concepts.json").read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"invalid {root / 'concepts.json'}: {err}") from None
-    entries = spec.get("concepts") if isinstance(spec, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise UserError(f'{root / "concepts.json"} must hold a non-empty list under "concepts"')
+    where = root / "concepts.json"
+    spec = read_json(where)
+    entries = get_field(spec, "concepts", list, str(where))
+    if not entries:
+        raise UserError(f'{where} must hold a non-empty list under "concepts"')
     concepts = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            raise UserError(f"{root / 'concepts.json'}: concept #{i} is not an object")
-        missing = [k for k in ("name", "token", "initializer") if not isinstance(e.get(k), str) or not e.get(k)]
-        if missing:
-            raise UserError(f"{root / 'concepts.json'}: concept #{i} lacks {', '.join(missing)}")
-        name = e["name"]
-        img_dir = root / e.get("images", f"images/{name}")
-        masks = root / e.get("masks", f"masks/{name}")
-        nv = e.get("num_vectors", default_vectors)
-        if not isinstance(nv, int) or nv < 1:
-            raise UserError(f"{root / 'concepts.json'}: concept {name!r} has num_vectors {nv!r} (need an integer >= 1)")
-        parts = e.get("parts", [])
-        if not isinstance(parts, list) or not all(isinstance(x, str) for x in parts):
-            raise UserError(f"{root / 'concepts.json'}: concept {name!r} has 'parts' that is not a list of words")
+            raise UserError(f"{where}: concept #{i} is not an object")
+        at = f"{where}: concept #{i}"
+        name = file_name(get_field(e, "name", str, at), at)
+        at = f"{where}: concept {name!r}"
+        token, initializer = get_field(e, "token", str, at), get_field(e, "initializer", str, at)
+        img_dir = root / get_field(e, "images", str, at, default=f"images/{name}")
+        masks = root / get_field(e, "masks", str, at, default=f"masks/{name}")
+        nv = get_field(e, "num_vectors", int, at, default=default_vectors)
         concepts.append(
             Concept(
                 name=name,
-                token=e["token"],
-                initializer=e["initializer"],
-                class_word=e.get("class", e["initializer"]),
+                token=token,
+                initializer=initializer,
+                class_word=get_field(e, "class", str, at, default=initializer),
                 images=_images_of(img_dir, name),
                 num_vectors=nv,
                 masks_dir=masks if masks.is_dir() else None,
-                parts=parts,
+                parts=string_list(e, "parts", at),
             )
         )
     return concepts
@@ -98,7 +107,8 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
 
 def _images_of(folder: Path, name: str) -> list[Path]:
     if not folder.is_dir():
-        raise UserError(f"concept {name!r}: image folder {folder} does not exist")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"concept {name!r}: image folder {folder} {what}")
     images = list_images(folder)
     if not images:
         raise UserError(f"concept {name!r} has no images in {folder} (expected {', '.join(IMAGE_SUFFIXES)})")
@@ -107,23 +117,20 @@ def _images_of(folder: Path, name: str) -> list[Path]:
 
 def _from_folders(root: Path, initializer: str | None, class_word: str | None, nv: int) -> list[Concept]:
     classes: dict = {}
-    if (root / "classes.json").is_file():
-        try:
-            classes = json.loads((root / "classes.json").read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid {root / 'classes.json'}: {err}") from None
+    if (root / "classes.json").exists():
+        classes = read_json(root / "classes.json")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise UserError(f"{root} holds neither concepts.json nor concept sub-folders of images")
     concepts = []
     for d in subdirs:
-        cls = class_word or classes.get(d.name)
+        cls = class_word or get_field(classes, d.name, str, str(root / "classes.json"), default=None)
         if not cls:
             raise UserError(f"{root}: no class word for concept {d.name!r}; pass --class_word or add classes.json")
         token = "<" + re.sub(r"[^0-9A-Za-z_-]", "-", d.name) + ">"
         concepts.append(
             Concept(
-                name=d.name,
+                name=file_name(d.name, str(root)),
                 token=token,
                 initializer=initializer or cls,
                 class_word=cls,
@@ -132,6 +139,43 @@ def _from_folders(root: Path, initializer: str | None, class_word: str | None, n
             )
         )
     return concepts
+
+
+def data_fingerprint(concepts: list[Concept]) -> str:
+    """A short hash of every concept's name and image bytes (a resumed run must train on the same data)."""
+    h = hashlib.sha256()
+    for c in concepts:
+        h.update(c.name.encode() + b"\0")
+        for p in c.images:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def check_tokens(concepts: list[Concept], where: str) -> None:
+    """Names and tokens are distinct; tokens are one word, and no two concepts share a tokenizer entry: the CLIP
+    tokenizer lowercases, so '<Ball>' and '<ball>' are one token, and '<a>' with 2 vectors owns '<a>_1'."""
+    names: set[str] = set()
+    owner: dict[str, str] = {}
+    for c in concepts:
+        if c.name in names:
+            raise UserError(f"{where}: duplicate name {c.name!r}")
+        names.add(c.name)
+        if not c.token or c.token.strip() != c.token or " " in c.token:
+            raise UserError(f"concept {c.name!r}: token {c.token!r} must be one word without spaces")
+        if not 1 <= c.num_vectors <= MAX_VECTORS:
+            raise UserError(
+                f"concept {c.name!r}: num_vectors {c.num_vectors} must be in 1..{MAX_VECTORS} "
+                "(two concepts and a caption must fit in CLIP's 77 tokens)"
+            )
+        for t in c.tokens:
+            other = owner.get(t.lower())
+            if other is not None:
+                what = "duplicate token" if other != c.name else "token repeats itself"
+                raise UserError(
+                    f"{where}: {what} {t!r}: concepts {other!r} and {c.name!r} collide "
+                    "(tokens are case-insensitive; '<t>' with n vectors also owns '<t>_1'..)"
+                )
+            owner[t.lower()] = c.name
 
 
 def load_concept_set(
@@ -144,23 +188,15 @@ def load_concept_set(
     """Read and validate a concept set; every image is decoded once so a broken file is named now."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data dir {root} does not exist")
+        raise UserError(f"data dir {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     if not any(root.iterdir()):
         raise UserError(f"data dir {root} is empty")
-    if (root / "concepts.json").is_file():
+    if (root / "concepts.json").exists():
         concepts = _from_json(root, num_vectors)
     else:
         concepts = _from_folders(root, initializer, class_word, num_vectors)
-    for attr in ("name", "token"):
-        seen: set[str] = set()
-        for c in concepts:
-            v = getattr(c, attr)
-            if v in seen:
-                raise UserError(f"{root}: duplicate {attr} {v!r}")
-            seen.add(v)
+    check_tokens(concepts, str(root))
     for c in concepts:
-        if c.token.strip() != c.token or " " in c.token:
-            raise UserError(f"concept {c.name!r}: token {c.token!r} must be one word without spaces")
         if len(c.initializer.split()) != 1:
             raise UserError(f"concept {c.name!r}: initializer {c.initializer!r} must be a single word")
         for img in c.images:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .concepts import Concept
+from .concepts import Concept, open_rgb
 from .tokens import expand_prompt
 
 OBJECT_TEMPLATES = [
@@ -86,8 +86,7 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as im:
-            x, size, crop = preprocess(im, self.resolution, self.center_crop)
+        x, size, crop = preprocess(open_rgb(self.paths[i]), self.resolution, self.center_crop)
         return x, torch.tensor([*size, *crop])
 
 
@@ -143,7 +142,7 @@ class ConceptImages:
 
     def _epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if e not in self._epochs:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % 2**64)  # any --seed < 2**63
             perm = torch.randperm(len(self), generator=g)
             flip = (torch.rand(len(self), generator=g) < 0.5) & self.random_flip
             tmpl = torch.randint(len(self.templates), (len(self),), generator=g)

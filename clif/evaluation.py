@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +10,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import metrics
-from .cli import UserError
-from .concepts import Concept, list_images
+from .cli import UserError, loading
+from .concepts import Concept, list_images, open_rgb
+from .validate import get_field, read_json
 
 
 class Backbone:
@@ -26,13 +26,11 @@ class Backbone:
             raise UserError(
                 f"unknown open_clip model {name!r} (see open_clip.list_models(), or use hf-hub:/local-dir:)"
             )
-        try:
+        with loading("CLIP model", name, errors=(RuntimeError, OSError, ValueError)):
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None if schema else pretrained, device=device
             )
             self.tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, OSError, ValueError) as err:
-            raise UserError(f"cannot load CLIP model {name!r} ({pretrained}): {str(err).splitlines()[0]}") from None
         self.model.eval().requires_grad_(False)
         self.device = device
 
@@ -64,12 +62,10 @@ class TransformersCLIP:
     def __init__(self, path: str, device):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-        try:
+        with loading("CLIP model", path):
             self.model = CLIPModel.from_pretrained(path).to(device).eval().requires_grad_(False)
             self.processor = CLIPImageProcessor.from_pretrained(path)
             self.tokenizer = CLIPTokenizer.from_pretrained(path)
-        except OSError as err:
-            raise UserError(f"cannot load CLIP model {path!r}: {str(err).splitlines()[0]}") from None
         self.device = device
 
     @torch.no_grad()
@@ -104,11 +100,9 @@ class Dino:
     def __init__(self, name: str, device):
         from transformers import AutoImageProcessor, AutoModel
 
-        try:
+        with loading("DINO model", name):
             self.processor = AutoImageProcessor.from_pretrained(name)
             self.model = AutoModel.from_pretrained(name).to(device).eval()
-        except OSError as err:
-            raise UserError(f"cannot load DINO model {name!r}: {str(err).splitlines()[0]}") from None
         self.device = device
 
     @torch.no_grad()
@@ -126,11 +120,9 @@ class Detector:
     def __init__(self, name: str, device, threshold: float = 0.1):
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        try:
+        with loading("detector", name):
             self.processor = Owlv2Processor.from_pretrained(name)
             self.model = Owlv2ForObjectDetection.from_pretrained(name).to(device).eval()
-        except OSError as err:
-            raise UserError(f"cannot load detector {name!r}: {str(err).splitlines()[0]}") from None
         self.device, self.threshold = device, threshold
 
     @torch.no_grad()
@@ -168,13 +160,12 @@ def read_folder(folder: str | Path) -> list[Item]:
     """PNGs with inference.py's JSON sidecars, or a prompts.json {file: prompt} in the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist")
+        raise UserError(f"image folder {folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
     mapping = {}
-    if (folder / "prompts.json").is_file():
-        try:
-            mapping = json.loads((folder / "prompts.json").read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid {folder / 'prompts.json'}: {err}") from None
+    if (folder / "prompts.json").exists():
+        mapping = read_json(folder / "prompts.json")
+        for name in mapping:
+            get_field(mapping, name, str, str(folder / "prompts.json"))
     items = []
     for p in list_images(folder):
         if p.name == "contact_sheet.png":
@@ -182,7 +173,8 @@ def read_folder(folder: str | Path) -> list[Item]:
         if p.name in mapping:
             items.append(Item(p, mapping[p.name]))
         elif p.with_suffix(".json").is_file():
-            items.append(Item(p, json.loads(p.with_suffix(".json").read_text())["prompt"]))
+            sidecar = p.with_suffix(".json")
+            items.append(Item(p, get_field(read_json(sidecar), "prompt", str, str(sidecar))))
         else:
             raise UserError(f"{p} has no prompt: no {p.with_suffix('.json').name} sidecar and not in prompts.json")
     if not items:
@@ -217,7 +209,7 @@ def score_folder(
     match_refs = match_refs if match_refs is not None else refs
     by_token = {c.token: c for c in concepts}
     class_of = {c.token: c.class_word for c in concepts}
-    images = [Image.open(it.path).convert("RGB") for it in items]
+    images = [open_rgb(it.path) for it in items]
     feats = backbone.images(images, batch_size)
     texts = backbone.texts([metrics.replace_tokens(it.prompt, class_of) for it in items], batch_size)
     score, cos = metrics.clip_score(feats, texts)

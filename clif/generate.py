@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
+import string
 from pathlib import Path
 
 import torch
 
 from . import artifacts, lora
-from .cli import UserError
+from .cli import UserError, loading
 from .models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading
+from .validate import read_json, read_text
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -42,10 +43,14 @@ def load_embeddings_into(pipe, stage_dir: str | Path, model: DiffusionModel) -> 
     """Load every concept embedding of a stage dir with stock `load_textual_inversion` (one call per text encoder,
     as the README shows for SDXL), and its LoRA with `load_lora_weights`; returns the manifest's concepts."""
     manifest = artifacts.read_manifest(stage_dir)
-    for entry in manifest["concepts"]:
-        rows, _ = artifacts.load_embedding_file(
-            Path(stage_dir) / "embeddings" / f"{entry['name']}.safetensors", model.family
-        )
+    widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders]
+    checked = [
+        artifacts.load_embedding_file(Path(stage_dir) / "embeddings" / f"{e['name']}.safetensors", model.family, widths)
+        for e in manifest["concepts"]
+    ]  # all files checked before the first is loaded
+    if (Path(stage_dir) / lora.LORA_FILE).exists():
+        artifacts.check_safetensors(Path(stage_dir) / lora.LORA_FILE)
+    for entry, (rows, _) in zip(manifest["concepts"], checked):
         for r, enc, tok in zip(rows, model.text_encoders, model.tokenizers):
             pipe.load_textual_inversion(r, token=entry["token"], text_encoder=enc, tokenizer=tok)
     if (Path(stage_dir) / lora.LORA_FILE).is_file():
@@ -72,12 +77,10 @@ def load_pipeline(
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
     if manifest is not None:  # the family first: no model loaded for a stage dir of another family
         artifacts.check_stage_compatible(manifest, stage_dir, family, None, base)
-    try:
+    with loading("model", base):
         pipe = DiffusionPipeline.from_pretrained(
             base, dtype=dtype, revision=revision, variant=variant, **pipeline_extras(family)
         )
-    except OSError as err:
-        raise UserError(f"cannot load model {base!r}: {str(err).splitlines()[0]}") from None
     model = from_pipeline(pipe, family, base)
     if manifest is not None:
         artifacts.check_stage_compatible(manifest, stage_dir, family, model.fingerprint(), base)
@@ -143,18 +146,26 @@ def generate(
 
 
 def read_prompts_file(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file {path} does not exist")
-    if p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"invalid {path}: {err}") from None
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise UserError(f"{path} must hold a JSON list of prompt strings")
+    """Prompts of a text file (one a line, # comments) or a JSON list of strings."""
+    if Path(path).suffix == ".json":
+        data = read_json(path, "prompts file", kind=list)
+        if not all(isinstance(x, str) and x.strip() for x in data):
+            raise UserError(f"{path} must hold a JSON list of non-empty prompt strings")
         return data
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = read_text(path, "prompts file").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _fill(template: str, path, tokens: tuple[str, ...]) -> str:
+    """A template with positional slots {0} (and {1}) only; UserError naming the template otherwise."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise UserError(f"template {template!r} in {path}: {err}") from None
+    bad = [f for f in fields if f not in ("0", "1")]
+    if bad:
+        raise UserError(f"template {template!r} in {path}: slot {{{bad[0]}}} is not {{0}} or {{1}}")
+    return template.format(*tokens)
 
 
 PROMPT_SETS = Path(__file__).resolve().parents[1] / "dataset"
@@ -172,9 +183,9 @@ def expand_prompt_set(spec: str, concepts: list[dict]) -> list[str]:
         if "{1}" in t:
             if len(tokens) < 2:
                 raise UserError(f"prompt set {spec!r} has two-concept templates but the stage dir has one concept")
-            out += [t.format(a, b) for a, b in combinations(tokens, 2)]
+            out += [_fill(t, path, pair) for pair in combinations(tokens, 2)]
         elif "{0}" in t:
-            out += [t.format(a) for a in tokens]
+            out += [_fill(t, path, (a,)) for a in tokens]
         else:
             raise UserError(f"template {t!r} in {path} has no {{0}} slot")
     return out

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, checkpoint, training
+from . import artifacts, checkpoint, outdir, training
+from .cli import RunFailed
 from .images import render_validation
 
 
@@ -72,15 +75,22 @@ class StepRunner:
         acc, args = self.accelerator, self.args
         training.all_reduce_grads(self.params, acc)
         grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm)
+        # the values are read for the log anyway (one sync per step, as before): check them before the update
+        mean_loss, norm = acc.reduce(loss.detach().float(), "mean").item(), float(grad_norm)
+        if not (math.isfinite(mean_loss) and math.isfinite(norm)):
+            self._fail(
+                f"step {self.step + 1}: loss {mean_loss} / gradient norm {norm} is not finite; stopped "
+                f"(last good checkpoint: {_last(self.out)}); try a lower --learning_rate"
+            )
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.timer.stop()
         logs = {
-            "loss": acc.reduce(loss.detach().float(), "mean").item(),
+            "loss": mean_loss,
             "lr": self.lr_scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "grad_norm": norm,
             **(extra_logs or {}),
         }
         acc.log(logs, step=self.step)
@@ -89,17 +99,18 @@ class StepRunner:
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
         last = self.step == self.max_steps
         if acc.is_main_process and (self.step % args.checkpointing_steps == 0 or last):
-            checkpoint.save_checkpoint(
-                self.out,
-                self.step,
-                self.trainables,
-                self.optimizer,
-                self.lr_scheduler,
-                acc.scaler,
-                self.generators,
-                limit=args.checkpoints_total_limit,
-                write_artifacts=self.write_artifacts,
-            )
+            with self._disk_errors():
+                checkpoint.save_checkpoint(
+                    self.out,
+                    self.step,
+                    self.trainables,
+                    self.optimizer,
+                    self.lr_scheduler,
+                    acc.scaler,
+                    self.generators,
+                    limit=args.checkpoints_total_limit,
+                    write_artifacts=self.write_artifacts,
+                )
         if acc.is_main_process and args.validation_prompt and (self.step % args.validation_steps == 0 or last):
             render_validation(
                 self.model,
@@ -115,6 +126,22 @@ class StepRunner:
                 accelerator=acc,
             )
 
+    def _fail(self, message: str) -> None:
+        """End the run with one line (exit 1): the progress bar is closed first so the error line is the last."""
+        if self.bar is not None:
+            self.bar.close()
+        raise RunFailed(message)
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A failed write (disk full, permissions) ends the run with one line; complete checkpoints stay."""
+        try:
+            yield
+        except OSError as err:
+            self._fail(
+                f"cannot write into {self.out}: {err.strerror or err}; last complete checkpoint: {_last(self.out)}"
+            )
+
     def close(self) -> None:
         """Final artifacts and run_stats.json (main process), then release memory cleanly."""
         import gc
@@ -122,11 +149,18 @@ class StepRunner:
         if self.bar is not None:
             self.bar.close()
         acc = self.accelerator
-        if acc.is_main_process:
-            self.write_artifacts(self.out)
-            artifacts.atomic_write_json(self.out / "run_stats.json", {**self.timer.stats(), "losses": self.losses})
+        if acc.is_main_process:  # the manifest (inside write_artifacts) goes last: its presence means complete
+            with self._disk_errors():
+                artifacts.atomic_write_json(self.out / "run_stats.json", {**self.timer.stats(), "losses": self.losses})
+                self.write_artifacts(self.out)
         # Freeing before end_training avoids a rare gloo abort at exit of multi-process runs.
         self.optimizer = self.params = self.trainables = None
         acc.free_memory()
         gc.collect()
         acc.end_training()
+        outdir.release_lock(self.out)
+
+
+def _last(out: Path) -> str:
+    kept = checkpoint.list_checkpoints(out)
+    return str(kept[-1]) if kept else "none"

@@ -101,8 +101,9 @@ def load_text_lora(stage_dir: str | Path, model) -> bool:
     Returns False when the stage dir has no LoRA file or it holds no text-encoder layers.
     """
     path = Path(stage_dir) / LORA_FILE
-    if not path.is_file():
+    if not path.exists():
         return False
+    artifacts.check_safetensors(path)
     state, alphas, metadata = model.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
     found = False
     for name, enc in zip(model.text_encoder_names, model.text_encoders):

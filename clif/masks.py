@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UserError
+from .cli import UserError, loading
+from .concepts import open_rgb
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 MIN_AREA = 0.005  # a mask covering less than 0.5 % of the image is not usable
@@ -49,11 +50,9 @@ class Segmenter:
     def _load(self) -> None:
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        try:
+        with loading("segmenter", self.name):
             self._processor = CLIPSegProcessor.from_pretrained(self.name)
             self._model = CLIPSegForImageSegmentation.from_pretrained(self.name).to(self.device).eval()
-        except OSError as err:
-            raise UserError(f"cannot load segmenter {self.name!r}: {str(err).splitlines()[0]}") from None
 
     def _key(self, image: Path, prompt: str) -> Path:
         st = image.stat()
@@ -64,20 +63,19 @@ class Segmenter:
     def mask(self, image: Path, prompt: str) -> np.ndarray:
         """Bool mask of `prompt` in `image` at the image's size."""
         path = self._key(image, prompt)
-        with Image.open(image) as im:
-            im = im.convert("RGB")
-            size = im.size
-            if not path.is_file():
-                if self._model is None:
-                    self._load()
-                inputs = self._processor(text=[prompt], images=[im], padding="max_length", return_tensors="pt")
-                prob = (
-                    torch.sigmoid(self._model(**inputs.to(self.device)).logits)
-                    .reshape(inputs["pixel_values"].shape[-2:])
-                    .cpu()
-                )
-                # relative threshold: CLIPSeg's scale varies per prompt; half the peak keeps the object
-                m = (prob >= 0.5 * prob.max()).numpy().astype(np.uint8) * 255
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(m).resize(size, Image.Resampling.BILINEAR).save(path)
+        im = open_rgb(image)
+        size = im.size
+        if not path.is_file():
+            if self._model is None:
+                self._load()
+            inputs = self._processor(text=[prompt], images=[im], padding="max_length", return_tensors="pt")
+            prob = (
+                torch.sigmoid(self._model(**inputs.to(self.device)).logits)
+                .reshape(inputs["pixel_values"].shape[-2:])
+                .cpu()
+            )
+            # relative threshold: CLIPSeg's scale varies per prompt; half the peak keeps the object
+            m = (prob >= 0.5 * prob.max()).numpy().astype(np.uint8) * 255
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m).resize(size, Image.Resampling.BILINEAR).save(path)
         return load_mask(path, size)

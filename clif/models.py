@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, loading
+from .validate import read_json
 
 
 def _read_model_index(path: str, revision: str | None) -> dict:
@@ -18,15 +18,13 @@ def _read_model_index(path: str, revision: str | None) -> dict:
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        return json.loads((local / "model_index.json").read_text())
+        return read_json(local / "model_index.json")
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"model folder {path} does not exist")
     from diffusers import DiffusionPipeline
 
-    try:
+    with loading("model", path, errors=(Exception,)):  # hub / network errors come in many types
         return dict(DiffusionPipeline.load_config(path, revision=revision))
-    except Exception as err:  # noqa: BLE001  hub / network errors come in many types
-        raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
 
 
 def detect_family(path: str, revision: str | None = None) -> str:
@@ -187,7 +185,7 @@ def load_model(
     quiet_loading()
     family = detect_family(path, revision)
     kw = {"revision": revision}
-    try:
+    with loading("model", path):
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
         encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
         if family == "sdxl":
@@ -200,8 +198,6 @@ def load_model(
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    except OSError as err:
-        raise UserError(f"cannot load model {path!r}: {str(err).splitlines()[0]}") from None
     for m in (*encoders, unet, vae):
         if m is None:
             continue

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cli import UserError
+from .cli import UserError, loading
 
 # text-encoder width -> the public CLIP whose text tower it is
 DEFAULT_PAIRS = {
@@ -31,10 +31,8 @@ def clip_image_size(name_or_path: str) -> int:
     """Input resolution of a CLIP model's image tower (reads only its config); UserError when unloadable."""
     from transformers import CLIPConfig
 
-    try:
+    with loading("CLIP model", name_or_path):
         return CLIPConfig.from_pretrained(name_or_path).vision_config.image_size
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load CLIP model {name_or_path!r}: {str(err).splitlines()[0]}") from None
 
 
 class PairedCLIP:
@@ -43,11 +41,9 @@ class PairedCLIP:
     def __init__(self, name_or_path: str, text_encoder, device, dtype: torch.dtype):
         from transformers import CLIPImageProcessor, CLIPModel
 
-        try:
+        with loading("CLIP model", name_or_path):
             self.model = CLIPModel.from_pretrained(name_or_path, dtype=dtype).to(device).eval().requires_grad_(False)
             self.processor = CLIPImageProcessor.from_pretrained(name_or_path)
-        except OSError as err:
-            raise UserError(f"cannot load CLIP model {name_or_path!r}: {str(err).splitlines()[0]}") from None
         width = text_encoder.config.hidden_size
         if self.model.text_projection.in_features != width:
             raise UserError(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import artifacts, lora, tokens
+from . import artifacts, lora, outdir, tokens, validate
 from .cli import UserError
-from .concepts import Concept, load_concept_set
+from .concepts import Concept, check_tokens, data_fingerprint, load_concept_set
 from .models import DiffusionModel, load_model
+
+# folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
+INPUT_FLAGS = ("train_data_dir", "stage_dir", "pretrained_model_name_or_path", "class_data_dir", "cache_dir")
 
 
 @dataclass
@@ -25,6 +29,7 @@ class StageInputs:
     stage_manifest: dict | None
     resume_path: Path | None = None  # checkpoint to continue from (--resume_from_checkpoint)
     text_lora: bool = False  # the earlier stage trained a text-encoder LoRA: loaded here, carried forward
+    data_fingerprint: str = ""  # hash of the concept images: a resume must see the same data
 
 
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
@@ -33,11 +38,17 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     from . import checkpoint
     from .training import check_optimizer_flags
 
-    artifacts.check_output_dir(
-        args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None
+    outdir.check_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite,
+        resuming=args.resume_from_checkpoint is not None,
+        inputs=[(f"--{k}", getattr(args, k, None)) for k in INPUT_FLAGS],
     )
     resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_optimizer_flags(args)
+    validate.check_tracker(getattr(args, "report_to", "none"))
+    for k in ("class_data_dir", "cache_dir"):  # folders the run fills
+        validate.folder_or_absent(getattr(args, k, None), f"--{k}")
     if getattr(args, "resolution", 8) % 8:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(
@@ -56,13 +67,18 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         artifacts.check_stage_compatible(
             manifest, stage_dir, model.family, fingerprint, args.pretrained_model_name_or_path
         )
-        saved = artifacts.stage_rows(manifest, stage_dir, model.family)
+        widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders]
+        saved = artifacts.stage_rows(manifest, stage_dir, model.family, widths)
         missing = [c.name for c in concepts if c.name not in saved]
         if missing:
             raise UserError(f"{stage_dir} has no embeddings for concept(s) {', '.join(missing)}")
         for c in concepts:  # token and vector count are fixed by the earlier stage
             entry = saved[c.name][0]
             c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
+        check_tokens(concepts, str(stage_dir))
+    data = data_fingerprint(concepts)
+    if resume_path is not None:  # before run_args.json or anything else is rewritten
+        checkpoint.check_resumable(resume_path, concepts, vars(args), data)
     text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
@@ -72,7 +88,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
             start.append([r.float() for r in saved[c.name][1]])
         else:
             start.append([tokens.initializer_rows(t, e, c) for t, e in zip(model.tokenizers, model.text_encoders)])
-    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora)
+    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora, data)
 
 
 def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
@@ -127,15 +143,25 @@ def write_stage_outputs(
     inp: StageInputs,
     modules: list[tokens.ConceptEmbedding],
     args,
-    extra_files: dict[str, list[str]] | None = None,
+    *,
+    text_lora: bool = False,
+    unet_lora: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Embeddings + manifest of this stage into `out` (the final dir or a checkpoint)."""
+    """This stage's files into `out` (the final dir or a checkpoint): embeddings, the LoRA file when one trains,
+    `extra` files, and the manifest last, so that a folder with a manifest is always complete."""
     meta = {
         "clif.stage": stage,
         "clif.family": inp.model.family,
         "clif.base_model": str(args.pretrained_model_name_or_path),
     }
     artifacts.save_embeddings(out, inp.model.family, inp.concepts, current_rows(inp, modules), meta)
+    files = {}
+    if text_lora or unet_lora:
+        lora.save_lora(out, inp.model, text_lora, unet=unet_lora)
+        files["lora"] = [lora.LORA_FILE]
+    if extra is not None:
+        extra(out)
     inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
     artifacts.write_manifest(
         out,
@@ -146,7 +172,8 @@ def write_stage_outputs(
         concepts=inp.concepts,
         args=vars(args),
         inputs=inputs,
-        files=extra_files,
+        files=files,
+        extra={"data_fingerprint": inp.data_fingerprint},
     )
 
 
@@ -158,10 +185,11 @@ def start_run(args, name: str):
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
+    # torch's global generator drives LoRA init and dropout: seed it, so two runs (and a resumed one) agree;
+    # checkpoints save its state for dropout after a resume
+    torch.manual_seed(args.seed)
     if accelerator.is_main_process:
-        artifacts.clear_output_dir(
-            args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None
-        )
+        outdir.open_run_dir(args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None)
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))
         accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
     accelerator.wait_for_everyone()

@@ -49,7 +49,8 @@ def add_placeholder_tokens(tokenizers: list, concepts: list[Concept]) -> list[li
                 raise UserError(
                     f"concept {c.name!r}: initializer {c.initializer!r} is {len(ids)} tokens, need exactly 1"
                 )
-            clash = [t for t in c.tokens if t in tok.get_vocab()]
+            vocab = tok.get_vocab()
+            clash = [t for t in c.tokens if t in vocab or t.lower() in vocab]
             if clash:
                 raise UserError(
                     f"concept {c.name!r}: token {clash[0]!r} is already in the tokenizer's vocabulary; "

@@ -1,0 +1,91 @@
+"""Checks of user input shared by every script: typed JSON fields, file-name safety, flag combinations."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+from .cli import UserError
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    bool: "true/false",
+}
+_SAFE_NAME = re.compile(r"^[^/\\\x00]+$")
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file, or a UserError naming it (missing, a folder, not UTF-8)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+def read_json(path: str | Path, what: str = "file", kind: type = dict):
+    """Parse a JSON file whose top level must be `kind`; UserError naming the file otherwise."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"invalid JSON in {path}: {err}") from None
+    if not isinstance(data, kind):
+        raise UserError(f"{path} must hold {_TYPE_NAMES[kind]} at the top level, not {type(data).__name__}")
+    return data
+
+
+def get_field(obj: dict, key: str, kind: type | tuple, where: str, *, default=..., nonempty: bool = True):
+    """obj[key] checked for type (bool is not a number here); `default` makes it optional."""
+    if key not in obj or obj[key] is None:
+        if default is ...:
+            raise UserError(f"{where}: field {key!r} is missing")
+        return default
+    value, kinds = obj[key], kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(_TYPE_NAMES[k] for k in kinds)
+        raise UserError(f"{where}: field {key!r} must be {names}, got {json.dumps(value)[:40]}")
+    if nonempty and isinstance(value, str) and not value.strip():
+        raise UserError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def string_list(obj: dict, key: str, where: str) -> list[str]:
+    """An optional list of non-empty strings."""
+    value = get_field(obj, key, list, where, default=[])
+    if not all(isinstance(x, str) and x.strip() for x in value):
+        raise UserError(f"{where}: field {key!r} must be a list of non-empty strings")
+    return value
+
+
+def file_name(name: str, where: str) -> str:
+    """A name that becomes a file name (embeddings/<name>.safetensors): one path component, no escape."""
+    if not _SAFE_NAME.match(name) or name in (".", "..") or name.startswith(".") or len(name) > 120:
+        raise UserError(f"{where}: name {name!r} cannot be a file name (no '/', '\\\\', leading '.', at most 120)")
+    return name
+
+
+def folder_or_absent(path: str | Path | None, what: str) -> None:
+    """A folder the run will create or fill: a file in its place is refused."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+
+
+def check_tracker(report_to: str) -> None:
+    """--report_to names a tracker that is installed."""
+    needed = {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": []}.get(report_to, [])
+    for module in needed:
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--report_to {report_to} needs the {module} package: pip install {module}")
