@@ -81,8 +81,14 @@ def _text_config(hidden: int, projection: int, act: str = "quick_gelu"):
 
 def _vision_config(layers: int) -> dict:
     """A tiny ViT image tower (64 px, patch 8) for the tiny CLIPSeg / OWLv2 models."""
-    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
-            "image_size": 64, "patch_size": 8}
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+    }
 
 
 def _vae():
