@@ -56,6 +56,16 @@ class Backbone:
         )
 
 
+@torch.no_grad()
+def _image_features(processor, images: list[Image.Image], batch_size: int, device, forward) -> torch.Tensor:
+    """`forward(pixel_values)` over `images` in batches (transformers processors), as float64 on the CPU."""
+    out = []
+    for s in range(0, len(images), batch_size):
+        px = processor(images=images[s : s + batch_size], return_tensors="pt")["pixel_values"]
+        out.append(forward(px.to(device)).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 class TransformersCLIP:
     """A transformers CLIPModel folder (e.g. the toy world's `paired_clip/`) with the Backbone interface."""
 
@@ -68,13 +78,14 @@ class TransformersCLIP:
             self.tokenizer = CLIPTokenizer.from_pretrained(path)
         self.device = device
 
-    @torch.no_grad()
     def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
-        out = []
-        for s in range(0, len(images), batch_size):
-            px = self.processor(images=images[s : s + batch_size], return_tensors="pt")["pixel_values"]
-            out.append(self.model.get_image_features(pixel_values=px.to(self.device)).pooler_output.double().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        return _image_features(
+            self.processor,
+            images,
+            batch_size,
+            self.device,
+            lambda px: self.model.get_image_features(pixel_values=px).pooler_output,
+        )
 
     @torch.no_grad()
     def texts(self, texts: list[str], batch_size: int) -> torch.Tensor:
@@ -105,13 +116,14 @@ class Dino:
             self.model = AutoModel.from_pretrained(name).to(device).eval()
         self.device = device
 
-    @torch.no_grad()
     def images(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
-        out = []
-        for s in range(0, len(images), batch_size):
-            px = self.processor(images=images[s : s + batch_size], return_tensors="pt")["pixel_values"]
-            out.append(self.model(pixel_values=px.to(self.device)).last_hidden_state[:, 0].double().cpu())
-        return torch.cat(out)
+        return _image_features(
+            self.processor,
+            images,
+            batch_size,
+            self.device,
+            lambda px: self.model(pixel_values=px).last_hidden_state[:, 0],
+        )
 
 
 class Detector:

@@ -107,7 +107,8 @@ def _vae():
     )
 
 
-def _scheduler(prediction_type: str):
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """SD 1.x's noise schedule (scaled-linear betas 0.00085-0.012) as a DDIM scheduler."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -260,7 +261,7 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
             text_encoder=text_encoder,
             tokenizer=clip_tokenizer(),
             unet=unet,
-            scheduler=_scheduler(prediction_type),
+            scheduler=sd_scheduler(prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -290,7 +291,7 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
             tokenizer=clip_tokenizer(),
             tokenizer_2=clip_tokenizer(pad_token="!"),
             unet=unet,
-            scheduler=_scheduler(prediction_type),
+            scheduler=sd_scheduler(prediction_type),
         )
     elif family == "clipseg":
         return build_clipseg(out, seed)

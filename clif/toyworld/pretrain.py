@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..tiny import clip_tokenizer
+from ..tiny import clip_tokenizer, sd_scheduler
 from .world import render_batch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -180,20 +180,6 @@ def build_unet(cfg: Config):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1),
         cross_attention_dim=cfg.text_width,
         attention_head_dim=4,
-    )
-
-
-def noise_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
     )
 
 
@@ -384,7 +370,7 @@ def pretrain_unet(cfg: Config, work: Path, lat: torch.Tensor, hid: torch.Tensor,
     torch.manual_seed(cfg.seed + 2)
     unet = build_unet(cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    sched = noise_scheduler()
+    sched = sd_scheduler()
     acp = sched.alphas_cumprod
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -412,7 +398,7 @@ def assemble(clip, vae, unet):
         text_encoder=text_encoder_from(clip),
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=noise_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
