@@ -178,6 +178,7 @@ def write_manifest(
     args: dict,
     inputs: list[str],
     files: dict[str, list[str]] | None = None,
+    extra: dict | None = None,
 ) -> None:
     entries = []
     for c in concepts:
@@ -195,5 +196,6 @@ def write_manifest(
             "args": args,
             "inputs": inputs,
             "files": files or {},
+            **(extra or {}),
         },
     )
