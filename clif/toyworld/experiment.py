@@ -172,6 +172,10 @@ def run_method(method: str, base: Path, data: Path, work: Path, seed: int, steps
         out = work / f"seed{seed}" / "-".join(key)
         if key not in cache:
             if not (out / "clif_manifest.json").exists():
+                if out.exists():  # a stage this experiment started but did not finish: start it again
+                    import shutil
+
+                    shutil.rmtree(out)
                 cache.setdefault("_times", {})["-".join(key)] = run_cmd(
                     stage_argv(stage, base, data, out, prev, seed, steps), work / f"seed{seed}" / "log.txt"
                 )
