@@ -103,7 +103,10 @@ def test_experiment_pipeline_end_to_end(tiny_world, tmp_path):
     assert (out / "results.md").read_text().count("|") > 10 and (out / "side_by_side.png").exists()
 
 
-@pytest.mark.skipif(not COMMITTED.is_dir(), reason="no committed toy world in toyworld/model")
+@pytest.mark.skipif(
+    not (COMMITTED.is_dir() and (REPO / "toyworld" / "oracle" / "oracle.safetensors").is_file()),
+    reason="no committed toy world (toyworld/model) and oracle (toyworld/oracle)",
+)
 def test_committed_world_loads_and_oracle_is_accurate():
     import torch
     from diffusers import StableDiffusionPipeline
