@@ -122,3 +122,32 @@ def test_committed_world_loads_and_oracle_is_accurate():
     pred = oracle.predict(x)
     names = [*oracle.names, "other"]
     assert np.mean([p == names[t] for p, t in zip(pred, y)]) >= 0.95
+
+
+def test_oracle_scores_follow_the_confusion_definition(tmp_path):
+    """Confused = both halves the same concept, or one half neither; correct/swapped follow the prompt's order."""
+    from PIL import Image
+
+    from clif.toyworld.experiment import oracle_scores
+
+    ab, ba = "a <ball_a> on the left and a <ball_b> on the right", "a <ball_b> on the left and a <ball_a> on the right"
+    cases = [
+        (ab, ("ball_a", "ball_b")),
+        (ab, ("ball_a", "ball_a")),
+        (ab, ("ball_b", "other")),
+        (ba, ("ball_b", "ball_a")),
+        (ba, ("ball_a", "ball_b")),
+    ]
+    for i, (prompt, _) in enumerate(cases):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.json").write_text(json.dumps({"prompt": prompt}))
+
+    class Stub:
+        answers = iter(got for _, got in cases)
+
+        def halves(self, img):
+            return next(self.answers)
+
+    s = oracle_scores(Stub(), tmp_path)
+    assert [r["confused"] for r in s["rows"]] == [False, True, True, False, False]
+    assert (s["oracle_confusion"], s["oracle_correct"], s["oracle_swapped"]) == (0.4, 0.4, 0.2)
