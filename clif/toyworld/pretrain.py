@@ -279,7 +279,7 @@ def train_part(
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - cfg.ema)
-        log.append(float(loss))
+        log.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
         if (step + 1) % every == 0 or step + 1 == steps:
