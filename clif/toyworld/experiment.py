@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .oracle import OTHER, Oracle, train_oracle
+from .report import aggregate, side_by_side, write_table
 from .world import Obj, Scene, random_background, render
 
 REPO = Path(__file__).resolve().parents[2]
@@ -280,88 +281,6 @@ def stage1_diagnostics(stage1: Path) -> dict:
     conf = json.loads(f.read_text())
     # the held-out photos' matrix when the concepts have >= 3 photos, else the (labelled) train-photo one
     return next((conf[k] for k in ("held_out", "train_views") if (conf.get(k) or {}).get("views")), conf)
-
-
-def aggregate(per_seed: dict) -> dict:
-    """mean ± std over seeds of every numeric metric, per method."""
-    table = {}
-    for method, runs in per_seed.items():
-        keys = sorted(
-            {k for r in runs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        )
-        table[method] = {
-            k: (float(np.mean([r[k] for r in runs if k in r])), float(np.std([r[k] for r in runs if k in r])))
-            for k in keys
-        }
-    return table
-
-
-def write_table(table: dict, path: Path, seeds: list[int], times: dict, stage1: dict | None = None) -> str:
-    cols = [
-        "oracle_confusion",
-        "oracle_correct",
-        "oracle_swapped",
-        "text_alignment",
-        "image_alignment",
-        "attendance",
-        "confusion_rate",
-    ]
-    lines = [
-        f"Seeds: {seeds}. mean ± std over seeds (oracle: fraction of two-concept images).",
-        "",
-        "| method | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for m, vals in table.items():
-        cells = [f"{vals[c][0]:.3f} ± {vals[c][1]:.3f}" if c in vals else "–" for c in cols]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for seed, d in (stage1 or {}).items():
-        if "before" in d and "after" in d:
-            lines.append(
-                f"\nStage-1 retrieval accuracy with the world CLIP, {seed} ({d.get('views', 'views')}): "
-                f"{d['before']['accuracy']:.3f} before -> {d['after']['accuracy']:.3f} after"
-            )
-    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
-
-
-def side_by_side(folders: dict[str, Path], path: Path, per_prompt: int = 4) -> None:
-    """Same prompts, same seeds: one column block per method (matplotlib, prompts as row labels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(folders)
-    first = folders[methods[0]]
-    metas = [json.loads(p.read_text()) for p in sorted(first.glob("*.json")) if "prompt" in json.loads(p.read_text())]
-    prompts = list(dict.fromkeys(m["prompt"] for m in metas))[:2]
-    fig, axes = plt.subplots(
-        len(prompts),
-        len(methods) * per_prompt,
-        figsize=(1.1 * len(methods) * per_prompt + 1, 1.4 * len(prompts) + 0.6),
-        squeeze=False,
-    )
-    for r, prompt in enumerate(prompts):
-        for mi, m in enumerate(methods):
-            files = [p for p in sorted(folders[m].glob("*.json")) if json.loads(p.read_text()).get("prompt") == prompt]
-            for k in range(per_prompt):
-                ax = axes[r][mi * per_prompt + k]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if k < len(files):
-                    ax.imshow(Image.open(files[k].with_suffix(".png")), interpolation="nearest")
-                if r == 0 and k == 0:
-                    ax.set_title(m, fontsize=9, loc="left")
-                if mi == 0 and k == 0:
-                    ax.set_ylabel(
-                        prompt.replace(" on the ", "\non the "), rotation=0, ha="right", va="center", fontsize=7
-                    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,175 +21,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tiny import clip_tokenizer, sd_scheduler
+from .models import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PRESETS,
+    Config,
+    assemble,
+    build_unet,
+    build_vae,
+    clip_config,
+    save_world,
+    text_encoder_from,
+)
+from .report import plot_losses, sample_grid
 from .world import render_batch
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PARTS = ("clip", "vae", "unet")
-
-
-@dataclass
-class Config:
-    """Sizes and schedules of one pretraining run (`--preset` picks one; flags override fields)."""
-
-    size: int = 32
-    scenes: int = 40000
-    text_width: int = 64
-    text_layers: int = 4
-    vit_width: int = 64
-    vit_layers: int = 4
-    patch: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_layers: int = 2
-    clip_steps: int = 1500
-    clip_batch: int = 256
-    clip_lr: float = 1e-3
-    vae_steps: int = 2500
-    vae_batch: int = 64
-    vae_lr: float = 5e-4
-    unet_steps: int = 12000
-    unet_batch: int = 128
-    unet_lr: float = 4e-4
-    ema: float = 0.999
-    cfg_drop: float = 0.1
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-PRESETS = {
-    # sized for ~30 core-minutes on a shared 2-core machine (the issue-8 session had no GPU)
-    "cpu": {
-        "vae_channels": (16, 32, 64),
-        "unet_channels": (48, 96, 96),
-        "unet_layers": 1,
-        "clip_steps": 300,
-        "clip_batch": 192,
-        "vae_steps": 800,
-        "vae_batch": 32,
-        "vae_lr": 1e-3,
-        "unet_steps": 2000,
-        "unet_batch": 48,
-        "unet_lr": 8e-4,
-        "ema": 0.995,
-    },
-    "gpu": {
-        "size": 64,
-        "scenes": 100000,
-        "text_width": 128,
-        "vit_width": 128,
-        "patch": 8,
-        "vae_channels": (32, 64, 128),
-        "unet_channels": (96, 192, 192),
-        "clip_steps": 4000,
-        "clip_batch": 1024,
-        "vae_steps": 6000,
-        "vae_batch": 128,
-        "unet_steps": 30000,
-        "unet_batch": 256,
-    },
-    "test": {
-        "scenes": 64,
-        "text_width": 32,
-        "text_layers": 1,
-        "vit_width": 32,
-        "vit_layers": 1,
-        "vae_channels": (8, 16, 16),
-        "unet_channels": (16, 32, 32),
-        "unet_layers": 1,
-        "clip_steps": 2,
-        "clip_batch": 8,
-        "vae_steps": 2,
-        "vae_batch": 4,
-        "unet_steps": 2,
-        "unet_batch": 4,
-    },
-}
-
-SAMPLE_CAPTIONS = (
-    "a yellow ball with purple dots on the left and a blue box on the right",
-    "a blue box on the left and a yellow ball with purple dots on the right",
-    "a red star",
-    "a green cup with white stripes on the right",
-    "a pink ring on the left",
-    "a small black heart with yellow checks",
-    "a yellow ball with green stripes on the left and a yellow ball with purple dots on the right",
-    "a white box with red checks and a black spot on the left and an orange star on the right",
-)
-
-
-# ---------------------------------------------------------------- models
-def clip_config(cfg: Config):
-    from transformers import CLIPConfig
-
-    text = {
-        "vocab_size": 49408,
-        "hidden_size": cfg.text_width,
-        "intermediate_size": 4 * cfg.text_width,
-        "num_hidden_layers": cfg.text_layers,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "hidden_act": "quick_gelu",
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 49407,
-        "projection_dim": cfg.text_width,
-    }
-    vision = {
-        "hidden_size": cfg.vit_width,
-        "intermediate_size": 4 * cfg.vit_width,
-        "num_hidden_layers": cfg.vit_layers,
-        "num_attention_heads": 4,
-        "image_size": cfg.size,
-        "patch_size": cfg.patch,
-        "hidden_act": "quick_gelu",
-        "projection_dim": cfg.text_width,
-    }
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_width)
-
-
-def build_vae(cfg: Config):
-    from diffusers import AutoencoderKL
-
-    n = len(cfg.vae_channels)
-    return AutoencoderKL(
-        block_out_channels=cfg.vae_channels,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=cfg.size,
-    )
-
-
-def build_unet(cfg: Config):
-    from diffusers import UNet2DConditionModel
-
-    c = cfg.unet_channels
-    return UNet2DConditionModel(
-        sample_size=cfg.size // 2 ** (len(cfg.vae_channels) - 1),
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=c,
-        layers_per_block=cfg.unet_layers,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(c) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1),
-        cross_attention_dim=cfg.text_width,
-        attention_head_dim=4,
-    )
-
-
-def text_encoder_from(clip):
-    """A CLIPTextModel holding exactly the CLIP text tower's weights (the diffusion model's frozen encoder)."""
-    from transformers import CLIPTextModel
-
-    enc = CLIPTextModel(clip.config.text_config)
-    enc.load_state_dict(clip.text_model.state_dict())  # transformers 5: CLIPTextModel is flat
-    return enc.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- data
@@ -250,8 +97,11 @@ def train_part(
     loss_fn,
     every: int,
     ema: torch.nn.Module | None = None,
+    on_checkpoint=None,
 ) -> list[float]:
-    """Generic resumable loop: AdamW, linear warm-up then cosine, optional EMA; returns the loss log."""
+    """Generic resumable loop: AdamW, linear warm-up then cosine, optional EMA; returns the loss log.
+
+    `on_checkpoint(step, model)` runs after each checkpoint with the EMA model (else the trained one)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, min(500, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -294,8 +144,8 @@ def train_part(
                     "log": log,
                 },
             )
-            if part == "unet" and cfg.extra.get("on_checkpoint"):
-                cfg.extra["on_checkpoint"](step + 1)
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1, ema if ema is not None else model)
     model.eval()
     return log
 
@@ -364,7 +214,9 @@ def encode_all(vae, encoder, imgs: np.ndarray, ids: torch.Tensor, bs: int = 512)
     return torch.cat(lat), torch.cat(hid)
 
 
-def pretrain_unet(cfg: Config, work: Path, lat: torch.Tensor, hid: torch.Tensor, empty: torch.Tensor, every: int):
+def pretrain_unet(
+    cfg: Config, work: Path, lat: torch.Tensor, hid: torch.Tensor, empty: torch.Tensor, every: int, on_checkpoint=None
+):
     import copy
 
     torch.manual_seed(cfg.seed + 2)
@@ -385,99 +237,10 @@ def pretrain_unet(cfg: Config, work: Path, lat: torch.Tensor, hid: torch.Tensor,
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         return F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, eps)
 
-    log = train_part(cfg, work, "unet", unet, cfg.unet_steps, cfg.unet_lr, loss_fn, every, ema=ema)
+    log = train_part(
+        cfg, work, "unet", unet, cfg.unet_steps, cfg.unet_lr, loss_fn, every, ema=ema, on_checkpoint=on_checkpoint
+    )
     return ema, log
-
-
-# ---------------------------------------------------------------- assembly and samples
-def assemble(clip, vae, unet):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder_from(clip),
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def save_world(pipe, clip, cfg: Config, out: Path) -> None:
-    """The pipeline folder + `paired_clip/` + `toyworld.json` (the config the world was made with)."""
-    from transformers import CLIPImageProcessor
-
-    pipe.save_pretrained(out)
-    clip.save_pretrained(out / "paired_clip")
-    CLIPImageProcessor(
-        size={"shortest_edge": cfg.size},
-        crop_size={"height": cfg.size, "width": cfg.size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    ).save_pretrained(out / "paired_clip")
-    clip_tokenizer().save_pretrained(out / "paired_clip")  # evaluate.py reads the folder as a whole CLIP
-    meta = {k: v for k, v in asdict(cfg).items() if k != "extra"}
-    (out / "toyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def sample_grid(pipe, path: Path, captions=SAMPLE_CAPTIONS, seeds=(0, 1, 2), steps: int = 30, guidance: float = 4.0):
-    """A matplotlib grid: one row per caption, one column per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        len(captions), len(seeds), figsize=(1.6 * len(seeds) + 4.2, 1.6 * len(captions)), squeeze=False
-    )
-    for r, cap in enumerate(captions):
-        for c, s in enumerate(seeds):
-            img = pipe(
-                cap,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                output_type="pil",
-                generator=torch.Generator().manual_seed(s),
-            ).images[0]
-            ax = axes[r][c]
-            ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel("\n".join(_wrap(cap, 34)), rotation=0, ha="right", va="center", fontsize=7)
-            if r == 0:
-                ax.set_title(f"seed {s}", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width)
-
-
-def plot_losses(logs: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
-    for ax, (name, log) in zip(axes[0], logs.items()):
-        k = max(1, len(log) // 100)
-        sm = np.convolve(log, np.ones(k) / k, mode="valid") if len(log) >= k else log
-        ax.plot(sm)
-        ax.set_title(f"{name} loss")
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True, part: str = "all") -> Path:
@@ -510,17 +273,12 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
         empty = encoder(
             clip_tokenizer()([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
         ).last_hidden_state[0]
-    if grids:
 
-        def on_ckpt(step: int) -> None:
-            ema_now = build_unet(cfg)
-            ema_now.load_state_dict(_load(work / "unet.ckpt")["ema"])
-            sample_grid(
-                assemble(clip, vae, ema_now.eval()), work / "grids" / f"unet_{step:06d}.png", seeds=(0, 1), steps=20
-            )
+    def on_ckpt(step: int, ema: torch.nn.Module) -> None:
+        path = work / "grids" / f"unet_{step:06d}.png"
+        sample_grid(assemble(clip, vae, ema.eval()), path, seeds=(0, 1), steps=20)
 
-        cfg.extra["on_checkpoint"] = on_ckpt
-    unet, unet_log = pretrain_unet(cfg, work, lat, hid, empty, every)
+    unet, unet_log = pretrain_unet(cfg, work, lat, hid, empty, every, on_checkpoint=on_ckpt if grids else None)
     pipe = assemble(clip, vae, unet)
     tmp = out.with_name(out.name + ".tmp")
     save_world(pipe, clip, cfg, tmp)

@@ -8,7 +8,7 @@ so patterns stay legible at 32–64 px.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -218,4 +218,4 @@ def with_slot(obj: Obj, slot: str, rng: np.random.Generator | None = None) -> Ob
     return replace(obj, slot=slot, dy=float(rng.uniform(-0.08, 0.08)) if rng is not None else obj.dy)
 
 
-__all__ = ["CLASSES", "COLORS", "Obj", "Scene", "field", "random_scene", "render", "render_batch", "with_slot"]
+__all__ = ["CLASSES", "COLORS", "Obj", "Scene", "random_scene", "render", "render_batch", "with_slot"]

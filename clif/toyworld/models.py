@@ -1,0 +1,198 @@
+"""The toy world's model definitions: run configs and presets, the CLIP / VAE / UNet builders, and the
+assembly of a diffusers `StableDiffusionPipeline` folder whose text encoder is the CLIP text tower."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..tiny import clip_tokenizer, sd_scheduler
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Config:
+    """Sizes and schedules of one pretraining run (`--preset` picks one; flags override fields)."""
+
+    size: int = 32
+    scenes: int = 40000
+    text_width: int = 64
+    text_layers: int = 4
+    vit_width: int = 64
+    vit_layers: int = 4
+    patch: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers: int = 2
+    clip_steps: int = 1500
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
+    vae_steps: int = 2500
+    vae_batch: int = 64
+    vae_lr: float = 5e-4
+    unet_steps: int = 12000
+    unet_batch: int = 128
+    unet_lr: float = 4e-4
+    ema: float = 0.999
+    cfg_drop: float = 0.1
+    seed: int = 0
+
+
+PRESETS = {
+    # sized for ~30 core-minutes on a shared 2-core machine (the issue-8 session had no GPU)
+    "cpu": {
+        "vae_channels": (16, 32, 64),
+        "unet_channels": (48, 96, 96),
+        "unet_layers": 1,
+        "clip_steps": 300,
+        "clip_batch": 192,
+        "vae_steps": 800,
+        "vae_batch": 32,
+        "vae_lr": 1e-3,
+        "unet_steps": 2000,
+        "unet_batch": 48,
+        "unet_lr": 8e-4,
+        "ema": 0.995,
+    },
+    "gpu": {
+        "size": 64,
+        "scenes": 100000,
+        "text_width": 128,
+        "vit_width": 128,
+        "patch": 8,
+        "vae_channels": (32, 64, 128),
+        "unet_channels": (96, 192, 192),
+        "clip_steps": 4000,
+        "clip_batch": 1024,
+        "vae_steps": 6000,
+        "vae_batch": 128,
+        "unet_steps": 30000,
+        "unet_batch": 256,
+    },
+    "test": {
+        "scenes": 64,
+        "text_width": 32,
+        "text_layers": 1,
+        "vit_width": 32,
+        "vit_layers": 1,
+        "vae_channels": (8, 16, 16),
+        "unet_channels": (16, 32, 32),
+        "unet_layers": 1,
+        "clip_steps": 2,
+        "clip_batch": 8,
+        "vae_steps": 2,
+        "vae_batch": 4,
+        "unet_steps": 2,
+        "unet_batch": 4,
+    },
+}
+
+
+def clip_config(cfg: Config):
+    from transformers import CLIPConfig
+
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": cfg.text_width,
+        "intermediate_size": 4 * cfg.text_width,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": cfg.text_width,
+    }
+    vision = {
+        "hidden_size": cfg.vit_width,
+        "intermediate_size": 4 * cfg.vit_width,
+        "num_hidden_layers": cfg.vit_layers,
+        "num_attention_heads": 4,
+        "image_size": cfg.size,
+        "patch_size": cfg.patch,
+        "hidden_act": "quick_gelu",
+        "projection_dim": cfg.text_width,
+    }
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_width)
+
+
+def build_vae(cfg: Config):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=cfg.vae_channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=cfg.size,
+    )
+
+
+def build_unet(cfg: Config):
+    from diffusers import UNet2DConditionModel
+
+    c = cfg.unet_channels
+    return UNet2DConditionModel(
+        sample_size=cfg.size // 2 ** (len(cfg.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=c,
+        layers_per_block=cfg.unet_layers,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(c) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(c) - 1),
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=4,
+    )
+
+
+def text_encoder_from(clip):
+    """A CLIPTextModel holding exactly the CLIP text tower's weights (the diffusion model's frozen encoder)."""
+    from transformers import CLIPTextModel
+
+    enc = CLIPTextModel(clip.config.text_config)
+    enc.load_state_dict(clip.text_model.state_dict())  # transformers 5: CLIPTextModel is flat
+    return enc.eval().requires_grad_(False)
+
+
+def assemble(clip, vae, unet):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder_from(clip),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_world(pipe, clip, cfg: Config, out: Path) -> None:
+    """The pipeline folder + `paired_clip/` + `toyworld.json` (the config the world was made with)."""
+    from transformers import CLIPImageProcessor
+
+    pipe.save_pretrained(out)
+    clip.save_pretrained(out / "paired_clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": cfg.size},
+        crop_size={"height": cfg.size, "width": cfg.size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(out / "paired_clip")
+    clip_tokenizer().save_pretrained(out / "paired_clip")  # evaluate.py reads the folder as a whole CLIP
+    meta = asdict(cfg)
+    (out / "toyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
