@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from .cli import UserError
 from .concepts import Concept
-from .validate import file_name, get_field, read_json
+from .validate import existing_folder, file_name, get_field, read_json
 
 MANIFEST = "clif_manifest.json"
 ENCODER_KEYS = {"sd": None, "sdxl": ("clip_l", "clip_g")}
@@ -118,9 +118,7 @@ def load_embedding_file(
 def read_manifest(stage_dir: str | Path) -> dict:
     """The manifest of a finished stage dir, its fields checked for type (UserError naming the field)."""
     path = Path(stage_dir) / MANIFEST
-    if not Path(stage_dir).is_dir():
-        what = "is a file, not a folder" if Path(stage_dir).exists() else "does not exist"
-        raise UserError(f"stage dir {stage_dir} {what}")
+    existing_folder(stage_dir, "stage dir")
     if not path.is_file():
         raise UserError(f"{stage_dir} is not a finished CLIF stage output (no {MANIFEST})")
     manifest = read_json(path)

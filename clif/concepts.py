@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from .cli import UserError
-from .validate import file_name, get_field, read_json, string_list
+from .validate import existing_folder, file_name, get_field, read_json, string_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SIDE = 16  # pixels; smaller images cannot be segmented, cropped or encoded meaningfully
@@ -106,9 +106,7 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
 
 
 def _images_of(folder: Path, name: str) -> list[Path]:
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"concept {name!r}: image folder {folder} {what}")
+    existing_folder(folder, f"concept {name!r}: image folder")
     images = list_images(folder)
     if not images:
         raise UserError(f"concept {name!r} has no images in {folder} (expected {', '.join(IMAGE_SUFFIXES)})")
@@ -186,9 +184,7 @@ def load_concept_set(
     num_vectors: int = 2,
 ) -> list[Concept]:
     """Read and validate a concept set; every image is decoded once so a broken file is named now."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data dir {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
+    root = existing_folder(root, "data dir")
     if not any(root.iterdir()):
         raise UserError(f"data dir {root} is empty")
     if (root / "concepts.json").exists():

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .cli import UserError, loading
 from .concepts import Concept, list_images, open_rgb
-from .validate import get_field, read_json
+from .validate import existing_folder, get_field, read_json
 
 
 class Backbone:
@@ -170,9 +170,7 @@ class Item:
 
 def read_folder(folder: str | Path) -> list[Item]:
     """PNGs with inference.py's JSON sidecars, or a prompts.json {file: prompt} in the folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder {folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    folder = existing_folder(folder, "image folder")
     mapping = {}
     if (folder / "prompts.json").exists():
         mapping = read_json(folder / "prompts.json")

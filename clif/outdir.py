@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .artifacts import MANIFEST
 from .cli import UserError
+from .validate import folder_or_absent
 
 LOCK = ".clif.lock"
 # Everything a training run writes at the top of its output dir (plus <dir name>_kohya.safetensors).
@@ -53,8 +54,7 @@ def check_output_dir(
             rel = _relation(out, Path(value).resolve())
             if rel and (deletes or rel != "lies inside"):  # writing next to an input's files is harmless
                 raise UserError(f"--output_dir {path} {rel} the input {name} {value}; choose another folder")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output dir {path} is a file, not a folder")
+    folder_or_absent(path, "output dir")
     if not path.exists() or not any(path.iterdir()):
         return
     if lock_held(path):

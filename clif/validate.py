@@ -77,6 +77,14 @@ def file_name(name: str, where: str) -> str:
     return name
 
 
+def existing_folder(path: str | Path, what: str) -> Path:
+    """A folder the run reads: one line naming `what` when it is missing or a file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{what} {path} {'is a file, not a folder' if path.exists() else 'does not exist'}")
+    return path
+
+
 def folder_or_absent(path: str | Path | None, what: str) -> None:
     """A folder the run will create or fill: a file in its place is refused."""
     if path and Path(path).exists() and not Path(path).is_dir():
