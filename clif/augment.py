@@ -156,7 +156,9 @@ class PairBuilder:
         out = []
         for path in paths:
             im = open_rgb(path)
-            out.append(Piece(cut_out(im, self._mask(path, None, word, None, im.size)), word, f"a {word}"))
+            # a mask the user gave in common/<word>/masks/<stem>.png, else the segmenter's
+            mask = self._mask(path, path.parent / "masks", word, None, im.size)
+            out.append(Piece(cut_out(im, mask), word, f"a {word}"))
         return out
 
     def counts(self, n: int, ratios: dict[str, float]) -> dict[str, int]:

@@ -1,5 +1,6 @@
-"""The toy world: generator determinism, masks and captions; pretraining at tiny size feeds every stage; the
-experiment pipeline end to end at minimal steps; the committed world (when present) and its oracle."""
+"""The toy world: generator determinism, masks and captions; the referee (trained on VAE round trips) and the
+renderability gate; the ground-truth scoring of generated images; pretraining at tiny size feeds every stage;
+the ladder experiment end to end at minimal steps; the committed world and its referee."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from clif.toyworld.world import Obj, Scene, random_scene, render, render_batch
+from clif.toyworld.world import COLORS, Obj, Scene, random_scene, render, render_batch
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED = REPO / "toyworld" / "model"
+COMMITTED = REPO / "pretrained" / "toyworld"
 
 
 def test_generator_is_deterministic_and_seed_dependent():
@@ -25,20 +27,23 @@ def test_generator_is_deterministic_and_seed_dependent():
 
 def test_masks_match_objects_and_captions_name_what_is_drawn():
     scene = Scene(
-        (Obj("ball", "red", slot="left"), Obj("box", "blue", "stripes", "white", slot="right")),
+        (Obj("ball", "red", slot="left"), Obj("box", "blue", "top", "yellow", slot="right")),
         background=(200, 200, 200),
     )
     img, masks = render(scene, 32)
     a = np.asarray(img).astype(int)
     left, right = (np.asarray(m) > 0 for m in masks)
     assert left[:, :16].sum() > 0.95 * left.sum() and right[:, 16:].sum() > 0.95 * right.sum()
-    # pixels under the left mask are red, under the right mask blue or white (stripes), outside: background
-    core = np.asarray(masks[0].resize((32, 32))) > 0
-    assert np.abs(a[core].mean(0) - (220, 40, 40)).max() < 30
-    rmean = a[right].mean(0)
-    assert rmean[2] > rmean[0] + 40  # blue dominates over red
+    assert np.abs(a[left].mean(0) - COLORS["red"]).max() < 30
+    # the box's top half is yellow, its bottom half blue
+    rows = np.nonzero(right.any(1))[0]
+    top, bottom = right.copy(), right.copy()
+    top[rows.mean().astype(int) :] = False
+    bottom[: rows.mean().astype(int) + 1] = False
+    assert np.abs(a[top].mean(0) - COLORS["yellow"]).max() < 40
+    assert np.abs(a[bottom].mean(0) - COLORS["blue"]).max() < 40
     assert np.abs(a[~(left | right)].mean(0) - 200).max() < 10
-    assert scene.caption() == "a red ball on the left and a blue box with white stripes on the right"
+    assert scene.caption() == "a red ball on the left and a blue box with a yellow top on the right"
 
 
 def test_random_captions_state_position_of_each_drawn_object():
@@ -54,6 +59,93 @@ def test_random_captions_state_position_of_each_drawn_object():
         assert len(masks) == len(s.objects) and all(np.asarray(m).any() for m in masks)
 
 
+class InvertingVAE:
+    """A stand-in VAE whose round trip inverts colours: a referee that really trains on round trips reads
+    inverted images; one trained on the renders themselves cannot."""
+
+    class _Out:
+        def __init__(self, x):
+            self.latent_dist = type("D", (), {"mean": x})()
+            self.sample = x
+
+    def encode(self, x):
+        return self._Out(x)
+
+    def decode(self, z):
+        return self._Out(-z)
+
+
+@pytest.fixture(scope="module")
+def referee():
+    from clif.toyworld.referee import train_referee
+
+    torch.set_num_threads(1)
+    return train_referee(InvertingVAE(), 32, None, n_train=2000, steps=400, seed=0)
+
+
+def test_referee_learns_the_round_trips_it_is_shown(referee):
+    rt = referee.meta["heldout_round_trip_accuracy"]
+    raw = referee.meta["heldout_render_accuracy"]
+    assert rt["layout"] >= 0.9 and rt["count"] >= 0.9, rt
+    assert rt["color"] >= 0.8 and rt["cls"] >= 0.7 and rt["pattern"] >= 0.6, rt
+    assert raw["color"] < 0.5, raw  # renders it was not trained on (not inverted) are read wrongly
+
+
+def test_referee_reads_left_as_left_and_right_as_right(referee):
+    from clif.toyworld.referee import vae_round_trip
+
+    scenes = [
+        Scene((Obj("ball", "red", slot="left"), Obj("box", "blue", slot="right")), (225, 225, 225)),
+        Scene((Obj("box", "blue", slot="left"), Obj("ball", "red", slot="right")), (225, 225, 225)),
+    ]
+    imgs = vae_round_trip(InvertingVAE(), np.stack([np.asarray(render(s, 32)[0]) for s in scenes]))
+    first, second = referee.read(imgs)
+    assert first.layout == second.layout == "left+right"
+    assert (first.slots["left"].color, first.slots["right"].color) == ("red", "blue")
+    assert (second.slots["left"].color, second.slots["right"].color) == ("blue", "red")
+
+
+def test_gate_passes_the_ceiling_and_fails_mismatched_samples(referee):
+    from clif.toyworld.gate import evaluate_gate, gate_scenes, gate_table
+    from clif.toyworld.referee import vae_round_trip
+
+    scenes = gate_scenes(60, seed=7)
+    rts = vae_round_trip(InvertingVAE(), np.stack([np.asarray(render(s, 32)[0]) for s in scenes]))
+    good = evaluate_gate(rts, scenes, referee, ceiling=rts)
+    assert good["rows"]["count"]["samples"] == good["rows"]["count"]["ceiling"] >= 0.9
+    shuffled = evaluate_gate(rts[::-1].copy(), scenes, referee)
+    assert not shuffled["passed"] and shuffled["rows"]["color"]["samples"] < 0.5
+    assert shuffled["rows"]["color"]["passed"] is False
+    table = gate_table(good)
+    assert "body colour" in table and "mark colour" in table and table.count("\n|") == 8
+
+
+def _read(left: Obj | None, right: Obj | None):
+    from clif.toyworld.referee import Read
+
+    lay = "+".join(s for s, o in (("left", left), ("right", right)) if o is not None) or "none"
+    return Read(lay, {"left": left, "right": right, "center": None})
+
+
+def test_scoring_names_each_kind_of_confusion():
+    from clif.toyworld.scoring import CONFUSION_KINDS, pair_kind, score_images
+
+    a, b = Obj("ball", "red"), Obj("box", "blue")
+    concepts = {"a": a, "b": b}
+    red_box, green_star = Obj("box", "red"), Obj("star", "green")
+    want = ("a", "b")
+    assert pair_kind(_read(a, b), want, concepts) == "correct"
+    assert pair_kind(_read(b, a), want, concepts) == "swapped"
+    assert pair_kind(_read(a, a), want, concepts) == "same"
+    assert pair_kind(_read(a, None), want, concepts) == "missing"
+    assert pair_kind(_read(a, red_box), want, concepts) == "mixture"
+    assert pair_kind(_read(a, green_star), want, concepts) == "other"
+    prompts = ["a <a> on the left and a <b> on the right", "a <b> on the left and a <a> on the right", "a <a>"]
+    s = score_images([_read(a, b), _read(a, b), _read(None, a)], prompts, concepts)
+    assert (s["pair_correct"], s["pair_swapped"], s["oracle_confusion"], s["fidelity"]) == (0.5, 0.5, 0.5, 1.0)
+    assert set(CONFUSION_KINDS) == {"missing", "swapped", "same", "mixture"}
+
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> Path:
     """The pretraining command at its test preset (2 steps per part), run in-process."""
@@ -65,7 +157,6 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 def test_pretrain_writes_a_pipeline_with_paired_clip(tiny_world):
-    import torch
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
     from transformers import CLIPModel
@@ -86,68 +177,51 @@ def test_pretrain_writes_a_pipeline_with_paired_clip(tiny_world):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_experiment_pipeline_end_to_end(tiny_world, tmp_path):
-    """Every stage, inference and evaluate.py accept the world; the table is written (numbers not asserted)."""
+def test_gate_command_on_a_tiny_world(tiny_world, tmp_path):
+    """The gate end to end on the tiny world: referee trained on its VAE's round trips, samples, table."""
+    from clif.toyworld.__main__ import main
+
+    out = tmp_path / "gate"
+    flags = ["--captions", "6", "--referee_scenes", "32", "--referee_steps", "2", "--threads", "1"]
+    main(["gate", "--base", str(tiny_world), "--referee", str(tmp_path / "ref"), "--out", str(out), *flags])
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["n"] == 6 and set(gate["rows"]) >= {"count", "layout", "color", "cls", "pattern", "pattern_color"}
+    assert all(0 <= r["samples"] <= 1 and 0 <= r["ceiling"] <= 1 for r in gate["rows"].values())
+    assert (tmp_path / "ref" / "referee.safetensors").is_file() and (out / "gate_samples.png").is_file()
+
+
+def test_ladder_experiment_end_to_end(tiny_world, tmp_path):
+    """Every stage, inference and evaluate.py accept the world; the ladder table and figures are written."""
     from clif.toyworld.__main__ import main
 
     out = tmp_path / "exp"
     flags = "--seeds 0 --clif_steps 2 --ti_steps 2 --lora_steps 2 --images_per_prompt 1 --inference_steps 2"
-    flags += " --oracle_steps 2 --oracle_crops 64 --methods ti clif"
+    flags += " --gate_captions 4 --referee_scenes 32 --referee_steps 2 --methods ti clif --rungs distinct"
     main(["experiment", *flags.split(" "), "--base", str(tiny_world), "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
-    assert set(res["table"]) == {"ti", "clif"}  # ti_lora is ti + the lora stage, both run here already
+    rung = res["rungs"]["distinct"]
+    assert set(rung["table"]) == {"ti", "clif"}  # ti_lora is ti + the lora stage, both run here already
     for m in ("ti", "clif"):
-        row = res["per_seed"][m][0]
-        assert row["n_images"] == 4 and 0 <= row["oracle_confusion"] <= 1
-    assert (out / "seed0" / "clif-ti-lora" / "clif_manifest.json").exists()
-    assert (out / "results.md").read_text().count("|") > 10 and (out / "side_by_side.png").exists()
+        row = rung["per_seed"][m][0]
+        assert (row["n_single"], row["n_pair"]) == (4, 4)
+        kinds = sum(row[f"pair_{k}"] for k in ("correct", "missing", "swapped", "same", "mixture", "other"))
+        assert abs(kinds - 1) < 1e-9
+    assert (out / "distinct" / "seed0" / "clif-ti-lora" / "clif_manifest.json").exists()
+    assert (out / "distinct" / "concepts" / "common" / "ball" / "masks" / "00.png").is_file()
+    md = (out / "results.md").read_text()
+    assert "Renderability gate" in md and "| distinct | (b) CLIF |" in md
+    assert (out / "ladder.png").is_file() and (out / "side_by_side_distinct.png").is_file()
 
 
-@pytest.mark.skipif(
-    not (COMMITTED.is_dir() and (REPO / "toyworld" / "oracle" / "oracle.safetensors").is_file()),
-    reason="no committed toy world (toyworld/model) and oracle (toyworld/oracle)",
-)
-def test_committed_world_loads_and_oracle_is_accurate():
-    import torch
+def test_committed_world_loads_and_its_referee_reads_round_trips():
     from diffusers import StableDiffusionPipeline
 
-    from clif.toyworld.experiment import LOOKALIKES
-    from clif.toyworld.oracle import half_crops, train_oracle
+    from clif.toyworld.referee import Referee, render_training_scenes, score_reads, vae_round_trip
 
-    pipe = StableDiffusionPipeline.from_pretrained(COMMITTED, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(COMMITTED / "model", safety_checker=None)
     img = pipe("a red ball", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
-    assert img.images.shape[1:3] == (pipe.unet.config.sample_size * 4,) * 2
-    oracle = train_oracle(LOOKALIKES, 32, REPO / "toyworld" / "oracle")  # loads the committed weights
-    x, y = half_crops(LOOKALIKES, 300, 32, seed=12345)
-    pred = oracle.predict(x)
-    names = [*oracle.names, "other"]
-    assert np.mean([p == names[t] for p, t in zip(pred, y)]) >= 0.95
-
-
-def test_oracle_scores_follow_the_confusion_definition(tmp_path):
-    """Confused = both halves the same concept, or one half neither; correct/swapped follow the prompt's order."""
-    from PIL import Image
-
-    from clif.toyworld.experiment import oracle_scores
-
-    ab, ba = "a <ball_a> on the left and a <ball_b> on the right", "a <ball_b> on the left and a <ball_a> on the right"
-    cases = [
-        (ab, ("ball_a", "ball_b")),
-        (ab, ("ball_a", "ball_a")),
-        (ab, ("ball_b", "other")),
-        (ba, ("ball_b", "ball_a")),
-        (ba, ("ball_a", "ball_b")),
-    ]
-    for i, (prompt, _) in enumerate(cases):
-        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
-        (tmp_path / f"{i}.json").write_text(json.dumps({"prompt": prompt}))
-
-    class Stub:
-        answers = iter(got for _, got in cases)
-
-        def halves(self, img):
-            return next(self.answers)
-
-    s = oracle_scores(Stub(), tmp_path)
-    assert [r["confused"] for r in s["rows"]] == [False, True, True, False, False]
-    assert (s["oracle_confusion"], s["oracle_correct"], s["oracle_swapped"]) == (0.4, 0.4, 0.2)
+    assert img.images.shape[1:3] == (32, 32)
+    referee = Referee.load(COMMITTED / "referee")
+    imgs, scenes = render_training_scenes(200, 32, seed=4242)
+    acc = score_reads(referee.read(vae_round_trip(pipe.vae, imgs)), scenes)
+    assert acc["layout"] >= 0.95 and acc["color"] >= 0.95 and acc["pattern"] >= 0.9, acc

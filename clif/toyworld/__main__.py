@@ -1,4 +1,4 @@
-"""`python -m clif.toyworld pretrain|experiment ...`: one command per step of the toy-world study."""
+"""`python -m clif.toyworld pretrain|gate|experiment ...`: one command per step of the toy-world study."""
 
 from __future__ import annotations
 
@@ -8,15 +8,20 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import experiment, pretrain
+    from . import experiment, gate, pretrain
 
     p = argparse.ArgumentParser(prog="python -m clif.toyworld", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     pretrain.add_args(sub.add_parser("pretrain", help="Pretrain the world's CLIP, VAE and UNet."))
-    experiment.add_args(sub.add_parser("experiment", help="CLIF vs TI+LoRA vs TI on look-alike concepts."))
+    gate.add_args(
+        sub.add_parser("gate", help="Train the referee (if needed) and measure the base's renderability gate.")
+    )
+    experiment.add_args(sub.add_parser("experiment", help="CLIF vs TI+LoRA vs TI on a ladder of look-alike pairs."))
     args = p.parse_args(argv)
     if args.cmd == "pretrain":
         print(pretrain.run(args))
+    elif args.cmd == "gate":
+        gate.run(args)
     else:
         torch.set_num_threads(1)  # the stages run as subprocesses; this process only scores
         experiment.run(args)

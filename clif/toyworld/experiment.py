@@ -1,9 +1,8 @@
-"""The toy-world experiment: does CLIF lower the confusion of two look-alike concepts?
-
-Two custom concepts share class and body colour (two yellow balls) and differ only in pattern. For each seed:
-(c) TI alone, (a) TI+LoRA (stages 2+3), (b) CLIF (stages 1+2+3), with the same steps, seeds and prompts. Each
-generates the two-concept prompt set; `evaluate.py` scores it with the world's own CLIP, and an oracle classifier
-(trained on rendered crops, only possible in a toy world) labels each half of every image.
+"""The toy-world experiment: a ladder of look-alike pairs, from clearly different to near twins. For each rung and
+seed: (c) TI alone, (a) TI+LoRA (stages 2+3), (b) CLIF (stages 1+2+3), with the same steps, seeds and prompts.
+Each generates single-concept and two-concept prompts; the referee (trained on VAE round trips, it knows the
+world's ground truth) reads every image, and `evaluate.py` scores the same folders with the world's own CLIP.
+Before any method is compared, the base passes (or fails) the renderability gate (`gate.py`).
 """
 
 from __future__ import annotations
@@ -14,21 +13,27 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .oracle import OTHER, Oracle, train_oracle
-from .report import aggregate, side_by_side, write_table
-from .world import Obj, Scene, random_background, render
+from .referee import Referee
+from .report import aggregate, ladder_figure, side_by_side, write_ladder_table
+from .scoring import read_generated, score_images
+from .world import Obj, Scene, random_background, random_obj, render
 
 REPO = Path(__file__).resolve().parents[2]
-# look-alikes: same class and body colour, identity in the pattern only
-LOOKALIKES = {
-    "ball_a": Obj("ball", "yellow", "dots", "purple"),
-    "ball_b": Obj("ball", "yellow", "stripes", "purple"),
+# the ladder: each rung a pair of concepts, from clearly different to near twins
+RUNGS = {
+    # class and colour differ (their mixtures: a red box, a blue ball)
+    "distinct": {"ball_a": Obj("ball", "red"), "box_b": Obj("box", "blue")},
+    # same class and body colour; the mark differs in shape and colour (mixtures: purple spot, black band)
+    "lookalike": {"ball_a": Obj("ball", "yellow", "band", "purple"), "ball_b": Obj("ball", "yellow", "spot", "black")},
+    # near twins: same class, colour and mark colour; only the mark's shape differs
+    "twin": {"ball_a": Obj("ball", "yellow", "band", "purple"), "ball_b": Obj("ball", "yellow", "spot", "purple")},
 }
+SINGLE_PROMPTS = ("a photo of a {0}", "a {0}")
 PAIR_PROMPTS = (
     "a photo of a {0} on the left and a {1} on the right",
     "a {0} on the left and a {1} on the right",
@@ -44,20 +49,21 @@ METHODS = {  # label -> the stages it runs
 
 def render_concept(obj: Obj, rng: np.random.Generator, size: int, slot: str = "center"):
     """One render of a concept on a fresh background: image and mask."""
-    from dataclasses import replace
-
-    o = replace(obj, slot=slot, dy=float(rng.uniform(-0.08, 0.08)))
+    o = replace(obj, slot=slot, dy=float(rng.uniform(-0.06, 0.06)))
     img, masks = render(Scene((o,), random_background(rng), int(rng.integers(2**31))), size)
     return img, masks[0]
 
 
-def write_concept_set(root: Path, size: int, n_train: int = 5, seed: int = 0) -> Path:
-    """The custom concepts: n_train renders each, with the generator's masks."""
+def write_concept_set(
+    root: Path, concepts: dict[str, Obj], size: int, n_train: int = 5, n_common: int = 8, seed: int = 0
+) -> Path:
+    """The custom concepts (n_train renders each, masks from the generator) and, as stage-1 common-concept
+    negatives, `n_common` other instances of each concept's class (random colour and mark), with their masks."""
     rng = np.random.default_rng([seed, 11])
     entries = []
-    for name, obj in LOOKALIKES.items():
-        (root / "images" / name).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / name).mkdir(parents=True, exist_ok=True)
+    for name, obj in concepts.items():
+        for sub in ("images", "masks"):
+            (root / sub / name).mkdir(parents=True, exist_ok=True)
         for i in range(n_train):
             img, mask = render_concept(obj, rng, size, ("center", "left", "right")[i % 3] if i >= 3 else "center")
             img.save(root / "images" / name / f"{i:02d}.png")
@@ -72,13 +78,32 @@ def write_concept_set(root: Path, size: int, n_train: int = 5, seed: int = 0) ->
                 "masks": f"masks/{name}",
             }
         )
+    idents = {c.identity() for c in concepts.values()}
+    for cls in sorted({c.cls for c in concepts.values()}):
+        (root / "common" / cls / "masks").mkdir(parents=True, exist_ok=True)
+        k = 0
+        while k < n_common:
+            other = replace(random_obj(rng, "center"), cls=cls)
+            if other.identity() in idents:
+                continue
+            img, mask = render_concept(other, rng, size)
+            img.save(root / "common" / cls / f"{k:02d}.png")
+            mask.save(root / "common" / cls / "masks" / f"{k:02d}.png")
+            k += 1
     (root / "concepts.json").write_text(json.dumps({"concepts": entries}, indent=2) + "\n")
     return root
 
 
-def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None, seed: int, steps: dict) -> list[str]:
+def prompt_set(concepts: dict[str, Obj]) -> list[str]:
+    """inference.py's templates: {0} is filled with each concept, {0}/{1} with the pair (in concepts.json order)."""
+    return [*SINGLE_PROMPTS, *PAIR_PROMPTS]
+
+
+def stage_argv(
+    stage: str, base: Path, data: Path, out: Path, prev: Path | None, seed: int, steps: dict, common: str
+) -> list[str]:
     """Command line of one stage, identical across methods but for --stage_dir."""
-    common = [
+    flags = [
         "--pretrained_model_name_or_path",
         str(base),
         "--train_data_dir",
@@ -92,15 +117,15 @@ def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None,
         "--num_vectors",
         "2",
     ]
-    common += ["--stage_dir", str(prev)] if prev is not None else []
+    flags += ["--stage_dir", str(prev)] if prev is not None else []
     if stage == "clif":
-        # no common concepts: their masks would need a segmenter; the look-alikes are each other's negatives
+        # common-concept negatives: other instances of the class, rendered with their masks (as the paper does)
         return [
             sys.executable,
             str(REPO / "train_clif.py"),
-            *common,
+            *flags,
             "--common_words",
-            "",
+            common,
             "--cache_dir",
             str(out.parent / "stage1-cache"),
             "--num_pairs",
@@ -129,7 +154,7 @@ def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None,
         return [
             sys.executable,
             str(REPO / "train_ti.py"),
-            *common,
+            *flags,
             *diff,
             "--learning_rate",
             "5e-3",
@@ -139,7 +164,7 @@ def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None,
     return [
         sys.executable,
         str(REPO / "train_lora.py"),
-        *common,
+        *flags,
         *diff,
         "--rank",
         "8",
@@ -165,12 +190,14 @@ def run_cmd(argv: list[str], log: Path) -> float:
     return time.time() - t
 
 
-def run_method(method: str, base: Path, data: Path, work: Path, seed: int, steps: dict, cache: dict) -> Path:
+def run_method(
+    method: str, base: Path, data: Path, work: Path, seed: int, steps: dict, cache: dict, common: str
+) -> Path:
     """Train `method`'s stages (reusing identical earlier stages across methods); returns the last stage dir."""
     prev, key = None, ()
     for stage in METHODS[method]:
         key = (*key, stage)
-        out = work / f"seed{seed}" / "-".join(key)
+        out = work / "-".join(key)
         if key not in cache:
             if not (out / "clif_manifest.json").exists():
                 if out.exists():  # a stage this experiment started but did not finish: start it again
@@ -178,16 +205,16 @@ def run_method(method: str, base: Path, data: Path, work: Path, seed: int, steps
 
                     shutil.rmtree(out)
                 cache.setdefault("_times", {})["-".join(key)] = run_cmd(
-                    stage_argv(stage, base, data, out, prev, seed, steps), work / f"seed{seed}" / "log.txt"
+                    stage_argv(stage, base, data, out, prev, seed, steps, common), work / "log.txt"
                 )
             cache[key] = out
         prev = cache[key]
     return prev
 
 
-def generate(base: Path, stage: Path, out: Path, n: int, steps: int, log: Path) -> Path:
+def generate(base: Path, stage: Path, out: Path, prompts_list: list[str], n: int, steps: int, log: Path) -> Path:
     prompts = out.with_suffix(".prompts.txt")
-    prompts.write_text("\n".join(PAIR_PROMPTS) + "\n")
+    prompts.write_text("\n".join(prompts_list) + "\n")
     if not (out / "contact_sheet.png").exists():
         run_cmd(
             [
@@ -216,40 +243,8 @@ def generate(base: Path, stage: Path, out: Path, n: int, steps: int, log: Path) 
     return out
 
 
-def oracle_scores(oracle: Oracle, folder: Path) -> dict:
-    """Per image: what the oracle sees left and right, and whether the two concepts were confused."""
-    rows = []
-    for side in sorted(folder.glob("*.json")):
-        meta = json.loads(side.read_text())
-        if "prompt" not in meta:
-            continue
-        prompt = meta["prompt"]
-        a, b = [n for n in LOOKALIKES if f"<{n}>" in prompt]
-        left, right = (a, b) if prompt.index(f"<{a}>") < prompt.index(f"<{b}>") else (b, a)
-        img = Image.open(side.with_suffix(".png")).convert("RGB")
-        pl, pr = oracle.halves(img)
-        confused = pl == pr or OTHER in (pl, pr)
-        rows.append(
-            {
-                "image": side.with_suffix(".png").name,
-                "want": [left, right],
-                "got": [pl, pr],
-                "correct": [pl, pr] == [left, right],
-                "swapped": [pl, pr] == [right, left],
-                "confused": bool(confused),
-            }
-        )
-    n = max(1, len(rows))
-    return {
-        "oracle_confusion": sum(r["confused"] for r in rows) / n,
-        "oracle_correct": sum(r["correct"] for r in rows) / n,
-        "oracle_swapped": sum(r["swapped"] for r in rows) / n,
-        "n_images": len(rows),
-        "rows": rows,
-    }
-
-
 def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) -> dict:
+    """evaluate.py with the world's own CLIP (image halves for the left/right prompts: no detector here)."""
     if not (out / "metrics.json").exists():
         run_cmd(
             [
@@ -279,8 +274,63 @@ def stage1_diagnostics(stage1: Path) -> dict:
     if not f.exists():
         return {}
     conf = json.loads(f.read_text())
-    # the held-out photos' matrix when the concepts have >= 3 photos, else the (labelled) train-photo one
+    # the held-out photos' matrix when the concepts have enough photos, else the (labelled) train-photo one
     return next((conf[k] for k in ("held_out", "train_views") if (conf.get(k) or {}).get("views")), conf)
+
+
+def load_base(base: Path):
+    """The world's pipeline (fp32, CPU) and its VAE."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def referee_and_gate(base: Path, referee_dir: Path, gate_dir: Path, size: int, **gate_kw) -> tuple[Referee, dict]:
+    """The referee (loaded, or trained on the base VAE's round trips) and the base's gate (cached in gate_dir)."""
+    from .gate import gate_table, run_gate
+    from .referee import train_referee
+
+    pipe = load_base(base)
+    referee = train_referee(pipe.vae, size, referee_dir, **gate_kw.pop("referee_kw", {}))
+    if (gate_dir / "gate.json").is_file():
+        gate = json.loads((gate_dir / "gate.json").read_text())
+    else:
+        gate = run_gate(pipe, referee, gate_dir, **gate_kw)
+    print(gate_table(gate))
+    return referee, gate
+
+
+def one_run(rung: str, seed: int, args, base: Path, work: Path, steps: dict, referee: Referee) -> dict:
+    """Every method for one rung and seed: per-method scores, stage-1 diagnostics, stage times, image folders."""
+    concepts, data = RUNGS[rung], work / rung / "concepts"
+    out = work / rung / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    log, cache, rows, folders = out / "log.txt", {}, {}, {}
+    common = ",".join(sorted({c.cls for c in concepts.values()}))
+    for m in args.methods:
+        stage = run_method(m, base, data, out, seed, steps, cache, common)
+        folder = generate(
+            base, stage, out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
+        )
+        imgs, prompts, files = read_generated(folder)
+        scores = score_images(referee.read(imgs), prompts, concepts)
+        for row, f in zip(scores["rows"], files):
+            row["image"] = f
+        (folder / "referee.json").write_text(json.dumps(scores, indent=2) + "\n")
+        ev = evaluate_folder(base, data, folder, out / f"eval-{m}", log)
+        rows[m] = {k: v for k, v in scores.items() if k != "rows"}
+        rows[m].update({f"clip_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
+        folders[m] = folder
+    diag = stage1_diagnostics(cache[("clif",)]) if ("clif",) in cache else {}
+    return {"rows": rows, "stage1": diag, "times": cache.get("_times", {}), "folders": folders}
+
+
+def qualifies(table: dict) -> bool:
+    """The comparison means something only where TI+LoRA draws each concept alone and still confuses the pair."""
+    t = table.get("ti_lora")
+    return bool(t) and t["fidelity"][0] >= 0.7 and t["oracle_confusion"][0] >= 0.3
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -290,56 +340,58 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     size = json.loads((base / "toyworld.json").read_text())["size"]
     steps = {"size": size, "clif": args.clif_steps, "ti": args.ti_steps, "lora": args.lora_steps}
-    data = work / "concepts"
-    if not (data / "concepts.json").exists():
-        write_concept_set(data, size)
-    oracle = train_oracle(LOOKALIKES, size, work / "oracle", steps=args.oracle_steps, n_train=args.oracle_crops)
+    referee, gate = referee_and_gate(
+        base,
+        Path(args.referee) if args.referee else work / "referee",
+        work / "gate",
+        size,
+        n=args.gate_captions,
+        referee_kw={"n_train": args.referee_scenes, "steps": args.referee_steps},
+    )
+    for rung in args.rungs:
+        if not (work / rung / "concepts" / "concepts.json").exists():
+            write_concept_set(work / rung / "concepts", RUNGS[rung], size)
     from concurrent.futures import ThreadPoolExecutor
 
-    def one_seed(seed: int) -> tuple[dict, dict, dict, dict]:
-        """Every method for one seed: its rows, stage-1 diagnostics, stage times, image folders."""
-        (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-        log, cache, rows, folders = work / f"seed{seed}" / "log.txt", {}, {}, {}
-        for m in args.methods:
-            stage = run_method(m, base, data, work, seed, steps, cache)
-            folder = generate(
-                base, stage, work / f"seed{seed}" / f"images-{m}", args.images_per_prompt, args.inference_steps, log
-            )
-            scores = oracle_scores(oracle, folder)
-            ev = evaluate_folder(base, data, folder, work / f"seed{seed}" / f"eval-{m}", log)
-            rows[m] = {k: v for k, v in scores.items() if k != "rows"}
-            rows[m].update({k: v for k, v in ev.items() if isinstance(v, (int, float))})
-            (folder / "oracle.json").write_text(json.dumps(scores, indent=2) + "\n")
-            folders[m] = folder
-        diag = stage1_diagnostics(cache[("clif",)]) if ("clif",) in cache else {}
-        return rows, diag, {f"seed{seed}/{k}": v for k, v in cache.get("_times", {}).items()}, folders
-
-    # the stages are subprocesses: seeds can run side by side (--jobs), results stay per seed
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        done = dict(zip(args.seeds, pool.map(one_seed, args.seeds)))
-    per_seed = {m: [done[s][0][m] for s in args.seeds] for m in args.methods}
-    diag = {f"seed{s}": done[s][1] for s in args.seeds if done[s][1]}
-    times = {k: v for s in args.seeds for k, v in done[s][2].items()}
-    last = done[args.seeds[0]][3]
-    table = aggregate(per_seed)
+    todo = [(r, s) for r in args.rungs for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # stages are subprocesses: run side by side
+        done = dict(zip(todo, pool.map(lambda rs: one_run(*rs, args, base, work, steps, referee), todo)))
+    rungs = {}
+    for r in args.rungs:
+        per_seed = {m: [done[(r, s)]["rows"][m] for s in args.seeds] for m in args.methods}
+        table = aggregate(per_seed)
+        rungs[r] = {
+            "concepts": {n: o.phrase() for n, o in RUNGS[r].items()},
+            "qualifies": qualifies(table),
+            "table": table,
+            "per_seed": per_seed,
+            "stage1": {f"seed{s}": done[(r, s)]["stage1"] for s in args.seeds if done[(r, s)]["stage1"]},
+        }
+        side_by_side(done[(r, args.seeds[0])]["folders"], work / f"side_by_side_{r}.png", per_prompt=4)
     result = {
         "seeds": args.seeds,
         "steps": steps,
-        "oracle_heldout_accuracy": oracle.heldout_accuracy,
-        "table": table,
-        "per_seed": per_seed,
-        "stage1": diag,
-        "times_s": times,
+        "images_per_prompt": args.images_per_prompt,
+        "gate": gate,
+        "referee": referee.meta,
+        "rungs": rungs,
+        "times_s": {f"{r}/seed{s}/{k}": v for (r, s), d in done.items() for k, v in d["times"].items()},
     }
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(write_table(table, work / "results.md", args.seeds, times, diag))
-    side_by_side(last, work / "side_by_side.png")
+    print(write_ladder_table(result, work / "results.md"))
+    ladder_figure(result, work / "ladder.png")
     return result
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="The pretrained world (python -m clif.toyworld pretrain --out).")
-    p.add_argument("--out", required=True, help="Work folder: concept set, stage dirs, images, results.md/json.")
+    p.add_argument("--out", required=True, help="Work folder: concept sets, stage dirs, images, results.md/json.")
+    p.add_argument(
+        "--referee",
+        default=None,
+        help="Referee folder (loaded if there, else trained on the base VAE's round trips; default OUT/referee).",
+    )
+    p.add_argument("--rungs", nargs="+", choices=list(RUNGS), default=list(RUNGS), help="Rungs of the ladder to run.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training/generation seeds.")
     p.add_argument(
         "--methods",
@@ -351,14 +403,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clif_steps", type=int, default=300, help="Stage-1 steps.")
     p.add_argument("--ti_steps", type=int, default=400, help="Stage-2 steps.")
     p.add_argument("--lora_steps", type=int, default=300, help="Stage-3 steps.")
-    p.add_argument("--images_per_prompt", type=int, default=8, help="Images per two-concept prompt.")
+    p.add_argument("--images_per_prompt", type=int, default=6, help="Images per prompt (4 single, 4 two-concept).")
     p.add_argument("--inference_steps", type=int, default=30, help="Denoising steps.")
+    p.add_argument("--gate_captions", type=int, default=200, help="World captions the renderability gate samples.")
+    p.add_argument("--referee_scenes", type=int, default=16000, help="Rendered scenes the referee trains on.")
+    p.add_argument("--referee_steps", type=int, default=2500, help="Training steps of the referee.")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         help="CPU threads of each stage (sets OMP_NUM_THREADS; 1 is fastest on a shared machine).",
     )
-    p.add_argument("--jobs", type=int, default=1, help="Seeds run side by side (one core each is best on CPU).")
-    p.add_argument("--oracle_crops", type=int, default=6000, help="Rendered half-crops the oracle trains on.")
-    p.add_argument("--oracle_steps", type=int, default=1500, help="Training steps of the oracle classifier.")
+    p.add_argument("--jobs", type=int, default=1, help="(rung, seed) runs side by side (one core each is best).")

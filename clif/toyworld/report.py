@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 SAMPLE_CAPTIONS = (
-    "a yellow ball with purple dots on the left and a blue box on the right",
-    "a blue box on the left and a yellow ball with purple dots on the right",
-    "a red star",
-    "a green cup with white stripes on the right",
-    "a pink ring on the left",
-    "a small black heart with yellow checks",
-    "a yellow ball with green stripes on the left and a yellow ball with purple dots on the right",
-    "a white box with red checks and a black spot on the left and an orange star on the right",
+    "a red ball on the left and a blue box on the right",
+    "a blue box on the left and a red ball on the right",
+    "a yellow ball with a purple band on the left and a yellow ball with a black spot on the right",
+    "a yellow ball with a purple spot",
+    "a green star with a black top",
+    "a purple box with a yellow band on the right",
+    "a black star on the left",
+    "a blue ball with a red top on the left and a green star on the right",
 )
 
 
@@ -80,26 +80,27 @@ def plot_losses(logs: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def side_by_side(folders: dict[str, Path], path: Path, per_prompt: int = 4) -> None:
-    """Same prompts, same seeds: one column block per method (matplotlib, prompts as row labels)."""
+def side_by_side(folders: dict[str, Path], path: Path, per_prompt: int = 4, rows: int = 2) -> None:
+    """Same prompts, same seeds: one column block per method (matplotlib, prompts as row labels); the first
+    `rows` two-concept prompts of the first method's folder."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(folders)
-    first = folders[methods[0]]
-    metas = [json.loads(p.read_text()) for p in sorted(first.glob("*.json")) if "prompt" in json.loads(p.read_text())]
-    prompts = list(dict.fromkeys(m["prompt"] for m in metas))[:2]
+    metas = {m: [(p, json.loads(p.read_text())) for p in sorted(f.glob("*.json"))] for m, f in folders.items()}
+    prompts = list(dict.fromkeys(d["prompt"] for _, d in metas[methods[0]] if " and " in d.get("prompt", "")))
+    prompts = prompts[:rows]
     fig, axes = plt.subplots(
         len(prompts),
         len(methods) * per_prompt,
-        figsize=(1.1 * len(methods) * per_prompt + 1, 1.4 * len(prompts) + 0.6),
+        figsize=(1.1 * len(methods) * per_prompt + 2.2, 1.4 * len(prompts) + 0.6),
         squeeze=False,
     )
     for r, prompt in enumerate(prompts):
         for mi, m in enumerate(methods):
-            files = [p for p in sorted(folders[m].glob("*.json")) if json.loads(p.read_text()).get("prompt") == prompt]
+            files = [p for p, d in metas[m] if d.get("prompt") == prompt]
             for k in range(per_prompt):
                 ax = axes[r][mi * per_prompt + k]
                 ax.set_xticks([])
@@ -107,7 +108,7 @@ def side_by_side(folders: dict[str, Path], path: Path, per_prompt: int = 4) -> N
                 if k < len(files):
                     ax.imshow(Image.open(files[k].with_suffix(".png")), interpolation="nearest")
                 if r == 0 and k == 0:
-                    ax.set_title(m, fontsize=9, loc="left")
+                    ax.set_title(METHOD_LABELS.get(m, m), fontsize=9, loc="left")
                 if mi == 0 and k == 0:
                     ax.set_ylabel(
                         prompt.replace(" on the ", "\non the "), rotation=0, ha="right", va="center", fontsize=7
@@ -131,32 +132,92 @@ def aggregate(per_seed: dict) -> dict:
     return table
 
 
-def write_table(table: dict, path: Path, seeds: list[int], times: dict, stage1: dict | None = None) -> str:
-    cols = [
-        "oracle_confusion",
-        "oracle_correct",
-        "oracle_swapped",
-        "text_alignment",
-        "image_alignment",
-        "attendance",
-        "confusion_rate",
-    ]
-    lines = [
-        f"Seeds: {seeds}. mean ± std over seeds (oracle: fraction of two-concept images).",
+METHOD_LABELS = {"ti": "(c) TI", "ti_lora": "(a) TI+LoRA", "clif": "(b) CLIF"}
+KIND_COLS = ("pair_missing", "pair_swapped", "pair_same", "pair_mixture", "pair_other", "pair_correct")
+
+
+def _pm(vals: dict, key: str) -> str:
+    return f"{vals[key][0]:.2f} ± {vals[key][1]:.2f}" if key in vals else "–"
+
+
+def write_ladder_table(result: dict, path: Path) -> str:
+    """results.md: the gate, then per rung and method fidelity, confusion and its kinds, the CLIP metrics."""
+    from .gate import gate_table
+
+    lines = ["## Renderability gate (base samples read by the referee)", "", gate_table(result["gate"]), ""]
+    acc = result["referee"].get("heldout_round_trip_accuracy", {})
+    if acc:
+        lines.append(
+            "Referee on 2,000 held-out VAE round trips: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + "\n"
+        )
+    lines += [
+        f"## Ladder (seeds {result['seeds']}, mean ± std over seeds; {result['images_per_prompt']} images per prompt)",
         "",
-        "| method | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
+        "| rung | method | fidelity | **confusion** | missing | swapped | same | mixture | other | correct | "
+        + "CLIP text | CLIP image | CLIP confusion |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, vals in table.items():
-        cells = [f"{vals[c][0]:.3f} ± {vals[c][1]:.3f}" if c in vals else "–" for c in cols]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for seed, d in (stage1 or {}).items():
-        if "before" in d and "after" in d:
-            lines.append(
-                f"\nStage-1 retrieval accuracy with the world CLIP, {seed} ({d.get('views', 'views')}): "
-                f"{d['before']['accuracy']:.3f} before -> {d['after']['accuracy']:.3f} after"
-            )
-    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]
+    for rung, r in result["rungs"].items():
+        for m, vals in r["table"].items():
+            cells = [_pm(vals, "fidelity"), f"**{_pm(vals, 'oracle_confusion')}**"]
+            cells += [_pm(vals, k) for k in KIND_COLS]
+            cells += [_pm(vals, f"clip_{k}") for k in ("text_alignment", "image_alignment", "confusion_rate")]
+            lines.append(f"| {rung} | {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for rung, r in result["rungs"].items():
+        pair = " vs ".join(f"<{n}> = {p}" for n, p in r["concepts"].items())
+        verdict = "qualifies" if r["qualifies"] else "does not qualify"
+        lines.append(f"- **{rung}** ({pair}): {verdict} (TI+LoRA fidelity >= 0.7 and confusion >= 0.3 needed)")
+        for seed, d in r["stage1"].items():
+            if "before" in d and "after" in d:
+                lines.append(
+                    f"  - stage-1 retrieval, world CLIP, {seed}: {d['before']['accuracy']:.3f} before -> "
+                    f"{d['after']['accuracy']:.3f} after"
+                )
+    times = result.get("times_s", {})
+    if times:
+        lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def ladder_figure(result: dict, path: Path) -> None:
+    """Confusion and fidelity vs rung for each method, mean ± std over seeds as error bars (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rungs = list(result["rungs"])
+    methods = list(next(iter(result["rungs"].values()))["table"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = np.arange(len(rungs))
+    width = 0.8 / max(1, len(methods))
+    for ax, key, title in (
+        (axes[0], "oracle_confusion", "two-concept confusion (referee)"),
+        (axes[1], "fidelity", "single-concept fidelity (referee)"),
+    ):
+        for i, m in enumerate(methods):
+            mean = [result["rungs"][r]["table"][m][key][0] for r in rungs]
+            std = [result["rungs"][r]["table"][m][key][1] for r in rungs]
+            ax.bar(
+                x + (i - (len(methods) - 1) / 2) * width,
+                mean,
+                width,
+                yerr=std,
+                capsize=3,
+                label=METHOD_LABELS.get(m, m),
+            )
+        ax.set_xticks(x)
+        ax.set_xticklabels(rungs)
+        ax.set_xlabel("rung (clearly different -> near twins)")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("fraction of images")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Toy-world ladder, seeds {result['seeds']} (mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
