@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clif import cli
-from clif.artifacts import read_manifest
+from clif.errors import UserError
 from clif.generate import (
     SCHEDULERS,
     auto_device_dtype,
@@ -23,7 +23,8 @@ from clif.generate import (
 )
 from clif.images import grid, save_png
 from clif.lora import LORA_FILE
-from clif.outdir import check_output_dir
+from clif.outputs.artifacts import read_manifest
+from clif.outputs.outdir import check_output_dir
 
 PROG = "inference.py"
 
@@ -90,14 +91,14 @@ def run(args) -> list[Path]:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if args.prompt_set:
         if not args.stage_dir:
-            raise cli.UserError("--prompt_set needs --stage_dir (its concepts fill the templates)")
+            raise UserError("--prompt_set needs --stage_dir (its concepts fill the templates)")
         prompts += expand_prompt_set(args.prompt_set, read_manifest(args.stage_dir)["concepts"])
     if not prompts:
-        raise cli.UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
+        raise UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
     for side in ("height", "width"):
         v = getattr(args, side)
         if v is not None and v % 8:
-            raise cli.UserError(f"--{side} {v} is not a multiple of 8")
+            raise UserError(f"--{side} {v} is not a multiple of 8")
     out = Path(args.output_dir)
     check_output_dir(
         out,

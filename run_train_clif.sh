@@ -21,7 +21,7 @@ args=(
   --num_common_images 4           # ours
   --num_pairs 4096                # ours: twice the batch, so a batch is not mostly repeats
   --global_ratio 0.4 --region_ratio 0.2 --mix_ratio 0.4  # ours (not measured)
-  --region_segments 8 --min_region_area 0.05 --regions_per_image 4  # ours: see clif/regions.py
+  --region_segments 8 --min_region_area 0.05 --regions_per_image 4  # ours: see clif/contrastive/regions.py
   --holdout_images 1              # issue 9: >= 1 photo per concept held out for the confusion matrix
   --num_vectors 2                 # official code: two tokens per concept (<joe1> <joe2>)
   --train_batch_size 2048         # official code: 128 per GPU x 8 GPUs x 2 accumulation = 2048, here on one GPU

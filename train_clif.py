@@ -1,6 +1,6 @@
 """Stage 1 of CLIF: contrastive fine-tuning of the concept tokens against the frozen matching CLIP image tower.
 
-Image-caption pairs come from Global / Region / Mix augmentations of the concept images (clif/augment.py).
+Image-caption pairs come from Global / Region / Mix augmentations of the concept images (clif/contrastive/augment.py).
 Text features = the diffusion text encoder's pooled output through the paired CLIP's text projection; image
 features = the paired CLIP's image tower (frozen, computed once); InfoNCE with multi-positive targets,
 features gathered across processes. Launch with `accelerate launch train_clif.py ...` (see run_train_clif.sh).
@@ -13,18 +13,19 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
-from clif import cli, lora, training
-from clif.augment import KINDS, add_pair_args, builder_from_args
-from clif.common_concepts import common_images, generate_common_images
-from clif.confusion import ConfusionProbe
-from clif.data import Shard
-from clif.gradcache import cached_backward
-from clif.loop import StepRunner
-from clif.losses import clip_loss, gather_features
-from clif.masks import DEFAULT_SEGMENTER, Segmenter
-from clif.paired import PairedCLIP, clip_image_size, default_pair
-from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
-from clif.text_side import TextSide
+from clif import cli, lora
+from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
+from clif.contrastive.common_concepts import common_images, generate_common_images
+from clif.contrastive.confusion import ConfusionProbe
+from clif.contrastive.gradcache import cached_backward
+from clif.contrastive.losses import clip_loss, gather_features
+from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter
+from clif.contrastive.paired import PairedCLIP, clip_image_size, default_pair
+from clif.contrastive.text_side import TextSide
+from clif.train import training
+from clif.train.data import Shard
+from clif.train.loop import StepRunner
+from clif.train.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
 PROG = "train_clif.py"
 DEFAULT_STEPS = 500

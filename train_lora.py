@@ -10,10 +10,12 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora, prior, training
-from clif.data import Shard, image_stream
-from clif.loop import StepRunner
-from clif.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
+from clif import cli, lora
+from clif.errors import UserError
+from clif.train import prior, training
+from clif.train.data import Shard, image_stream
+from clif.train.loop import StepRunner
+from clif.train.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
 
 PROG = "train_lora.py"
 DEFAULT_STEPS = 1000
@@ -77,11 +79,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def check_args(args) -> None:
     if args.with_prior_preservation and not (args.class_prompt and args.class_data_dir):
-        raise cli.UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+        raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
     if args.embedding_learning_rate is None:  # recorded resolved in the manifest
         args.embedding_learning_rate = args.learning_rate
     if not [t for t in args.lora_targets.split(",") if t.strip()]:
-        raise cli.UserError("--lora_targets names no layer (e.g. to_q,to_k,to_v,to_out.0)")
+        raise UserError("--lora_targets names no layer (e.g. to_q,to_k,to_v,to_out.0)")
 
 
 def run(args) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, training
-from clif.data import Shard, image_stream
-from clif.loop import StepRunner
-from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
+from clif import cli
+from clif.train import training
+from clif.train.data import Shard, image_stream
+from clif.train.loop import StepRunner
+from clif.train.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
 PROG = "train_ti.py"
 DEFAULT_STEPS = 1500

@@ -46,7 +46,7 @@ def build_full_sd15(out: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from clif.tiny import clip_tokenizer
+    from clif.fixtures.tiny import clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache_only", action="store_true", help="Only the --cache_latents configurations.")
     p.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     args = p.parse_args(argv)
-    from clif.synthetic import write_concept_set
-    from clif.tiny import build
+    from clif.fixtures.synthetic import write_concept_set
+    from clif.fixtures.tiny import build
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Command-line helpers shared by every script: one-line user errors and the common flags."""
+"""Command-line helpers shared by every script: the parser, one-line errors at the top of a run, the common flags."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import re
 import sys
 from collections.abc import Iterator
 
+from clif.errors import RunFailed, UserError
+from clif.outputs.outdir import held_locks, release_locks
+
 SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + k) must stay below 2**64
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line on stderr with exit code 2."""
-
-
-class RunFailed(Exception):
-    """A run that cannot go on (e.g. a non-finite loss): one line on stderr, exit code 1."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,9 +34,7 @@ def make_parser(prog: str, description: str) -> Parser:
 
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Turn a UserError raised inside the block into one stderr line and exit code 2."""
-    from .outdir import held_locks, release_locks
-
+    """Turn a UserError (exit code 2) or RunFailed (exit code 1) raised inside the block into one stderr line."""
     before = held_locks()
     try:
         yield
@@ -51,22 +44,6 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(2 if isinstance(err, UserError) else 1) from None
     finally:
         release_locks(keep=before)  # the locks this run took, also when it fails
-
-
-@contextlib.contextmanager
-def loading(what: str, name: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
-    """Load a model by hub id or path: its warnings silenced, its failure one UserError line naming it."""
-    import os
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    except errors as err:
-        hint = " (HF_HUB_OFFLINE is set: only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot load {what} {name!r}: {first}{hint}") from None
 
 
 def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
@@ -116,7 +93,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--pretrained_model_name_or_path",
         required=True,
         help="Hub id (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) "
-        "or a local diffusers pipeline folder (e.g. one written by `python -m clif.tiny`).",
+        "or a local diffusers pipeline folder (e.g. one written by `python -m clif.fixtures.tiny`).",
     )
     g.add_argument("--revision", default=None, help="Hub revision of the base model.")
     g.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")

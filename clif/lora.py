@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts
-from .cli import UserError
-from .concepts import Concept
+from clif.concepts import Concept
+from clif.errors import UserError
+from clif.outputs import artifacts
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

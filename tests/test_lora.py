@@ -163,7 +163,7 @@ def test_full_sd15_architecture_one_step(tmp_path, concept_set):
     sys.path.insert(0, str(REPO / "bench"))
     from benchmark import build_full_sd15
 
-    from clif.synthetic import write_concept_set
+    from clif.fixtures.synthetic import write_concept_set
 
     model = build_full_sd15(tmp_path / "sd15")
     data = write_concept_set(tmp_path / "data", n_concepts=2, n_images=2, size=256)
@@ -182,7 +182,7 @@ def test_full_sd15_architecture_one_step(tmp_path, concept_set):
 def test_text_cache_equals_encoding(tiny_sdxl):
     """The frozen-text cache of stage 3 (embedding lr 0) returns exactly what the encoders compute."""
     from clif.models import load_model
-    from clif.training import TextCache
+    from clif.train.training import TextCache
 
     model = load_model(str(tiny_sdxl))
     caps = ["a photo of a ball", "a photo of a box", "a photo of a ball"]

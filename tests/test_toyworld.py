@@ -12,7 +12,7 @@ import pytest
 from clif.toyworld.world import Obj, Scene, random_scene, render, render_batch
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED = REPO / "toyworld" / "model"
+COMMITTED = REPO / "pretrained" / "toyworld" / "model"
 
 
 def test_generator_is_deterministic_and_seed_dependent():
@@ -104,8 +104,8 @@ def test_experiment_pipeline_end_to_end(tiny_world, tmp_path):
 
 
 @pytest.mark.skipif(
-    not (COMMITTED.is_dir() and (REPO / "toyworld" / "oracle" / "oracle.safetensors").is_file()),
-    reason="no committed toy world (toyworld/model) and oracle (toyworld/oracle)",
+    not (COMMITTED.is_dir() and (REPO / "pretrained" / "toyworld" / "oracle" / "oracle.safetensors").is_file()),
+    reason="no committed toy world (pretrained/toyworld/model) and oracle (pretrained/toyworld/oracle)",
 )
 def test_committed_world_loads_and_oracle_is_accurate():
     import torch
@@ -117,7 +117,7 @@ def test_committed_world_loads_and_oracle_is_accurate():
     pipe = StableDiffusionPipeline.from_pretrained(COMMITTED, safety_checker=None)
     img = pipe("a red ball", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert img.images.shape[1:3] == (pipe.unet.config.sample_size * 4,) * 2
-    oracle = train_oracle(LOOKALIKES, 32, REPO / "toyworld" / "oracle")  # loads the committed weights
+    oracle = train_oracle(LOOKALIKES, 32, REPO / "pretrained" / "toyworld" / "oracle")  # loads the committed weights
     x, y = half_crops(LOOKALIKES, 300, 32, seed=12345)
     pred = oracle.predict(x)
     names = [*oracle.names, "other"]

@@ -97,7 +97,8 @@ def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None,
         # no common concepts: their masks would need a segmenter; the look-alikes are each other's negatives
         return [
             sys.executable,
-            str(REPO / "train_clif.py"),
+            "-m",
+            "train_clif",
             *common,
             "--common_words",
             "",
@@ -128,7 +129,8 @@ def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None,
     if stage == "ti":
         return [
             sys.executable,
-            str(REPO / "train_ti.py"),
+            "-m",
+            "train_ti",
             *common,
             *diff,
             "--learning_rate",
@@ -138,7 +140,8 @@ def stage_argv(stage: str, base: Path, data: Path, out: Path, prev: Path | None,
         ]
     return [
         sys.executable,
-        str(REPO / "train_lora.py"),
+        "-m",
+        "train_lora",
         *common,
         *diff,
         "--rank",
@@ -161,7 +164,7 @@ def run_cmd(argv: list[str], log: Path) -> float:
         f.flush()
         r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"{argv[1]} failed (exit {r.returncode}); see {log}:\n" + log.read_text()[-2000:])
+        raise RuntimeError(f"{argv[2]} failed (exit {r.returncode}); see {log}:\n" + log.read_text()[-2000:])
     return time.time() - t
 
 
@@ -192,7 +195,8 @@ def generate(base: Path, stage: Path, out: Path, n: int, steps: int, log: Path) 
         run_cmd(
             [
                 sys.executable,
-                str(REPO / "inference.py"),
+                "-m",
+                "inference",
                 "--pretrained_model_name_or_path",
                 str(base),
                 "--stage_dir",
@@ -254,7 +258,8 @@ def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) 
         run_cmd(
             [
                 sys.executable,
-                str(REPO / "evaluate.py"),
+                "-m",
+                "evaluate",
                 "--images",
                 str(folder),
                 "--concepts",

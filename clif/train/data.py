@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .concepts import Concept, open_rgb
-from .tokens import expand_prompt
+from clif.concepts import Concept, open_rgb
+from clif.tokens import expand_prompt
 
 OBJECT_TEMPLATES = [
     "a photo of a {}",

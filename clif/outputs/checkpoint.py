@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .artifacts import atomic_save_safetensors, atomic_write_json, read_manifest
-from .cli import UserError
+from clif.errors import UserError
+from clif.outputs.artifacts import atomic_save_safetensors, atomic_write_json, read_manifest
 
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 

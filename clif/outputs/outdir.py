@@ -8,9 +8,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .artifacts import MANIFEST
-from .cli import UserError
-from .validate import folder_or_absent
+from clif.errors import UserError
+from clif.outputs.artifacts import MANIFEST
+from clif.validate import folder_or_absent
 
 LOCK = ".clif.lock"
 # Everything a training run writes at the top of its output dir (plus <dir name>_kohya.safetensors).

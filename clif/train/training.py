@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError
-from .data import LatentCache, Sample
-from .models import DiffusionModel
+from clif.errors import UserError
+from clif.models import DiffusionModel
+from clif.train.data import LatentCache, Sample
 
 
 def make_accelerator(args, output_dir: str):

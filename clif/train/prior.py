@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import training
-from .concepts import Concept, list_images
-from .data import Shard, image_stream
-from .images import fill_with_generated, missing_images
+from clif.concepts import Concept, list_images
+from clif.images import fill_with_generated, missing_images
+from clif.train import training
+from clif.train.data import Shard, image_stream
 
 
 def ensure_class_images(args, model, accelerator, *, dtype: torch.dtype) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, checkpoint, outdir, training
-from .cli import RunFailed
-from .images import render_validation
+from clif.errors import RunFailed
+from clif.images import render_validation
+from clif.outputs import artifacts, checkpoint, outdir
+from clif.train import training
 
 
 class StepRunner:

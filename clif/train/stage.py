@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, lora, outdir, tokens, validate
-from .cli import UserError
-from .concepts import Concept, check_tokens, data_fingerprint, load_concept_set
-from .models import DiffusionModel, load_model
+from clif import lora, tokens, validate
+from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_set
+from clif.errors import UserError
+from clif.models import DiffusionModel, load_model
+from clif.outputs import artifacts, outdir
 
 # folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
 INPUT_FLAGS = ("train_data_dir", "stage_dir", "pretrained_model_name_or_path", "class_data_dir", "cache_dir")
@@ -35,8 +36,8 @@ class StageInputs:
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
     """Validate the run (output dir, checkpoint, optimizer flags), read the concept set, the base model and
     (optionally) an earlier stage dir; add the placeholder tokens. Nothing is written."""
-    from . import checkpoint
-    from .training import check_optimizer_flags
+    from clif.outputs import checkpoint
+    from clif.train.training import check_optimizer_flags
 
     outdir.check_output_dir(
         args.output_dir,
@@ -181,7 +182,7 @@ def start_run(args, name: str):
     """After validation: the Accelerator, the (cleared) output dir with run_args.json, and the trackers."""
     import logging
 
-    from .training import make_accelerator
+    from clif.train.training import make_accelerator
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)

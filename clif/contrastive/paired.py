@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cli import UserError, loading
+from clif.errors import UserError, loading
 
 # text-encoder width -> the public CLIP whose text tower it is
 DEFAULT_PAIRS = {
