@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
-from clif import cli, lora
+from clif import cli, lora, seeds
 from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
 from clif.contrastive.common_concepts import common_images, generate_common_images
 from clif.contrastive.confusion import ConfusionProbe
@@ -139,18 +139,18 @@ def run(args) -> None:
             cache_dir,
             device=device,
             dtype=dtype,
-            seed=args.seed,
+            seed=seeds.stream(args.seed, "generated"),
             revision=args.revision,
         )
     accelerator.wait_for_everyone()
 
     # ---- pairs (same seed, same pairs, on every process) and their frozen image features, computed once
     builder.add_common(common_images(Path(args.train_data_dir), words, cache_dir))
-    pairs = builder.build(args.num_pairs, ratios, args.seed)
+    pairs = builder.build(args.num_pairs, ratios, seeds.stream(args.seed, "augmentation"))
     image_feats = [p.image_features([q.image for q in pairs]) for p in paired]
     captions, keys, n_pairs = [q.caption for q in pairs], [q.key for q in pairs], len(pairs)
     del pairs  # the composed images are no longer needed: only their features
-    probe = ConfusionProbe(builder, paired, args.num_views, args.seed + 10_000)
+    probe = ConfusionProbe(builder, paired, args.num_views, seeds.stream(args.seed, "probe"))
 
     modules = install_embeddings(inp)
     params = [m.new for m in modules]
@@ -162,7 +162,12 @@ def run(args) -> None:
             p
             for enc in model.text_encoders
             for p in lora.add_lora(
-                enc, rank=args.text_encoder_rank, alpha=args.text_encoder_rank, dropout=0.0, targets=lora.TEXT_TARGETS
+                enc,
+                rank=args.text_encoder_rank,
+                alpha=args.text_encoder_rank,
+                dropout=0.0,
+                targets=lora.TEXT_TARGETS,
+                seed=seeds.stream(args.seed, "lora_init"),
             )
         ]
         for i, enc in enumerate(model.text_encoders):
@@ -180,7 +185,9 @@ def run(args) -> None:
     shard = Shard.of(accelerator, args.train_batch_size)
     max_steps = training.resolve_steps(args, n_pairs, shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)  # the pair order
+    noise = training.NoiseSource(
+        seeds.stream(args.seed, "noise"), device, shard.global_batch, shard.rank, shard.local
+    )  # the pair order
     runner = StepRunner(
         args,
         accelerator,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora
+from clif import cli, lora, seeds
 from clif.errors import UserError
 from clif.train import prior, training
 from clif.train.data import Shard, image_stream
@@ -134,7 +134,7 @@ def run(args) -> None:
 
     max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)
+    noise = training.NoiseSource(seeds.stream(args.seed, "noise"), device, shard.global_batch, shard.rank, shard.local)
     runner = StepRunner(
         args,
         accelerator,

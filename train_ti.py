@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli
+from clif import cli, seeds
 from clif.train import training
 from clif.train.data import Shard, image_stream
 from clif.train.loop import StepRunner
@@ -71,7 +71,7 @@ def run(args) -> None:
         params,
         optimizer,
         training.make_lr_scheduler(args, optimizer, max_steps),
-        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
+        training.NoiseSource(seeds.stream(args.seed, "noise"), device, shard.global_batch, shard.rank, shard.local),
         {f"embedding.{i}": p for i, p in enumerate(params)},
         save,
         max_steps,

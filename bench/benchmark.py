@@ -141,7 +141,7 @@ def unet_floor_ms(model: Path, lora: bool, steps: int, resolution: int = 256) ->
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device, dtype).requires_grad_(False)
     if lora:
-        clif_lora.add_lora(unet, rank=16, alpha=16, dropout=0.0, targets=clif_lora.DEFAULT_UNET_TARGETS)
+        clif_lora.add_lora(unet, rank=16, alpha=16, dropout=0.0, targets=clif_lora.DEFAULT_UNET_TARGETS, seed=0)
     dim = unet.config.cross_attention_dim
     x = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)

@@ -29,12 +29,13 @@ def check_targets(module: torch.nn.Module, targets: list[str], what: str) -> Non
 
 
 def add_lora(
-    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0
+    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str], seed: int
 ) -> list[torch.nn.Parameter]:
     """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params.
 
-    The random init of the down-weights comes from `seed`, not the global RNG: every process of a multi-process
-    run starts from the same adapter, and two runs with the same arguments are equal.
+    The random init of the down-weights comes from `seed` (the run's `lora_init` stream, clif/seeds.py), not the
+    global RNG: every process of a multi-process run starts from the same adapter, and two runs with the same
+    arguments are equal.
     """
     from peft import LoraConfig, inject_adapter_in_model
 

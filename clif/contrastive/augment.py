@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clif import seeds
 from clif.cli import non_negative, positive
 from clif.concepts import Concept, open_rgb
 from clif.contrastive.captions import Templates, load_templates
@@ -260,7 +261,7 @@ def builder_from_args(a, concepts: list[Concept], *, size: int, segmenter, regio
         regions=spec,
         holdout=a.holdout_images,
         templates=templates,
-        seed=a.seed,
+        seed=seeds.stream(a.seed, "augmentation"),
     )
 
 

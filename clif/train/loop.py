@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from clif import seeds
 from clif.errors import RunFailed
 from clif.images import render_validation
 from clif.outputs import artifacts, checkpoint, outdir
@@ -117,7 +118,7 @@ class StepRunner:
                 self.model,
                 args.validation_prompt,
                 num_images=args.num_validation_images,
-                seed=args.seed,
+                seed=seeds.stream(args.seed, "validation"),
                 steps=args.validation_inference_steps,
                 resolution=args.resolution,
                 device=acc.device,

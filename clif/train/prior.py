@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from clif import seeds
 from clif.concepts import Concept, list_images
 from clif.images import fill_with_generated, missing_images
 from clif.train import training
@@ -24,7 +25,7 @@ def ensure_class_images(args, model, accelerator, *, dtype: torch.dtype) -> None
             args.num_class_images,
             device=accelerator.device,
             dtype=dtype,
-            seed=args.seed,
+            seed=seeds.stream(args.seed, "generated"),
         )
     accelerator.wait_for_everyone()
 
@@ -63,8 +64,12 @@ class PriorPreservation:
         cls = Concept(
             name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1
         )
-        self.data, self.cache = image_stream([cls], args, model.vae, device, seed=args.seed + 1, property="fixed")
-        self.noise = training.NoiseSource(args.seed + 1, device, shard.global_batch, shard.rank, shard.local)
+        self.data, self.cache = image_stream(
+            [cls], args, model.vae, device, seed=seeds.stream(args.seed, "prior_data"), property="fixed"
+        )
+        self.noise = training.NoiseSource(
+            seeds.stream(args.seed, "prior_noise"), device, shard.global_batch, shard.rank, shard.local
+        )
         self.shard, self.weight = shard, args.prior_loss_weight
 
     def loss(self, model, k: int, **loss_kwargs) -> torch.Tensor:

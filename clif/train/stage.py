@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clif import lora, tokens, validate
+from clif import lora, seeds, tokens, validate
 from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_set
 from clif.errors import UserError
 from clif.models import DiffusionModel, load_model
@@ -107,7 +107,14 @@ def lora_trainables(
     model = inp.model
 
     def new(module: torch.nn.Module, on: list[str]) -> list[torch.nn.Parameter]:
-        return lora.add_lora(module, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=on, seed=args.seed)
+        return lora.add_lora(
+            module,
+            rank=args.rank,
+            alpha=alpha,
+            dropout=args.lora_dropout,
+            targets=on,
+            seed=seeds.stream(args.seed, "lora_init"),
+        )
 
     groups = [{"params": new(model.unet, targets), "lr": lr}]
     trainables = lora.named_lora_params(model.unet, "unet")
@@ -188,7 +195,7 @@ def start_run(args, name: str):
     accelerator = make_accelerator(args, args.output_dir)
     # torch's global generator drives LoRA init and dropout: seed it, so two runs (and a resumed one) agree;
     # checkpoints save its state for dropout after a resume
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seeds.stream(args.seed, "dropout"))
     if accelerator.is_main_process:
         outdir.open_run_dir(args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None)
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))
