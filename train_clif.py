@@ -50,10 +50,12 @@ def build_parser():
         "<model>/paired_clip_2, else laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).",
     )
     g.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="CLIPSeg model for concepts/parts without masks.")
-    g.add_argument(
-        "--cache_dir",
-        default=str(Path.home() / ".cache" / "clif"),
-        help="Cache of computed masks and generated common-concept images.",
+    cli.harmless(
+        g.add_argument(
+            "--cache_dir",
+            default=str(Path.home() / ".cache" / "clif"),
+            help="Cache of computed masks and generated common-concept images.",
+        )
     )
     g.add_argument(
         "--common_words",
@@ -87,12 +89,14 @@ def build_parser():
         default=8,
         help="Composed views per concept for the before/after confusion matrices.",
     )
-    g.add_argument(
-        "--text_chunk_size",
-        type=cli.positive(int),
-        default=256,
-        help="Captions per text-encoder pass: a larger batch is trained gradient-cached in chunks of this size "
-        "(same gradient, memory of one chunk).",
+    cli.harmless(
+        g.add_argument(
+            "--text_chunk_size",
+            type=cli.positive(int),
+            default=256,
+            help="Captions per text-encoder pass: a larger batch is trained gradient-cached in chunks of this size "
+            "(same gradient, memory of one chunk).",
+        )
     )
     cli.add_training_args(p, lr=1e-4, steps=DEFAULT_STEPS, validation=False)
     # official code: effective batch 2048, weight decay 1e-2, 8-bit AdamW (None = when bitsandbytes and CUDA exist)
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args) -> None:
     # ---- validate before the first expensive step; nothing is written until then
+    args.use_8bit_adam = training.want_8bit_adam(args.use_8bit_adam)  # resolved: the manifest records it
     inp = prepare(args, text_only=True)
     model, concepts = inp.model, inp.concepts
     names = [args.clip_model, args.clip_model_2][: len(model.text_encoders)]
@@ -124,7 +129,6 @@ def run(args) -> None:
         args, concepts, size=clip_image_size(names[0]), segmenter=segmenter, regions=ratios["region"] > 0
     )
     builder.counts(args.num_pairs, ratios)
-    args.use_8bit_adam = training.want_8bit_adam(args.use_8bit_adam)
 
     accelerator = start_run(args, "clif_contrastive")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)

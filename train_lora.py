@@ -57,10 +57,12 @@ def build_parser():
         help="Learning rate of the concept token rows (default: --learning_rate, official code); 0 freezes them.",
     )
     g.add_argument("--snr_gamma", type=cli.positive(float), default=None, help="Min-SNR loss weighting (5.0 is usual).")
-    g.add_argument(
-        "--export_kohya",
-        action="store_true",
-        help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).",
+    cli.harmless(
+        g.add_argument(
+            "--export_kohya",
+            action="store_true",
+            help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).",
+        )
     )
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-image loss.")

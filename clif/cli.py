@@ -15,6 +15,18 @@ from clif.outputs.outdir import held_locks, release_locks
 SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + k) must stay below 2**64
 
 
+# Every flag changes a run's result, and a resume with it changed is refused (outputs/checkpoint.check_resumable),
+# unless it is declared through harmless(): logging, checkpoint and validation cadence, where files go, and
+# memory/speed trades that compute the same numbers. A new flag is result-changing until someone says otherwise.
+HARMLESS: set[str] = set()
+
+
+def harmless(action: argparse.Action) -> argparse.Action:
+    """Mark the flag `add_argument` just declared as not changing the result: a resume may change it."""
+    HARMLESS.add(action.dest)
+    return action
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (no usage dump), exit code 2."""
 
@@ -139,11 +151,13 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
         help="Center-crop to a square before resizing (else the whole image is resized to a square).",
     )
     g.add_argument("--random_flip", action="store_true", help="Horizontally flip half of the training samples.")
-    g.add_argument(
-        "--dataloader_num_workers",
-        type=non_negative(int),
-        default=0,
-        help="Worker processes that decode and preprocess the images (done once, before training).",
+    harmless(
+        g.add_argument(
+            "--dataloader_num_workers",
+            type=non_negative(int),
+            default=0,
+            help="Worker processes that decode and preprocess the images (done once, before training).",
+        )
     )
     g.add_argument(
         "--cache_latents",
@@ -155,11 +169,13 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
 def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, validation: bool = True) -> None:
     """Optimisation, precision, checkpointing, validation and logging flags shared by the training stages."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--output_dir", required=True, help="Where the stage writes its artifacts (DESIGN §6).")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace an output dir that holds another CLIF run (refuses to delete other folders).",
+    harmless(g.add_argument("--output_dir", required=True, help="Where the stage writes its artifacts (DESIGN §6)."))
+    harmless(
+        g.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="Replace an output dir that holds another CLIF run (refuses to delete other folders).",
+        )
     )
     g.add_argument("--seed", type=seed_type(), default=0, help="Seed of every random draw; same seed, same result.")
     g.add_argument("--train_batch_size", type=positive(int), default=1, help="Batch size per process.")
@@ -204,41 +220,61 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
         default=None,
         help="Precision of the frozen weights and the autocast (default: accelerate config).",
     )
-    g.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute activations in the backward pass (less memory, slower).",
+    harmless(
+        g.add_argument(
+            "--gradient_checkpointing",
+            action="store_true",
+            help="Recompute activations in the backward pass (less memory, slower).",
+        )
     )
     g.add_argument("--noise_offset", type=non_negative(float), default=0.0, help="Noise offset (0 = off).")
     g = p.add_argument_group("checkpoints, validation, logging")
-    g.add_argument(
-        "--checkpointing_steps", type=positive(int), default=500, help="Save a resumable checkpoint every N steps."
+    harmless(
+        g.add_argument(
+            "--checkpointing_steps", type=positive(int), default=500, help="Save a resumable checkpoint every N steps."
+        )
     )
-    g.add_argument("--checkpoints_total_limit", type=positive(int), default=None, help="Keep at most N checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).",
+    harmless(
+        g.add_argument(
+            "--checkpoints_total_limit", type=positive(int), default=None, help="Keep at most N checkpoints."
+        )
     )
-    g.add_argument(
-        "--report_to",
-        default="tensorboard",
-        choices=["tensorboard", "wandb", "all", "none"],
-        help="Experiment tracker (logs go to <output_dir>/logs).",
+    harmless(
+        g.add_argument(
+            "--resume_from_checkpoint",
+            default=None,
+            help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).",
+        )
+    )
+    harmless(
+        g.add_argument(
+            "--report_to",
+            default="tensorboard",
+            choices=["tensorboard", "wandb", "all", "none"],
+            help="Experiment tracker (logs go to <output_dir>/logs).",
+        )
     )
     if not validation:
         p.set_defaults(validation_prompt=[])
         return
-    g.add_argument(
-        "--validation_prompt",
-        action="append",
-        default=[],
-        help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.",
+    harmless(
+        g.add_argument(
+            "--validation_prompt",
+            action="append",
+            default=[],
+            help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.",
+        )
     )
-    g.add_argument(
-        "--validation_steps", type=positive(int), default=100, help="Render validation images every N steps."
+    harmless(
+        g.add_argument(
+            "--validation_steps", type=positive(int), default=100, help="Render validation images every N steps."
+        )
     )
-    g.add_argument("--num_validation_images", type=positive(int), default=2, help="Images per validation prompt.")
-    g.add_argument(
-        "--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images."
+    harmless(
+        g.add_argument("--num_validation_images", type=positive(int), default=2, help="Images per validation prompt.")
+    )
+    harmless(
+        g.add_argument(
+            "--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images."
+        )
     )

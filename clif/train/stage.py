@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clif import lora, seeds, tokens, validate
+from clif import cli, lora, seeds, tokens, validate
 from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_set
 from clif.errors import UserError
 from clif.models import DiffusionModel, load_model
@@ -79,7 +79,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         check_tokens(concepts, str(stage_dir))
     data = data_fingerprint(concepts)
     if resume_path is not None:  # before run_args.json or anything else is rewritten
-        checkpoint.check_resumable(resume_path, concepts, vars(args), data)
+        checkpoint.check_resumable(resume_path, concepts, vars(args), data, harmless=cli.HARMLESS)
     text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
