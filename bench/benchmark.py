@@ -5,7 +5,7 @@ Runs the real training scripts in fresh subprocesses (so peak memory is per conf
   * the full SD1.5 architecture built from its config numbers with random weights (no download),
 at 256 px, with and without --cache_latents, and prints one table. GPU when present, else CPU.
 
-    python bench/benchmark.py [--steps 8] [--only tiny|full] [--stages ti,lora]
+    python -m bench.benchmark [--steps 8] [--only tiny|full] [--stages ti,lora]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def sd15_text_config():
@@ -94,7 +93,8 @@ def run_stage(
     mp = ["--mixed_precision", "fp16"] if _has_cuda() else ["--mixed_precision", "no"]
     cmd = [
         sys.executable,
-        str(REPO / script),
+        "-m",
+        script.removesuffix(".py"),
         "--pretrained_model_name_or_path",
         str(model),
         "--train_data_dir",
@@ -118,7 +118,12 @@ def run_stage(
         *extra,
     ]
     subprocess.run(
-        cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return json.loads((out / "run_stats.json").read_text())
 

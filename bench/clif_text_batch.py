@@ -6,7 +6,7 @@ features (random, as the image tower is frozen and computed once), and the real 
 clif.contrastive.text_side + gradcache + losses, AdamW on the token rows. Each configuration runs in a fresh
 process so its peak memory is its own. GPU when present, else CPU.
 
-    python bench/clif_text_batch.py [--configs 32:0,512:0,512:128,2048:256] [--steps 2]   # batch:chunk (0 = one pass)
+    python -m bench.clif_text_batch [--configs 32:0,512:0,512:128,2048:256] [--steps 2]   # batch:chunk (0 = one pass)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def one(batch: int, chunk: int, steps: int, warmup: int) -> dict:
@@ -127,8 +126,19 @@ def main() -> None:
     rows = []
     for cfg in a.configs.split(","):
         r = subprocess.run(
-            [sys.executable, __file__, "--one", cfg, "--steps", str(a.steps), "--warmup", str(a.warmup)],
+            [
+                sys.executable,
+                "-m",
+                "bench.clif_text_batch",
+                "--one",
+                cfg,
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+            ],
             capture_output=True,
+            cwd=REPO,
             text=True,
             check=False,
         )

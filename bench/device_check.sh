@@ -31,4 +31,4 @@ for fam in sd15 sdxl; do
   python3 -c "import json,sys; s=json.load(open('$T/$fam-s3/run_stats.json')); print('$fam stage3 fp16 losses', s['losses'])"
 done
 echo "smoke ok=$ok"
-python3 bench/benchmark.py --steps 10 --stages ti,lora --json $OUT/bench.json
+python3 -m bench.benchmark --steps 10 --stages ti,lora --json $OUT/bench.json
