@@ -10,11 +10,11 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora, seeds
+from clif import cli, lora
 from clif.errors import UserError
 from clif.train import prior, training
 from clif.train.data import Shard, image_stream
-from clif.train.loop import StepRunner
+from clif.train.loop import start_loop
 from clif.train.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
 
 PROG = "train_lora.py"
@@ -111,7 +111,6 @@ def run(args) -> None:
         alpha=alpha,
         targets=targets,
     )
-    params = [p for g in groups for p in g["params"]]
 
     # ---- data (+ class images), latent caches
     shard = Shard.of(accelerator, args.train_batch_size)
@@ -134,42 +133,36 @@ def run(args) -> None:
         extra = kohya if args.export_kohya else None
         write_stage_outputs(out, "lora", inp, modules, args, text_lora=text_lora, unet_lora=True, extra=extra)
 
-    max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
-    optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    noise = training.NoiseSource(seeds.stream(args.seed, "noise"), device, shard.global_batch, shard.rank, shard.local)
-    runner = StepRunner(
+    runner = start_loop(
         args,
         accelerator,
         model,
-        params,
-        optimizer,
-        training.make_lr_scheduler(args, optimizer, max_steps),
-        noise,
-        trainables,
-        save,
-        max_steps,
-        "lora",
+        groups=groups,
+        trainables=trainables,
+        write_artifacts=save,
+        num_samples=len(data),
+        default_steps=DEFAULT_STEPS,
+        desc="lora",
+        resume=inp.resume_path,
         extra_noise=[prior_term.noise] if prior_term else [],
     )
-    runner.resume(inp.resume_path)
     logger.info(
-        f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
+        f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {runner.max_steps} steps "
         f"(from {runner.step}), {model.family}, {device}, frozen {dtype}"
     )
 
-    # ---- loop
+    # ---- loop: the denoising loss of micro-batch k (+ the class images' at the same k)
     loss_kwargs = {"dtype": dtype, "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma}
-    while not runner.done:
-        total = 0.0
-        for k in runner.micro_steps():
-            with accelerator.autocast():
-                sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
-                loss = training.diffusion_loss(model, sample, cache, runner.noise, text_cache=text_cache, **loss_kwargs)
-                if prior_term is not None:
-                    loss = loss + prior_term.loss(model, k, text_cache=text_cache, **loss_kwargs)
-            runner.backward(loss)
-            total += loss.detach() / args.gradient_accumulation_steps
-        runner.finish(total)
+
+    def micro_step(k: int):
+        loss = training.micro_batch_loss(
+            model, data, cache, runner.noise, shard, k, text_cache=text_cache, **loss_kwargs
+        )
+        if prior_term is not None:
+            loss = loss + prior_term.loss(model, k, text_cache=text_cache, **loss_kwargs)
+        return loss
+
+    runner.train(micro_step)
     runner.close()
     logger.info(f"wrote {args.output_dir}")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, seeds
+from clif import cli
 from clif.train import training
 from clif.train.data import Shard, image_stream
-from clif.train.loop import StepRunner
+from clif.train.loop import start_loop
 from clif.train.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
 PROG = "train_ti.py"
@@ -56,45 +56,35 @@ def run(args) -> None:
     if cache is not None and not args.validation_prompt:
         model.vae.to("cpu")  # only validation decodes; free the device memory
 
-    max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     lr = training.scaled_lr(args.learning_rate, args, shard.world)
-    optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
 
     def save(out: Path) -> None:
         # the stage-1 text-encoder LoRA these embeddings were trained with travels along
         write_stage_outputs(out, "ti", inp, modules, args, text_lora=inp.text_lora)
 
-    runner = StepRunner(
+    runner = start_loop(
         args,
         accelerator,
         model,
-        params,
-        optimizer,
-        training.make_lr_scheduler(args, optimizer, max_steps),
-        training.NoiseSource(seeds.stream(args.seed, "noise"), device, shard.global_batch, shard.rank, shard.local),
-        {f"embedding.{i}": p for i, p in enumerate(params)},
-        save,
-        max_steps,
-        "ti",
+        groups=[{"params": params, "lr": lr}],
+        trainables={f"embedding.{i}": p for i, p in enumerate(params)},
+        write_artifacts=save,
+        num_samples=len(data),
+        default_steps=DEFAULT_STEPS,
+        desc="ti",
+        resume=inp.resume_path,
     )
-    runner.resume(inp.resume_path)
     logger.info(
-        f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
+        f"{len(concepts)} concepts, {len(data)} images, {runner.max_steps} steps (from {runner.step}), global batch "
         f"{shard.global_batch} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}"
     )
 
-    # ---- loop
-    while not runner.done:
-        total = 0.0
-        for k in runner.micro_steps():
-            sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
-            with accelerator.autocast():
-                loss = training.diffusion_loss(
-                    model, sample, cache, runner.noise, dtype=dtype, noise_offset=args.noise_offset
-                )
-            runner.backward(loss)
-            total += loss.detach() / args.gradient_accumulation_steps
-        runner.finish(total)
+    # ---- loop: micro-batch k of the stream, its denoising loss
+    runner.train(
+        lambda k: training.micro_batch_loss(
+            model, data, cache, runner.noise, shard, k, dtype=dtype, noise_offset=args.noise_offset
+        )
+    )
     runner.close()
     logger.info(f"wrote {args.output_dir}")
 

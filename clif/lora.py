@@ -59,6 +59,22 @@ def named_lora_params(module: torch.nn.Module, prefix: str) -> dict[str, torch.n
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad and "lora_" in n}
 
 
+def add_text_loras(
+    text_encoders: list[torch.nn.Module], *, rank: int, alpha: float, dropout: float, seed: int
+) -> list[torch.nn.Parameter]:
+    """A new LoRA on the attention (TEXT_TARGETS) of every text encoder; returns the trainable params."""
+    return [
+        p
+        for enc in text_encoders
+        for p in add_lora(enc, rank=rank, alpha=alpha, dropout=dropout, targets=TEXT_TARGETS, seed=seed)
+    ]
+
+
+def text_lora_trainables(text_encoders: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """The trainable text-encoder LoRA tensors under their checkpoint names (text_encoder.<i>.<name>)."""
+    return {k: p for i, enc in enumerate(text_encoders) for k, p in named_lora_params(enc, f"text_encoder.{i}").items()}
+
+
 def text_state_dict(enc: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft LoRA state of a text encoder, keys under `text_model.` as in files in the wild and in the tools.
 

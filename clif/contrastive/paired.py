@@ -27,6 +27,14 @@ def default_pair(base: str, index: int, hidden: int) -> str:
     return DEFAULT_PAIRS[hidden]
 
 
+def pair_names(base: str, given: list[str | None], text_encoders: list) -> list[str]:
+    """The CLIP paired with each text encoder: the one given (--clip_model, --clip_model_2), else default_pair."""
+    return [
+        name or default_pair(base, i, enc.config.hidden_size)
+        for i, (name, enc) in enumerate(zip([*given, None, None], text_encoders))
+    ]
+
+
 def clip_image_size(name_or_path: str) -> int:
     """Input resolution of a CLIP model's image tower (reads only its config); UserError when unloadable."""
     from transformers import CLIPConfig

@@ -74,6 +74,6 @@ class PriorPreservation:
 
     def loss(self, model, k: int, **loss_kwargs) -> torch.Tensor:
         """Weighted denoising loss of micro-batch `k` of the class images."""
-        sh = self.shard
-        sample = self.data.micro_batch(k, sh.global_batch, sh.rank, sh.local, with_pixels=self.cache is None)
-        return self.weight * training.diffusion_loss(model, sample, self.cache, self.noise, **loss_kwargs)
+        return self.weight * training.micro_batch_loss(
+            model, self.data, self.cache, self.noise, self.shard, k, **loss_kwargs
+        )

@@ -106,26 +106,18 @@ def lora_trainables(
     unless --embedding_learning_rate is 0."""
     model = inp.model
 
-    def new(module: torch.nn.Module, on: list[str]) -> list[torch.nn.Parameter]:
-        return lora.add_lora(
-            module,
-            rank=args.rank,
-            alpha=alpha,
-            dropout=args.lora_dropout,
-            targets=on,
-            seed=seeds.stream(args.seed, "lora_init"),
-        )
-
-    groups = [{"params": new(model.unet, targets), "lr": lr}]
+    init = seeds.stream(args.seed, "lora_init")
+    unet = lora.add_lora(model.unet, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=targets, seed=init)
+    groups = [{"params": unet, "lr": lr}]
     trainables = lora.named_lora_params(model.unet, "unet")
     if args.train_text_encoder_lora:
-        params = [
-            p
-            for enc in model.text_encoders
-            for p in (lora.make_trainable(enc) if inp.text_lora else new(enc, lora.TEXT_TARGETS))
-        ]
-        for i, enc in enumerate(model.text_encoders):
-            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
+        if inp.text_lora:  # stage 1 left one: it goes on training
+            params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
+        else:
+            params = lora.add_text_loras(
+                model.text_encoders, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, seed=init
+            )
+        trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": params, "lr": args.text_encoder_lr or lr})
     # after the adapters: peft marks every parameter it finds in a module as frozen, the concept rows included
     modules = install_embeddings(inp)
