@@ -32,9 +32,9 @@ PROG = "inference.py"
 def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
-    p.add_argument(
-        "--stage_dir",
-        default=None,
+    cli.add_stage_arg(
+        p,
+        required=False,
         help="Output dir of any stage (or one of its checkpoint-<step> folders); omit for the bare base model.",
     )
     p.add_argument(

@@ -26,7 +26,7 @@ def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
     cli.add_data_args(p)
-    p.add_argument("--stage_dir", required=True, help="Stage-2 output: tokens and starting embeddings.")
+    cli.add_stage_arg(p, required=True, help="Stage-2 output: tokens and starting embeddings.")
     cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
     p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4, rank 16, alpha = rank)
     g = p.add_argument_group("LoRA")

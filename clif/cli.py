@@ -111,6 +111,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
 
 
+def add_stage_arg(p: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """--stage_dir: the output folder of an earlier stage (its manifest names tokens, embeddings and LoRA)."""
+    p.add_argument("--stage_dir", required=required, default=None, help=help)
+
+
 def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
     """Flags naming the concept set (dataset/README.md) and, with `images`, the image preprocessing."""
     g = p.add_argument_group("data")
