@@ -13,6 +13,7 @@ from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_
 from clif.errors import UserError
 from clif.models import DiffusionModel, load_model
 from clif.outputs import artifacts, outdir
+from clif.outputs.model_card import write_model_card
 
 # folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
 INPUT_FLAGS = ("train_data_dir", "stage_dir", "pretrained_model_name_or_path", "class_data_dir", "cache_dir")
@@ -149,7 +150,8 @@ def write_stage_outputs(
     extra: Callable[[Path], None] | None = None,
 ) -> None:
     """This stage's files into `out` (the final dir or a checkpoint): embeddings, the LoRA file when one trains,
-    `extra` files, and the manifest last, so that a folder with a manifest is always complete."""
+    `extra` files, the README.md model card, and the manifest last, so that a folder with a manifest is always
+    complete."""
     meta = {
         "clif.stage": stage,
         "clif.family": inp.model.family,
@@ -163,6 +165,16 @@ def write_stage_outputs(
     if extra is not None:
         extra(out)
     inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
+    write_model_card(
+        out,
+        stage=stage,
+        family=inp.model.family,
+        base=str(args.pretrained_model_name_or_path),
+        concepts=inp.concepts,
+        args=vars(args),
+        inputs=inputs,
+        files=files,
+    )
     artifacts.write_manifest(
         out,
         stage=stage,
