@@ -40,7 +40,7 @@ def sd15_text_config():
 
 
 def build_full_sd15(out: Path) -> Path:
-    """SD1.5's UNet/VAE/text-encoder architecture (LIBRARY_NOTES numbers), random weights, real CLIP tokenizer."""
+    """SD1.5 UNet/VAE/text-encoder architecture (docs/library_notes.md), random weights, real CLIP tokenizer."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel

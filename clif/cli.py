@@ -174,7 +174,7 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
 def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, validation: bool = True) -> None:
     """Optimisation, precision, checkpointing, validation and logging flags shared by the training stages."""
     g = p.add_argument_group("optimisation")
-    harmless(g.add_argument("--output_dir", required=True, help="Where the stage writes its artifacts (DESIGN §6)."))
+    harmless(g.add_argument("--output_dir", required=True, help="Where the stage writes its files (docs/formats.md)."))
     harmless(
         g.add_argument(
             "--overwrite",

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN §7): one line on stderr, exit code 2, no traceback, nothing written."""
+"""Bad input (docs/design.md, "Errors"): one line on stderr, exit code 2, no traceback, nothing written."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN §7 promises: output ownership, locks, atomic finish, determinism, honest kill-and-resume, NaN guard."""
+"""What docs/design.md ("Errors", "Resume") promises: output ownership, locks, atomic finish, determinism, honest kill-and-resume, NaN guard."""
 
 from __future__ import annotations
 

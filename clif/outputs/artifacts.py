@@ -1,4 +1,4 @@
-"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, stage dir checks."""
+"""Stage outputs (docs/formats.md): manifest, per-concept embedding files, atomic writes, stage dir checks."""
 
 from __future__ import annotations
 
