@@ -62,8 +62,8 @@ def build_parser():
         help="Classifier-free guidance (default: the pipeline's own, 7.5 for SD 1.x/2.x, 5.0 for SDXL).",
     )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the model's own).")
-    p.add_argument("--height", type=cli.positive(int), default=None, help="Image height (default: the model's).")
-    p.add_argument("--width", type=cli.positive(int), default=None, help="Image width (default: the model's).")
+    p.add_argument("--height", type=cli.image_size(), default=None, help="Image height (default: the model's).")
+    p.add_argument("--width", type=cli.image_size(), default=None, help="Image width (default: the model's).")
     p.add_argument("--batch_size", type=cli.positive(int), default=4, help="Images generated together.")
     p.add_argument(
         "--lora_scale",
@@ -95,10 +95,6 @@ def run(args) -> list[Path]:
         prompts += expand_prompt_set(args.prompt_set, read_manifest(args.stage_dir)["concepts"])
     if not prompts:
         raise UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
-    for side in ("height", "width"):
-        v = getattr(args, side)
-        if v is not None and v % 8:
-            raise UserError(f"--{side} {v} is not a multiple of 8")
     out = Path(args.output_dir)
     check_output_dir(
         out,

@@ -93,6 +93,19 @@ def non_negative(kind: type = int):
     return number(kind, 0)
 
 
+def image_size():
+    """argparse type: an image side in pixels, a positive multiple of 8 (the VAE downsamples by 8)."""
+    side = positive(int)
+
+    def parse(text: str) -> int:
+        value = side(text)
+        if value % 8:
+            raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
+        return value
+
+    return parse
+
+
 def seed_type():
     """argparse type: a seed torch accepts, also after the small offsets derived seeds add."""
     return number(int, 0, SEED_LIMIT, hi_open=True)
@@ -149,7 +162,7 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
         default="object",
         help="Which caption templates fill the token.",
     )
-    g.add_argument("--resolution", type=positive(int), default=512, help="Training resolution (multiple of 8).")
+    g.add_argument("--resolution", type=image_size(), default=512, help="Training resolution (multiple of 8).")
     g.add_argument(
         "--center_crop",
         action="store_true",

@@ -51,8 +51,6 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     validate.check_tracker(getattr(args, "report_to", "none"))
     for k in ("class_data_dir", "cache_dir"):  # folders the run fills
         validate.folder_or_absent(getattr(args, k, None), f"--{k}")
-    if getattr(args, "resolution", 8) % 8:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(
         args.train_data_dir, initializer=args.initializer, class_word=args.class_word, num_vectors=args.num_vectors
     )
