@@ -77,14 +77,8 @@ def build_parser():
     return p
 
 
-def parse_args(argv: list[str] | None):
-    return build_parser().parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> list[Path]:
-    args = parse_args(argv)
-    with cli.user_errors(PROG):
-        return run(args)
+    return cli.run_script(PROG, build_parser(), run, argv)
 
 
 def run(args) -> list[Path]:

@@ -103,9 +103,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with cli.user_errors(PROG):
-        run(args)
+    cli.run_script(PROG, build_parser(), run, argv)
 
 
 def run(args) -> None:

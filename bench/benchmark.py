@@ -42,10 +42,10 @@ def sd15_text_config():
 def build_full_sd15(out: Path) -> Path:
     """SD1.5 UNet/VAE/text-encoder architecture (docs/library_notes.md), random weights, real CLIP tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from clif.fixtures.tiny import clip_tokenizer
+    from clif.fixtures.tiny import clip_tokenizer, sd_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -66,14 +66,7 @@ def build_full_sd15(out: Path) -> Path:
         scaling_factor=0.18215,
     )
     te = CLIPTextModel(sd15_text_config())
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = sd_scheduler()
     StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,

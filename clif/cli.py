@@ -44,6 +44,14 @@ def make_parser(prog: str, description: str) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def run_script(prog: str, parser: argparse.ArgumentParser, run, argv: list[str] | None):
+    """A script's main(): parse `argv`, call `run(args)` and return its result; a UserError or RunFailed inside
+    becomes one stderr line and its exit code (user_errors)."""
+    args = parser.parse_args(argv)
+    with user_errors(prog):
+        return run(args)
+
+
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
     """Turn a UserError (exit code 2) or RunFailed (exit code 1) raised inside the block into one stderr line."""
