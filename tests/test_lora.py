@@ -156,13 +156,7 @@ def test_lora_bad_inputs(tiny_models, concept_set, ti_runs, tmp_path, capsys):
 @pytest.mark.slow
 def test_full_sd15_architecture_one_step(tmp_path, concept_set):
     """The real SD1.5 architecture (random weights, no download): stage 2 then one stage-3 step at 256 px."""
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from benchmark import build_full_sd15
-
+    from bench.benchmark import build_full_sd15
     from clif.fixtures.synthetic import write_concept_set
 
     model = build_full_sd15(tmp_path / "sd15")

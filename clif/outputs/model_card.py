@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from clif.concepts import Concept
-from clif.outputs.artifacts import MANIFEST, atomic_write_bytes
+from clif.outputs.artifacts import ENCODER_KEYS, MANIFEST, atomic_write_bytes
 
 CARD = "README.md"
 STAGES = {"clif": "stage 1, contrastive (train_clif.py)", "ti": "stage 2, textual inversion (train_ti.py)",
@@ -56,7 +56,7 @@ def write_model_card(
     files: dict[str, list[str]],
 ) -> None:
     """Write out/README.md (atomically)."""
-    sdxl = family == "sdxl"
+    two = ENCODER_KEYS[family] is not None  # SDXL: one row set per text encoder, loaded per encoder
     lora_file = files.get("lora", [None])[0]
     kohya = sorted(p.name for p in out.glob("*_kohya.safetensors"))
     chain = " -> ".join(STAGES.get(s, s) for s in stage_chain(stage, inputs))
@@ -64,7 +64,7 @@ def write_model_card(
         "---",
         f"base_model: {base}",
         "library_name: diffusers",
-        "tags: [clif, textual-inversion" + (", lora" if lora_file else "") + (", sdxl" if sdxl else "") + "]",
+        f"tags: [clif, textual-inversion, {family}" + (", lora" if lora_file else "") + "]",
         "---",
         "",
         f"# CLIF {STAGES.get(stage, stage)}",
@@ -93,7 +93,7 @@ def write_model_card(
         "## Files",
         "",
         "- `embeddings/<name>.safetensors`: one per concept"
-        + (" (`clip_l` and `clip_g` rows)" if sdxl else " (`{token: rows}`)"),
+        + (f" (`{'` and `'.join(ENCODER_KEYS[family])}` rows)" if two else " (`{token: rows}`)"),
         *([f"- `{lora_file}`: the diffusers LoRA file (rank and alpha in its header)"] if lora_file else []),
         *[f"- `{k}`: the same LoRA in kohya keys, embeddings bundled (A1111, ComfyUI)" for k in kohya],
         f"- `{MANIFEST}`: what this folder holds; later stages and inference.py read it",
@@ -110,10 +110,10 @@ def write_model_card(
         "```python",
         "import torch",
         "from diffusers import DiffusionPipeline",
-        *(["from safetensors.torch import load_file"] if sdxl else []),
+        *(["from safetensors.torch import load_file"] if two else []),
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.float16).to("cuda")',
-        *[_load_embedding(c, sdxl) for c in concepts],
+        *[_load_embedding(c, ENCODER_KEYS[family]) for c in concepts],
         *(['pipe.load_lora_weights("<this folder>")'] if lora_file else []),
         "```",
         "",
@@ -138,14 +138,14 @@ def write_model_card(
     atomic_write_bytes(out / CARD, ("\n".join(lines) + "\n").encode())
 
 
-def _load_embedding(c: Concept, sdxl: bool) -> str:
+def _load_embedding(c: Concept, keys: tuple[str, ...] | None) -> str:
+    """The diffusers lines that load concept `c`: one call, or one per text encoder (`keys`: the file's keys)."""
     path = f"<this folder>/embeddings/{c.name}.safetensors"
-    if not sdxl:
+    if keys is None:
         return f'pipe.load_textual_inversion("{path}")'
-    return (
-        f'state = load_file("{path}")\n'
-        f'pipe.load_textual_inversion(state["clip_l"], token="{c.token}", text_encoder=pipe.text_encoder, '
-        "tokenizer=pipe.tokenizer)\n"
-        f'pipe.load_textual_inversion(state["clip_g"], token="{c.token}", text_encoder=pipe.text_encoder_2, '
-        "tokenizer=pipe.tokenizer_2)"
-    )
+    calls = [
+        f'pipe.load_textual_inversion(state["{key}"], token="{c.token}", text_encoder=pipe.text_encoder{sfx}, '
+        f"tokenizer=pipe.tokenizer{sfx})"
+        for key, sfx in zip(keys, ["", *(f"_{i + 2}" for i in range(len(keys) - 1))])
+    ]
+    return "\n".join([f'state = load_file("{path}")', *calls])
