@@ -16,8 +16,9 @@ SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + 
 
 
 # Every flag changes a run's result, and a resume with it changed is refused (outputs/checkpoint.check_resumable),
-# unless it is declared through harmless(): logging, checkpoint and validation cadence, where files go, and
-# memory/speed trades that compute the same numbers. A new flag is result-changing until someone says otherwise.
+# unless it is declared through harmless(): logging, checkpoint and validation cadence, where files go,
+# memory/speed trades that compute the same numbers, and the run's length (a resume may continue a run further).
+# A new flag is result-changing until someone says otherwise.
 HARMLESS: set[str] = set()
 
 
@@ -211,13 +212,17 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
         default=4,
         help="Micro-batches accumulated into one optimizer step.",
     )
-    g.add_argument(
-        "--max_train_steps",
-        type=positive(int),
-        default=None,
-        help=f"Optimizer steps; overrides --num_train_epochs (default {steps} when neither is set).",
+    harmless(
+        g.add_argument(
+            "--max_train_steps",
+            type=positive(int),
+            default=None,
+            help=f"Optimizer steps; overrides --num_train_epochs (default {steps} when neither is set).",
+        )
     )
-    g.add_argument("--num_train_epochs", type=positive(int), default=None, help="Epochs over the concept images.")
+    harmless(
+        g.add_argument("--num_train_epochs", type=positive(int), default=None, help="Epochs over the concept images.")
+    )
     g.add_argument("--learning_rate", type=positive(float), default=lr, help="Peak learning rate.")
     g.add_argument(
         "--scale_lr", action="store_true", help="Multiply the lr by batch size x accumulation x number of processes."
