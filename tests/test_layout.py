@@ -93,3 +93,14 @@ def test_family_is_compared_only_in_the_seam():
 def test_no_sys_path_edits():
     files = [*PACKAGE.rglob("*.py"), *REPO.glob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "tests").glob("*.py")]
     assert [str(p.relative_to(REPO)) for p in files if "sys.path." + "insert" in p.read_text()] == []
+
+
+def test_each_trainer_run_reads_as_a_short_story():
+    """run() of every training script stays at most 100 lines: the mechanics live in the package."""
+    for script in ("train_clif.py", "train_ti.py", "train_lora.py"):
+        tree = ast.parse((REPO / script).read_text())
+        run = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run")
+        assert run.end_lineno - run.lineno + 1 <= 100, script
+        calls = {n.func.id if isinstance(n.func, ast.Name) else n.func.attr for n in ast.walk(run)
+                 if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))}
+        assert {"prepare", "start_run", "start_loop", "train", "close"} <= calls, script  # the one skeleton
