@@ -13,10 +13,10 @@ from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set, open_rgb
-from clif.evaluation import Detector, Dino, open_backbone, per_prompt, read_folder, score_folder, summarize
+from clif.eval.evaluation import Detector, Dino, open_backbone, per_prompt, read_folder, score_folder, summarize
+from clif.eval.report import write_report
 from clif.generate import auto_device_dtype
-from clif.outdir import check_output_dir
-from clif.report import write_report
+from clif.outputs.outdir import check_output_dir
 
 PROG = "evaluate.py"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clif import cli
-from clif.artifacts import read_manifest
+from clif.errors import UserError
 from clif.generate import (
     SCHEDULERS,
     auto_device_dtype,
@@ -23,7 +23,8 @@ from clif.generate import (
 )
 from clif.images import grid, save_png
 from clif.lora import LORA_FILE
-from clif.outdir import check_output_dir
+from clif.outputs.artifacts import read_manifest
+from clif.outputs.outdir import check_output_dir
 
 PROG = "inference.py"
 
@@ -31,9 +32,9 @@ PROG = "inference.py"
 def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
-    p.add_argument(
-        "--stage_dir",
-        default=None,
+    cli.add_stage_arg(
+        p,
+        required=False,
         help="Output dir of any stage (or one of its checkpoint-<step> folders); omit for the bare base model.",
     )
     p.add_argument(
@@ -61,8 +62,8 @@ def build_parser():
         help="Classifier-free guidance (default: the pipeline's own, 7.5 for SD 1.x/2.x, 5.0 for SDXL).",
     )
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Sampler (default: the model's own).")
-    p.add_argument("--height", type=cli.positive(int), default=None, help="Image height (default: the model's).")
-    p.add_argument("--width", type=cli.positive(int), default=None, help="Image width (default: the model's).")
+    p.add_argument("--height", type=cli.image_size(), default=None, help="Image height (default: the model's).")
+    p.add_argument("--width", type=cli.image_size(), default=None, help="Image width (default: the model's).")
     p.add_argument("--batch_size", type=cli.positive(int), default=4, help="Images generated together.")
     p.add_argument(
         "--lora_scale",
@@ -76,28 +77,18 @@ def build_parser():
     return p
 
 
-def parse_args(argv: list[str] | None):
-    return build_parser().parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> list[Path]:
-    args = parse_args(argv)
-    with cli.user_errors(PROG):
-        return run(args)
+    return cli.run_script(PROG, build_parser(), run, argv)
 
 
 def run(args) -> list[Path]:
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if args.prompt_set:
         if not args.stage_dir:
-            raise cli.UserError("--prompt_set needs --stage_dir (its concepts fill the templates)")
+            raise UserError("--prompt_set needs --stage_dir (its concepts fill the templates)")
         prompts += expand_prompt_set(args.prompt_set, read_manifest(args.stage_dir)["concepts"])
     if not prompts:
-        raise cli.UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
-    for side in ("height", "width"):
-        v = getattr(args, side)
-        if v is not None and v % 8:
-            raise cli.UserError(f"--{side} {v} is not a multiple of 8")
+        raise UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
     out = Path(args.output_dir)
     check_output_dir(
         out,

@@ -8,7 +8,7 @@
 #   LAUNCH extra `accelerate launch` flags (e.g. "--num_processes 2 --multi_gpu")
 # Any further flags are passed to train_ti.py and override the ones below.
 # Source of each setting: "official code" = the authors' scripts/run_train_ti.sh (clif-official/clif_code);
-# "ours" = our choice, not measured; "measured" = docs/LIBRARY_NOTES.md of the project.
+# "ours" = our choice, not measured; "measured" = docs/library_notes.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 : "${DATA:?set DATA to a concept set folder (see dataset/README.md)}"
@@ -27,7 +27,7 @@ args=(
   --lr_scheduler constant         # official code
   --max_train_steps 500           # ours (not measured; the official code runs 200 epochs)
   --mixed_precision fp16          # official code
-  --cache_latents                 # measured: caching latents cut a LoRA step 9.3-9.7 s -> 6.6-6.8 s (CPU, LIBRARY_NOTES)
+  --cache_latents                 # measured: caching latents cut a LoRA step 9.3-9.7 s -> 6.6-6.8 s (CPU, docs/library_notes.md)
   --random_flip                   # ours
   --checkpointing_steps 250 --checkpoints_total_limit 2 --validation_steps 250  # ours
 )

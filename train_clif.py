@@ -1,6 +1,6 @@
 """Stage 1 of CLIF: contrastive fine-tuning of the concept tokens against the frozen matching CLIP image tower.
 
-Image-caption pairs come from Global / Region / Mix augmentations of the concept images (clif/augment.py).
+Image-caption pairs come from Global / Region / Mix augmentations of the concept images (clif/contrastive/augment.py).
 Text features = the diffusion text encoder's pooled output through the paired CLIP's text projection; image
 features = the paired CLIP's image tower (frozen, computed once); InfoNCE with multi-positive targets,
 features gathered across processes. Launch with `accelerate launch train_clif.py ...` (see run_train_clif.sh).
@@ -10,21 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from accelerate.logging import get_logger
 
-from clif import cli, lora, training
-from clif.augment import KINDS, add_pair_args, builder_from_args
-from clif.common_concepts import common_images, generate_common_images
-from clif.confusion import ConfusionProbe
-from clif.data import Shard
-from clif.gradcache import cached_backward
-from clif.loop import StepRunner
-from clif.losses import clip_loss, gather_features
-from clif.masks import DEFAULT_SEGMENTER, Segmenter
-from clif.paired import PairedCLIP, clip_image_size, default_pair
-from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
-from clif.text_side import TextSide
+from clif import cli, lora, seeds
+from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
+from clif.contrastive.common_concepts import common_images, generate_common_images
+from clif.contrastive.confusion import ConfusionProbe
+from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter
+from clif.contrastive.paired import PairedCLIP, clip_image_size, pair_names
+from clif.contrastive.step import ContrastiveStep
+from clif.contrastive.text_side import TextSide
+from clif.train import training
+from clif.train.data import Shard
+from clif.train.loop import start_loop
+from clif.train.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
 PROG = "train_clif.py"
 DEFAULT_STEPS = 500
@@ -49,10 +48,12 @@ def build_parser():
         "<model>/paired_clip_2, else laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).",
     )
     g.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="CLIPSeg model for concepts/parts without masks.")
-    g.add_argument(
-        "--cache_dir",
-        default=str(Path.home() / ".cache" / "clif"),
-        help="Cache of computed masks and generated common-concept images.",
+    cli.harmless(
+        g.add_argument(
+            "--cache_dir",
+            default=str(Path.home() / ".cache" / "clif"),
+            help="Cache of computed masks and generated common-concept images.",
+        )
     )
     g.add_argument(
         "--common_words",
@@ -86,12 +87,14 @@ def build_parser():
         default=8,
         help="Composed views per concept for the before/after confusion matrices.",
     )
-    g.add_argument(
-        "--text_chunk_size",
-        type=cli.positive(int),
-        default=256,
-        help="Captions per text-encoder pass: a larger batch is trained gradient-cached in chunks of this size "
-        "(same gradient, memory of one chunk).",
+    cli.harmless(
+        g.add_argument(
+            "--text_chunk_size",
+            type=cli.positive(int),
+            default=256,
+            help="Captions per text-encoder pass: a larger batch is trained gradient-cached in chunks of this size "
+            "(same gradient, memory of one chunk).",
+        )
     )
     cli.add_training_args(p, lr=1e-4, steps=DEFAULT_STEPS, validation=False)
     # official code: effective batch 2048, weight decay 1e-2, 8-bit AdamW (None = when bitsandbytes and CUDA exist)
@@ -100,20 +103,15 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with cli.user_errors(PROG):
-        run(args)
+    cli.run_script(PROG, build_parser(), run, argv)
 
 
 def run(args) -> None:
     # ---- validate before the first expensive step; nothing is written until then
+    args.use_8bit_adam = training.want_8bit_adam(args.use_8bit_adam)  # resolved: the manifest records it
     inp = prepare(args, text_only=True)
     model, concepts = inp.model, inp.concepts
-    names = [args.clip_model, args.clip_model_2][: len(model.text_encoders)]
-    names = [
-        n or default_pair(args.pretrained_model_name_or_path, i, e.config.hidden_size)
-        for i, (n, e) in enumerate(zip(names, model.text_encoders))
-    ]
+    names = pair_names(args.pretrained_model_name_or_path, [args.clip_model, args.clip_model_2], model.text_encoders)
     ratios = {k: getattr(args, f"{k}_ratio") for k in KINDS}
     words = [w.strip() for w in args.common_words.split(",") if w.strip()]
     cache_dir = Path(args.cache_dir)
@@ -123,7 +121,6 @@ def run(args) -> None:
         args, concepts, size=clip_image_size(names[0]), segmenter=segmenter, regions=ratios["region"] > 0
     )
     builder.counts(args.num_pairs, ratios)
-    args.use_8bit_adam = training.want_8bit_adam(args.use_8bit_adam)
 
     accelerator = start_run(args, "clif_contrastive")
     device, dtype = accelerator.device, training.frozen_dtype(accelerator)
@@ -138,36 +135,28 @@ def run(args) -> None:
             cache_dir,
             device=device,
             dtype=dtype,
-            seed=args.seed,
+            seed=seeds.stream(args.seed, "generated"),
             revision=args.revision,
         )
     accelerator.wait_for_everyone()
 
     # ---- pairs (same seed, same pairs, on every process) and their frozen image features, computed once
     builder.add_common(common_images(Path(args.train_data_dir), words, cache_dir))
-    pairs = builder.build(args.num_pairs, ratios, args.seed)
+    pairs = builder.build(args.num_pairs, ratios, seeds.stream(args.seed, "augmentation"))
     image_feats = [p.image_features([q.image for q in pairs]) for p in paired]
     captions, keys, n_pairs = [q.caption for q in pairs], [q.key for q in pairs], len(pairs)
     del pairs  # the composed images are no longer needed: only their features
-    probe = ConfusionProbe(builder, paired, args.num_views, args.seed + 10_000)
+    probe = ConfusionProbe(builder, paired, args.num_views, seeds.stream(args.seed, "probe"))
 
     modules = install_embeddings(inp)
-    params = [m.new for m in modules]
-    trainables = {f"embedding.{i}": p for i, p in enumerate(params)}
+    trainables = {f"embedding.{i}": m.new for i, m in enumerate(modules)}
     lr = training.scaled_lr(args.learning_rate, args, accelerator.num_processes)
-    groups = [{"params": list(params), "lr": lr}]
+    groups = [{"params": [m.new for m in modules], "lr": lr}]
     if args.train_text_encoder == "lora":
-        te = [
-            p
-            for enc in model.text_encoders
-            for p in lora.add_lora(
-                enc, rank=args.text_encoder_rank, alpha=args.text_encoder_rank, dropout=0.0, targets=lora.TEXT_TARGETS
-            )
-        ]
-        for i, enc in enumerate(model.text_encoders):
-            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
+        rank, init = args.text_encoder_rank, seeds.stream(args.seed, "lora_init")
+        te = lora.add_text_loras(model.text_encoders, rank=rank, alpha=rank, dropout=0.0, seed=init)
+        trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": te, "lr": args.text_encoder_lr})
-        params = params + te
 
     def save(out: Path) -> None:
         write_stage_outputs(out, "clif", inp, modules, args, text_lora=args.train_text_encoder == "lora")
@@ -176,52 +165,22 @@ def run(args) -> None:
     before = probe.measure(text)
     logger.info(f"{n_pairs} pairs ({builder.counts(args.num_pairs, ratios)}), confusion before: {_acc(before)}")
 
-    shard = Shard.of(accelerator, args.train_batch_size)
-    max_steps = training.resolve_steps(args, n_pairs, shard.world, DEFAULT_STEPS)
-    optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)  # the pair order
-    runner = StepRunner(
+    # ---- loop: the pair order comes from the noise stream; the whole global batch's loss, gradient-cached
+    runner = start_loop(
         args,
         accelerator,
         model,
-        params,
-        optimizer,
-        training.make_lr_scheduler(args, optimizer, max_steps),
-        noise,
-        trainables,
-        save,
-        max_steps,
-        "clif",
+        groups=groups,
+        trainables=trainables,
+        write_artifacts=save,
+        num_samples=n_pairs,
+        default_steps=DEFAULT_STEPS,
+        desc="clif",
+        resume=inp.resume_path,
     )
-    runner.resume(inp.resume_path)
-
-    # ---- loop: the global batch is drawn once for all processes; each encodes its shard of the captions, in
-    # chunks of --text_chunk_size with the gradient of the whole global batch's loss
-    while not runner.done:
-        total = 0.0
-        for _ in runner.micro_steps():
-            idx = torch.randint(n_pairs, (shard.global_batch,), generator=noise.gen, device=noise.device).cpu()
-            local = [captions[i] for i in idx[shard.rank * shard.local : (shard.rank + 1) * shard.local]]
-            batch_keys = [keys[i] for i in idx]
-
-            # every process holds the full global loss but only its shard's gradient: scale so the
-            # averaged gradients equal those of one process with the whole batch
-            def loss_of(feats: list[torch.Tensor], idx=idx, batch_keys=batch_keys) -> torch.Tensor:
-                return shard.world * sum(
-                    clip_loss(gather_features(f, accelerator), img[idx].to(device), batch_keys, p.logit_scale)
-                    for f, img, p in zip(feats, image_feats, paired)
-                )
-
-            with accelerator.autocast():
-                loss = cached_backward(
-                    lambda s, local=local: text.features(local[s]),
-                    len(local),
-                    args.text_chunk_size,
-                    loss_of,
-                    runner.backward,
-                )
-            total += loss / shard.world / args.gradient_accumulation_steps
-        runner.finish(total)
+    shard = Shard.of(accelerator, args.train_batch_size)
+    step = ContrastiveStep(text, paired, image_feats, captions, keys, shard, accelerator, args.text_chunk_size)
+    runner.train(lambda k: step(runner.noise, runner.backward), backward=False)
     after = probe.measure(text)
     if accelerator.is_main_process:
         probe.write(Path(args.output_dir), before, after)

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora, prior, training
-from clif.data import Shard, image_stream
-from clif.loop import StepRunner
-from clif.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
+from clif import cli, lora
+from clif.errors import UserError
+from clif.train import prior, training
+from clif.train.data import Shard, image_stream
+from clif.train.loop import start_loop
+from clif.train.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
 
 PROG = "train_lora.py"
 DEFAULT_STEPS = 1000
@@ -24,7 +26,7 @@ def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
     cli.add_data_args(p)
-    p.add_argument("--stage_dir", required=True, help="Stage-2 output: tokens and starting embeddings.")
+    cli.add_stage_arg(p, required=True, help="Stage-2 output: tokens and starting embeddings.")
     cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
     p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4, rank 16, alpha = rank)
     g = p.add_argument_group("LoRA")
@@ -55,10 +57,12 @@ def build_parser():
         help="Learning rate of the concept token rows (default: --learning_rate, official code); 0 freezes them.",
     )
     g.add_argument("--snr_gamma", type=cli.positive(float), default=None, help="Min-SNR loss weighting (5.0 is usual).")
-    g.add_argument(
-        "--export_kohya",
-        action="store_true",
-        help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).",
+    cli.harmless(
+        g.add_argument(
+            "--export_kohya",
+            action="store_true",
+            help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).",
+        )
     )
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-image loss.")
@@ -70,18 +74,16 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with cli.user_errors(PROG):
-        run(args)
+    cli.run_script(PROG, build_parser(), run, argv)
 
 
 def check_args(args) -> None:
     if args.with_prior_preservation and not (args.class_prompt and args.class_data_dir):
-        raise cli.UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
+        raise UserError("--with_prior_preservation needs --class_prompt and --class_data_dir")
     if args.embedding_learning_rate is None:  # recorded resolved in the manifest
         args.embedding_learning_rate = args.learning_rate
     if not [t for t in args.lora_targets.split(",") if t.strip()]:
-        raise cli.UserError("--lora_targets names no layer (e.g. to_q,to_k,to_v,to_out.0)")
+        raise UserError("--lora_targets names no layer (e.g. to_q,to_k,to_v,to_out.0)")
 
 
 def run(args) -> None:
@@ -107,7 +109,6 @@ def run(args) -> None:
         alpha=alpha,
         targets=targets,
     )
-    params = [p for g in groups for p in g["params"]]
 
     # ---- data (+ class images), latent caches
     shard = Shard.of(accelerator, args.train_batch_size)
@@ -130,42 +131,36 @@ def run(args) -> None:
         extra = kohya if args.export_kohya else None
         write_stage_outputs(out, "lora", inp, modules, args, text_lora=text_lora, unet_lora=True, extra=extra)
 
-    max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
-    optimizer = accelerator.prepare(training.make_optimizer(groups, args))
-    noise = training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local)
-    runner = StepRunner(
+    runner = start_loop(
         args,
         accelerator,
         model,
-        params,
-        optimizer,
-        training.make_lr_scheduler(args, optimizer, max_steps),
-        noise,
-        trainables,
-        save,
-        max_steps,
-        "lora",
+        groups=groups,
+        trainables=trainables,
+        write_artifacts=save,
+        num_samples=len(data),
+        default_steps=DEFAULT_STEPS,
+        desc="lora",
+        resume=inp.resume_path,
         extra_noise=[prior_term.noise] if prior_term else [],
     )
-    runner.resume(inp.resume_path)
     logger.info(
-        f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {max_steps} steps "
+        f"{len(concepts)} concepts, LoRA rank {args.rank} alpha {alpha} on {targets}, {runner.max_steps} steps "
         f"(from {runner.step}), {model.family}, {device}, frozen {dtype}"
     )
 
-    # ---- loop
+    # ---- loop: the denoising loss of micro-batch k (+ the class images' at the same k)
     loss_kwargs = {"dtype": dtype, "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma}
-    while not runner.done:
-        total = 0.0
-        for k in runner.micro_steps():
-            with accelerator.autocast():
-                sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
-                loss = training.diffusion_loss(model, sample, cache, runner.noise, text_cache=text_cache, **loss_kwargs)
-                if prior_term is not None:
-                    loss = loss + prior_term.loss(model, k, text_cache=text_cache, **loss_kwargs)
-            runner.backward(loss)
-            total += loss.detach() / args.gradient_accumulation_steps
-        runner.finish(total)
+
+    def micro_step(k: int):
+        loss = training.micro_batch_loss(
+            model, data, cache, runner.noise, shard, k, text_cache=text_cache, **loss_kwargs
+        )
+        if prior_term is not None:
+            loss = loss + prior_term.loss(model, k, text_cache=text_cache, **loss_kwargs)
+        return loss
+
+    runner.train(micro_step)
     runner.close()
     logger.info(f"wrote {args.output_dir}")
 

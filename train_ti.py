@@ -9,10 +9,11 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, training
-from clif.data import Shard, image_stream
-from clif.loop import StepRunner
-from clif.stage import install_embeddings, prepare, start_run, write_stage_outputs
+from clif import cli
+from clif.train import training
+from clif.train.data import Shard, image_stream
+from clif.train.loop import start_loop
+from clif.train.stage import install_embeddings, prepare, start_run, write_stage_outputs
 
 PROG = "train_ti.py"
 DEFAULT_STEPS = 1500
@@ -23,8 +24,8 @@ def build_parser():
     p = cli.make_parser(PROG, __doc__)
     cli.add_model_args(p)
     cli.add_data_args(p)
-    p.add_argument(
-        "--stage_dir", default=None, help="Start from an earlier stage's output (stage 1): its tokens and embeddings."
+    cli.add_stage_arg(
+        p, required=False, help="Start from an earlier stage's output (stage 1): its tokens and embeddings."
     )
     cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
     p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4)
@@ -32,9 +33,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with cli.user_errors(PROG):
-        run(args)
+    cli.run_script(PROG, build_parser(), run, argv)
 
 
 def run(args) -> None:
@@ -55,45 +54,35 @@ def run(args) -> None:
     if cache is not None and not args.validation_prompt:
         model.vae.to("cpu")  # only validation decodes; free the device memory
 
-    max_steps = training.resolve_steps(args, len(data), shard.world, DEFAULT_STEPS)
     lr = training.scaled_lr(args.learning_rate, args, shard.world)
-    optimizer = accelerator.prepare(training.make_optimizer([{"params": params, "lr": lr}], args))
 
     def save(out: Path) -> None:
         # the stage-1 text-encoder LoRA these embeddings were trained with travels along
         write_stage_outputs(out, "ti", inp, modules, args, text_lora=inp.text_lora)
 
-    runner = StepRunner(
+    runner = start_loop(
         args,
         accelerator,
         model,
-        params,
-        optimizer,
-        training.make_lr_scheduler(args, optimizer, max_steps),
-        training.NoiseSource(args.seed, device, shard.global_batch, shard.rank, shard.local),
-        {f"embedding.{i}": p for i, p in enumerate(params)},
-        save,
-        max_steps,
-        "ti",
+        groups=[{"params": params, "lr": lr}],
+        trainables={f"embedding.{i}": p for i, p in enumerate(params)},
+        write_artifacts=save,
+        num_samples=len(data),
+        default_steps=DEFAULT_STEPS,
+        desc="ti",
+        resume=inp.resume_path,
     )
-    runner.resume(inp.resume_path)
     logger.info(
-        f"{len(concepts)} concepts, {len(data)} images, {max_steps} steps (from {runner.step}), global batch "
+        f"{len(concepts)} concepts, {len(data)} images, {runner.max_steps} steps (from {runner.step}), global batch "
         f"{shard.global_batch} x {args.gradient_accumulation_steps} accumulation, {model.family}, {device}, {dtype}"
     )
 
-    # ---- loop
-    while not runner.done:
-        total = 0.0
-        for k in runner.micro_steps():
-            sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
-            with accelerator.autocast():
-                loss = training.diffusion_loss(
-                    model, sample, cache, runner.noise, dtype=dtype, noise_offset=args.noise_offset
-                )
-            runner.backward(loss)
-            total += loss.detach() / args.gradient_accumulation_steps
-        runner.finish(total)
+    # ---- loop: micro-batch k of the stream, its denoising loss
+    runner.train(
+        lambda k: training.micro_batch_loss(
+            model, data, cache, runner.noise, shard, k, dtype=dtype, noise_offset=args.noise_offset
+        )
+    )
     runner.close()
     logger.info(f"wrote {args.output_dir}")
 

@@ -5,7 +5,7 @@ Runs the real training scripts in fresh subprocesses (so peak memory is per conf
   * the full SD1.5 architecture built from its config numbers with random weights (no download),
 at 256 px, with and without --cache_latents, and prints one table. GPU when present, else CPU.
 
-    python bench/benchmark.py [--steps 8] [--only tiny|full] [--stages ti,lora]
+    python -m bench.benchmark [--steps 8] [--only tiny|full] [--stages ti,lora]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def sd15_text_config():
@@ -41,12 +40,12 @@ def sd15_text_config():
 
 
 def build_full_sd15(out: Path) -> Path:
-    """SD1.5's UNet/VAE/text-encoder architecture (LIBRARY_NOTES numbers), random weights, real CLIP tokenizer."""
+    """SD1.5 UNet/VAE/text-encoder architecture (docs/library_notes.md), random weights, real CLIP tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from clif.tiny import clip_tokenizer
+    from clif.fixtures.tiny import clip_tokenizer, sd_scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -67,14 +66,7 @@ def build_full_sd15(out: Path) -> Path:
         scaling_factor=0.18215,
     )
     te = CLIPTextModel(sd15_text_config())
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = sd_scheduler()
     StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,
@@ -94,7 +86,8 @@ def run_stage(
     mp = ["--mixed_precision", "fp16"] if _has_cuda() else ["--mixed_precision", "no"]
     cmd = [
         sys.executable,
-        str(REPO / script),
+        "-m",
+        script.removesuffix(".py"),
         "--pretrained_model_name_or_path",
         str(model),
         "--train_data_dir",
@@ -118,7 +111,12 @@ def run_stage(
         *extra,
     ]
     subprocess.run(
-        cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return json.loads((out / "run_stats.json").read_text())
 
@@ -141,7 +139,7 @@ def unet_floor_ms(model: Path, lora: bool, steps: int, resolution: int = 256) ->
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device, dtype).requires_grad_(False)
     if lora:
-        clif_lora.add_lora(unet, rank=16, alpha=16, dropout=0.0, targets=clif_lora.DEFAULT_UNET_TARGETS)
+        clif_lora.add_lora(unet, rank=16, alpha=16, dropout=0.0, targets=clif_lora.DEFAULT_UNET_TARGETS, seed=0)
     dim = unet.config.cross_attention_dim
     x = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
@@ -176,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache_only", action="store_true", help="Only the --cache_latents configurations.")
     p.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     args = p.parse_args(argv)
-    from clif.synthetic import write_concept_set
-    from clif.tiny import build
+    from clif.fixtures.synthetic import write_concept_set
+    from clif.fixtures.tiny import build
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,11 +2,11 @@
 
 The full-size SD1.5 text encoder (CLIP ViT-L/14 text: hidden 768, 12 layers, 12 heads, intermediate 3072, 77
 positions) with random weights, two 2-vector concepts, captions drawn from the built-in templates, frozen image
-features (random, as the image tower is frozen and computed once), and the real train_clif.py step: clif.text_side
-+ clif.gradcache + clif.losses, AdamW on the token rows. Each configuration runs in a fresh process so its peak
-memory is its own. GPU when present, else CPU.
+features (random, as the image tower is frozen and computed once), and the real train_clif.py step:
+clif.contrastive.text_side + gradcache + losses, AdamW on the token rows. Each configuration runs in a fresh
+process so its peak memory is its own. GPU when present, else CPU.
 
-    python bench/clif_text_batch.py [--configs 32:0,512:0,512:128,2048:256] [--steps 2]   # batch:chunk (0 = one pass)
+    python -m bench.clif_text_batch [--configs 32:0,512:0,512:128,2048:256] [--steps 2]   # batch:chunk (0 = one pass)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def one(batch: int, chunk: int, steps: int, warmup: int) -> dict:
@@ -31,13 +30,13 @@ def one(batch: int, chunk: int, steps: int, warmup: int) -> dict:
     from benchmark import sd15_text_config
     from transformers import CLIPTextModel
 
-    from clif.captions import Templates
     from clif.concepts import Concept
-    from clif.gradcache import cached_backward
-    from clif.losses import clip_loss
-    from clif.paired import PairedCLIP
-    from clif.text_side import TextSide
-    from clif.tiny import clip_tokenizer
+    from clif.contrastive.captions import Templates
+    from clif.contrastive.gradcache import cached_backward
+    from clif.contrastive.losses import clip_loss
+    from clif.contrastive.paired import PairedCLIP
+    from clif.contrastive.text_side import TextSide
+    from clif.fixtures.tiny import clip_tokenizer
     from clif.tokens import add_placeholder_tokens, initializer_rows, install
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,8 +126,19 @@ def main() -> None:
     rows = []
     for cfg in a.configs.split(","):
         r = subprocess.run(
-            [sys.executable, __file__, "--one", cfg, "--steps", str(a.steps), "--warmup", str(a.warmup)],
+            [
+                sys.executable,
+                "-m",
+                "bench.clif_text_batch",
+                "--one",
+                cfg,
+                "--steps",
+                str(a.steps),
+                "--warmup",
+                str(a.warmup),
+            ],
             capture_output=True,
+            cwd=REPO,
             text=True,
             check=False,
         )

@@ -12,11 +12,11 @@ OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 T=/tmp/dc; rm -rf $T; mkdir -p $T
-python3 -m clif.synthetic --out $T/data --num_concepts 2 --num_images 3 >/dev/null
-python3 -m clif.tiny --family clipseg --out $T/seg >/dev/null
+python3 -m clif.fixtures.synthetic --out $T/data --num_concepts 2 --num_images 3 >/dev/null
+python3 -m clif.fixtures.tiny --family clipseg --out $T/seg >/dev/null
 ok=1
 for fam in sd15 sdxl; do
-  python3 -m clif.tiny --family $fam --out $T/$fam >/dev/null
+  python3 -m clif.fixtures.tiny --family $fam --out $T/$fam >/dev/null
   common="--pretrained_model_name_or_path $T/$fam --train_data_dir $T/data --report_to tensorboard --mixed_precision fp16"
   val="--resolution 64 --validation_prompt a_<redball> --validation_steps 2 --validation_inference_steps 2 --num_validation_images 1"
   python3 train_clif.py $common --output_dir $T/$fam-s1 --segmenter $T/seg --cache_dir $T/cache --num_pairs 64 --train_batch_size 16 --max_train_steps 4 2>&1 | tail -2 || ok=0
@@ -31,4 +31,4 @@ for fam in sd15 sdxl; do
   python3 -c "import json,sys; s=json.load(open('$T/$fam-s3/run_stats.json')); print('$fam stage3 fp16 losses', s['losses'])"
 done
 echo "smoke ok=$ok"
-python3 bench/benchmark.py --steps 10 --stages ti,lora --json $OUT/bench.json
+python3 -m bench.benchmark --steps 10 --stages ti,lora --json $OUT/bench.json

@@ -1,4 +1,4 @@
-"""Command-line helpers shared by every script: one-line user errors and the common flags."""
+"""Command-line helpers shared by every script: the parser, one-line errors at the top of a run, the common flags."""
 
 from __future__ import annotations
 
@@ -9,15 +9,23 @@ import re
 import sys
 from collections.abc import Iterator
 
+from clif.errors import RunFailed, UserError
+from clif.outputs.outdir import held_locks, release_locks
+
 SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + k) must stay below 2**64
 
 
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line on stderr with exit code 2."""
+# Every flag changes a run's result, and a resume with it changed is refused (outputs/checkpoint.check_resumable),
+# unless it is declared through harmless(): logging, checkpoint and validation cadence, where files go,
+# memory/speed trades that compute the same numbers, and the run's length (a resume may continue a run further).
+# A new flag is result-changing until someone says otherwise.
+HARMLESS: set[str] = set()
 
 
-class RunFailed(Exception):
-    """A run that cannot go on (e.g. a non-finite loss): one line on stderr, exit code 1."""
+def harmless(action: argparse.Action) -> argparse.Action:
+    """Mark the flag `add_argument` just declared as not changing the result: a resume may change it."""
+    HARMLESS.add(action.dest)
+    return action
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,11 +45,17 @@ def make_parser(prog: str, description: str) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def run_script(prog: str, parser: argparse.ArgumentParser, run, argv: list[str] | None):
+    """A script's main(): parse `argv`, call `run(args)` and return its result; a UserError or RunFailed inside
+    becomes one stderr line and its exit code (user_errors)."""
+    args = parser.parse_args(argv)
+    with user_errors(prog):
+        return run(args)
+
+
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
-    """Turn a UserError raised inside the block into one stderr line and exit code 2."""
-    from .outdir import held_locks, release_locks
-
+    """Turn a UserError (exit code 2) or RunFailed (exit code 1) raised inside the block into one stderr line."""
     before = held_locks()
     try:
         yield
@@ -51,22 +65,6 @@ def user_errors(prog: str) -> Iterator[None]:
         raise SystemExit(2 if isinstance(err, UserError) else 1) from None
     finally:
         release_locks(keep=before)  # the locks this run took, also when it fails
-
-
-@contextlib.contextmanager
-def loading(what: str, name: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
-    """Load a model by hub id or path: its warnings silenced, its failure one UserError line naming it."""
-    import os
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    except errors as err:
-        hint = " (HF_HUB_OFFLINE is set: only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot load {what} {name!r}: {first}{hint}") from None
 
 
 def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
@@ -104,6 +102,19 @@ def non_negative(kind: type = int):
     return number(kind, 0)
 
 
+def image_size():
+    """argparse type: an image side in pixels, a positive multiple of 8 (the VAE downsamples by 8)."""
+    side = positive(int)
+
+    def parse(text: str) -> int:
+        value = side(text)
+        if value % 8:
+            raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
+        return value
+
+    return parse
+
+
 def seed_type():
     """argparse type: a seed torch accepts, also after the small offsets derived seeds add."""
     return number(int, 0, SEED_LIMIT, hi_open=True)
@@ -116,10 +127,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--pretrained_model_name_or_path",
         required=True,
         help="Hub id (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0) "
-        "or a local diffusers pipeline folder (e.g. one written by `python -m clif.tiny`).",
+        "or a local diffusers pipeline folder (e.g. one written by `python -m clif.fixtures.tiny`).",
     )
     g.add_argument("--revision", default=None, help="Hub revision of the base model.")
     g.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+
+
+def add_stage_arg(p: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """--stage_dir: the output folder of an earlier stage (its manifest names tokens, embeddings and LoRA)."""
+    p.add_argument("--stage_dir", required=required, default=None, help=help)
 
 
 def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
@@ -155,18 +171,20 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
         default="object",
         help="Which caption templates fill the token.",
     )
-    g.add_argument("--resolution", type=positive(int), default=512, help="Training resolution (multiple of 8).")
+    g.add_argument("--resolution", type=image_size(), default=512, help="Training resolution (multiple of 8).")
     g.add_argument(
         "--center_crop",
         action="store_true",
         help="Center-crop to a square before resizing (else the whole image is resized to a square).",
     )
     g.add_argument("--random_flip", action="store_true", help="Horizontally flip half of the training samples.")
-    g.add_argument(
-        "--dataloader_num_workers",
-        type=non_negative(int),
-        default=0,
-        help="Worker processes that decode and preprocess the images (done once, before training).",
+    harmless(
+        g.add_argument(
+            "--dataloader_num_workers",
+            type=non_negative(int),
+            default=0,
+            help="Worker processes that decode and preprocess the images (done once, before training).",
+        )
     )
     g.add_argument(
         "--cache_latents",
@@ -178,11 +196,13 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
 def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, validation: bool = True) -> None:
     """Optimisation, precision, checkpointing, validation and logging flags shared by the training stages."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--output_dir", required=True, help="Where the stage writes its artifacts (DESIGN §6).")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace an output dir that holds another CLIF run (refuses to delete other folders).",
+    harmless(g.add_argument("--output_dir", required=True, help="Where the stage writes its files (docs/formats.md)."))
+    harmless(
+        g.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="Replace an output dir that holds another CLIF run (refuses to delete other folders).",
+        )
     )
     g.add_argument("--seed", type=seed_type(), default=0, help="Seed of every random draw; same seed, same result.")
     g.add_argument("--train_batch_size", type=positive(int), default=1, help="Batch size per process.")
@@ -192,13 +212,17 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
         default=4,
         help="Micro-batches accumulated into one optimizer step.",
     )
-    g.add_argument(
-        "--max_train_steps",
-        type=positive(int),
-        default=None,
-        help=f"Optimizer steps; overrides --num_train_epochs (default {steps} when neither is set).",
+    harmless(
+        g.add_argument(
+            "--max_train_steps",
+            type=positive(int),
+            default=None,
+            help=f"Optimizer steps; overrides --num_train_epochs (default {steps} when neither is set).",
+        )
     )
-    g.add_argument("--num_train_epochs", type=positive(int), default=None, help="Epochs over the concept images.")
+    harmless(
+        g.add_argument("--num_train_epochs", type=positive(int), default=None, help="Epochs over the concept images.")
+    )
     g.add_argument("--learning_rate", type=positive(float), default=lr, help="Peak learning rate.")
     g.add_argument(
         "--scale_lr", action="store_true", help="Multiply the lr by batch size x accumulation x number of processes."
@@ -227,41 +251,61 @@ def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, vali
         default=None,
         help="Precision of the frozen weights and the autocast (default: accelerate config).",
     )
-    g.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute activations in the backward pass (less memory, slower).",
+    harmless(
+        g.add_argument(
+            "--gradient_checkpointing",
+            action="store_true",
+            help="Recompute activations in the backward pass (less memory, slower).",
+        )
     )
     g.add_argument("--noise_offset", type=non_negative(float), default=0.0, help="Noise offset (0 = off).")
     g = p.add_argument_group("checkpoints, validation, logging")
-    g.add_argument(
-        "--checkpointing_steps", type=positive(int), default=500, help="Save a resumable checkpoint every N steps."
+    harmless(
+        g.add_argument(
+            "--checkpointing_steps", type=positive(int), default=500, help="Save a resumable checkpoint every N steps."
+        )
     )
-    g.add_argument("--checkpoints_total_limit", type=positive(int), default=None, help="Keep at most N checkpoints.")
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).",
+    harmless(
+        g.add_argument(
+            "--checkpoints_total_limit", type=positive(int), default=None, help="Keep at most N checkpoints."
+        )
     )
-    g.add_argument(
-        "--report_to",
-        default="tensorboard",
-        choices=["tensorboard", "wandb", "all", "none"],
-        help="Experiment tracker (logs go to <output_dir>/logs).",
+    harmless(
+        g.add_argument(
+            "--resume_from_checkpoint",
+            default=None,
+            help="A checkpoint-<step> folder, or 'latest' (the newest in --output_dir).",
+        )
+    )
+    harmless(
+        g.add_argument(
+            "--report_to",
+            default="tensorboard",
+            choices=["tensorboard", "wandb", "all", "none"],
+            help="Experiment tracker (logs go to <output_dir>/logs).",
+        )
     )
     if not validation:
         p.set_defaults(validation_prompt=[])
         return
-    g.add_argument(
-        "--validation_prompt",
-        action="append",
-        default=[],
-        help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.",
+    harmless(
+        g.add_argument(
+            "--validation_prompt",
+            action="append",
+            default=[],
+            help="Prompt rendered during training (repeatable); write the concept token, e.g. '<dog2> on a beach'.",
+        )
     )
-    g.add_argument(
-        "--validation_steps", type=positive(int), default=100, help="Render validation images every N steps."
+    harmless(
+        g.add_argument(
+            "--validation_steps", type=positive(int), default=100, help="Render validation images every N steps."
+        )
     )
-    g.add_argument("--num_validation_images", type=positive(int), default=2, help="Images per validation prompt.")
-    g.add_argument(
-        "--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images."
+    harmless(
+        g.add_argument("--num_validation_images", type=positive(int), default=2, help="Images per validation prompt.")
+    )
+    harmless(
+        g.add_argument(
+            "--validation_inference_steps", type=positive(int), default=25, help="Denoising steps of validation images."
+        )
     )

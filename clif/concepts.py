@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .cli import UserError
-from .validate import existing_folder, file_name, get_field, read_json, string_list
+from clif.errors import UserError
+from clif.validate import existing_folder, file_name, get_field, read_json, string_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SIDE = 16  # pixels; smaller images cannot be segmented, cropped or encoded meaningfully

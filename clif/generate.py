@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, lora
-from .cli import UserError, loading
-from .models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading
-from .validate import read_json, read_text
+from clif import lora
+from clif.errors import UserError, loading
+from clif.models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading
+from clif.outputs import artifacts
+from clif.validate import read_json, read_text
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -116,7 +117,7 @@ def generate(
     progress=None,
 ) -> list[Path]:
     """Image i of each prompt uses torch.Generator('cpu').manual_seed(seed + i); writes <stem>.png + <stem>.json."""
-    from .images import save_png
+    from clif.images import save_png
 
     call = {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
     if lora_scale is not None:

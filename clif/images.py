@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .artifacts import atomic_write_bytes, atomic_write_json
+from clif.outputs.artifacts import atomic_write_bytes, atomic_write_json
 
 
 def grid(images: list[Image.Image], cols: int | None = None, captions: list[str] | None = None) -> Image.Image:
@@ -29,7 +29,7 @@ def grid(images: list[Image.Image], cols: int | None = None, captions: list[str]
 
 def missing_images(folder: str | Path, n: int) -> int:
     """How many images `folder` lacks to hold `n`."""
-    from .concepts import list_images
+    from clif.concepts import list_images
 
     folder = Path(folder)
     return max(0, n - (len(list_images(folder)) if folder.is_dir() else 0))

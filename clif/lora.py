@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts
-from .cli import UserError
-from .concepts import Concept
+from clif.concepts import Concept
+from clif.errors import UserError
+from clif.outputs import artifacts
 
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -29,12 +29,13 @@ def check_targets(module: torch.nn.Module, targets: list[str], what: str) -> Non
 
 
 def add_lora(
-    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str], seed: int = 0
+    module: torch.nn.Module, *, rank: int, alpha: float, dropout: float, targets: list[str], seed: int
 ) -> list[torch.nn.Parameter]:
     """Add a peft LoRA adapter, cast its weights to fp32 (frozen base stays half); returns the trainable params.
 
-    The random init of the down-weights comes from `seed`, not the global RNG: every process of a multi-process
-    run starts from the same adapter, and two runs with the same arguments are equal.
+    The random init of the down-weights comes from `seed` (the run's `lora_init` stream, clif/seeds.py), not the
+    global RNG: every process of a multi-process run starts from the same adapter, and two runs with the same
+    arguments are equal.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -56,6 +57,22 @@ def add_lora(
 
 def named_lora_params(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def add_text_loras(
+    text_encoders: list[torch.nn.Module], *, rank: int, alpha: float, dropout: float, seed: int
+) -> list[torch.nn.Parameter]:
+    """A new LoRA on the attention (TEXT_TARGETS) of every text encoder; returns the trainable params."""
+    return [
+        p
+        for enc in text_encoders
+        for p in add_lora(enc, rank=rank, alpha=alpha, dropout=dropout, targets=TEXT_TARGETS, seed=seed)
+    ]
+
+
+def text_lora_trainables(text_encoders: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """The trainable text-encoder LoRA tensors under their checkpoint names (text_encoder.<i>.<name>)."""
+    return {k: p for i, enc in enumerate(text_encoders) for k, p in named_lora_params(enc, f"text_encoder.{i}").items()}
 
 
 def text_state_dict(enc: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError, loading
-from .validate import read_json
+from clif.errors import UserError, loading
+from clif.validate import read_json
 
 
 def _read_model_index(path: str, revision: str | None) -> dict:

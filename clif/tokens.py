@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
-from .concepts import Concept
+from clif.concepts import Concept
+from clif.errors import UserError
 
 
 class ConceptEmbedding(nn.Module):

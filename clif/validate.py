@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .cli import UserError
+from clif.errors import UserError
 
 _TYPE_NAMES = {
     str: "a string",

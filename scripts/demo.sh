@@ -9,10 +9,10 @@ source .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 D=outputs/demo
 rm -rf "$D" && mkdir -p "$D"
-python -m clif.tiny --family sd15 --out "$D/tiny-sd15"
-python -m clif.tiny --family clipseg --out "$D/tiny-clipseg"
-python -m clif.tiny --family openclip --out "$D/tiny-openclip"
-python -m clif.synthetic --out "$D/concepts" --num_concepts 2 --num_images 4
+python -m clif.fixtures.tiny --family sd15 --out "$D/tiny-sd15"
+python -m clif.fixtures.tiny --family clipseg --out "$D/tiny-clipseg"
+python -m clif.fixtures.tiny --family openclip --out "$D/tiny-openclip"
+python -m clif.fixtures.synthetic --out "$D/concepts" --num_concepts 2 --num_images 4
 export MODEL="$D/tiny-sd15" DATA="$D/concepts" RES=64 LAUNCH="--num_processes 1 --num_machines 1 --dynamo_backend no"
 CPU="--mixed_precision no --gradient_accumulation_steps 1"
 OUT="$D/s1-clif" COMMON="" bash run_train_clif.sh $CPU --segmenter "$D/tiny-clipseg" --cache_dir "$D/cache" \

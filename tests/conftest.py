@@ -37,14 +37,14 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
-    from clif.tiny import build
+    from clif.fixtures.tiny import build
 
     return build("sd15", tmp_path_factory.mktemp("tiny") / "sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    from clif.tiny import build
+    from clif.fixtures.tiny import build
 
     return build("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
 
@@ -56,7 +56,7 @@ def tiny_models(tiny_sd15, tiny_sdxl) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def concept_set(tmp_path_factory) -> Path:
-    from clif.synthetic import write_concept_set
+    from clif.fixtures.synthetic import write_concept_set
 
     return write_concept_set(tmp_path_factory.mktemp("data") / "set", n_concepts=2, n_images=3)
 

@@ -1,4 +1,4 @@
-"""A corpus of bad inputs across the five scripts (DESIGN §7): each ends with exit 2 (exit 1: a run that diverges),
+"""A corpus of bad inputs across the five scripts (docs/design.md, "Errors"): each ends with exit 2 (exit 1: a run that diverges),
 exactly one stderr line that names the problem, no traceback, and nothing written (inputs and output untouched).
 
 Runs in-process through main(argv); the expensive fixtures (tiny models, a stage-2 run, generated images) are

@@ -19,14 +19,14 @@ import inference
 import train_clif
 import train_lora
 import train_ti
-from clif.augment import PairBuilder
 from clif.concepts import load_concept_set
-from clif.synthetic import CONCEPTS, write_concept_set
+from clif.contrastive.augment import PairBuilder
+from clif.fixtures.synthetic import CONCEPTS, write_concept_set
 
 
 @pytest.fixture(scope="module")
 def segmenter_dir(tmp_path_factory):
-    from clif.tiny import build_clipseg
+    from clif.fixtures.tiny import build_clipseg
 
     return build_clipseg(tmp_path_factory.mktemp("seg") / "clipseg")
 
@@ -208,8 +208,8 @@ def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segment
     assert len(masks) == 6 + 5 + 2  # one per dog2 (6) and teapot (5) photo, and per generated chef image (2)
     assert len(list((cache / "common" / "chef").glob("*.png"))) == 2
     stamp = [m.stat().st_mtime_ns for m in masks]
-    from clif.common_concepts import common_images
-    from clif.masks import Segmenter
+    from clif.contrastive.common_concepts import common_images
+    from clif.contrastive.masks import Segmenter
 
     builder = PairBuilder(load_concept_set(root), size=64, segmenter=Segmenter(str(segmenter_dir), cache / "masks"),
                           common=common_images(root, ["chef"], cache))

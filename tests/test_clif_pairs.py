@@ -12,13 +12,13 @@ from conftest import SHARED_DATA, run_cli
 from PIL import Image
 
 import train_clif
-from clif import augment
-from clif.augment import PairBuilder
-from clif.captions import LEFT_RIGHT, SINGLE, Templates
 from clif.concepts import load_concept_set
-from clif.confusion import ConfusionProbe
-from clif.regions import RegionSpec, over_segment
-from clif.synthetic import write_concept_set
+from clif.contrastive import augment
+from clif.contrastive.augment import PairBuilder
+from clif.contrastive.captions import LEFT_RIGHT, SINGLE, Templates
+from clif.contrastive.confusion import ConfusionProbe
+from clif.contrastive.regions import RegionSpec, over_segment
+from clif.fixtures.synthetic import write_concept_set
 
 RATIOS = {"global": 0.4, "region": 0.2, "mix": 0.4}
 
@@ -112,12 +112,12 @@ def test_held_out_photos_never_reach_a_pair(three):
 
 def test_pairs_naming_the_same_thing_are_positives(three):
     """Two templates around one token are one positive class; captions alone would split them."""
-    from clif.losses import multi_positive_targets
+    from clif.contrastive.losses import multi_positive_targets
 
     keys = [("<a>",), ("<a>",), ("<b>",), ("<a>", "a chef")]
     t = multi_positive_targets(keys, "cpu")
     assert torch.equal(t, torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]]))
-    from clif.captions import Templates as T
+    from clif.contrastive.captions import Templates as T
 
     builder = PairBuilder(load_concept_set(three), size=32, segmenter=None, templates=T())
     pairs = builder.build(40, {"global": 1.0}, seed=0)
@@ -192,12 +192,12 @@ def test_stage1_pair_bad_inputs(tiny_sd15, concept_set, tmp_path, capsys):
 def test_first_step_loss_is_infonce_with_same_subject_positives(tiny_sd15, concept_set, tmp_path):
     """Replays stage 1's first batch: the logged loss is the symmetric InfoNCE whose positives are the pairs that
     name the same subjects (keys), not the pairs with identical caption strings."""
-    from clif.common_concepts import common_images
-    from clif.losses import clip_loss
-    from clif.paired import PairedCLIP, clip_image_size, default_pair
-    from clif.stage import install_embeddings, prepare
-    from clif.text_side import TextSide
-    from clif.training import NoiseSource
+    from clif.contrastive.common_concepts import common_images
+    from clif.contrastive.losses import clip_loss
+    from clif.contrastive.paired import PairedCLIP, clip_image_size, default_pair
+    from clif.contrastive.text_side import TextSide
+    from clif.train.stage import install_embeddings, prepare
+    from clif.train.training import NoiseSource
 
     templates = tmp_path / "t.txt"
     templates.write_text("a photo of {}\na picture of {}\n")

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN §7): one line on stderr, exit code 2, no traceback, nothing written."""
+"""Bad input (docs/design.md, "Errors"): one line on stderr, exit code 2, no traceback, nothing written."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_missing_model_and_bad_resolution(concept_set, tiny_sd15, tmp_path, caps
 
 
 def test_stage_dir_checks(tiny_models, concept_set, tmp_path, capsys):
-    from clif.tiny import build
+    from clif.fixtures.tiny import build
 
     sdxl_run = tmp_path / "sdxl_run"
     train_ti.main(ti_args(tiny_models["sdxl"], concept_set, sdxl_run, "--max_train_steps", "1"))

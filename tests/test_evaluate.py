@@ -14,9 +14,9 @@ from PIL import Image
 import evaluate
 import inference
 import train_ti
-from clif import metrics
 from clif.concepts import load_concept_set
-from clif.evaluation import Backbone, Item, score_folder, summarize
+from clif.eval import metrics
+from clif.eval.evaluation import Backbone, Item, score_folder, summarize
 
 DB = SHARED_DATA / "dreambench-mini"
 needs_db = needs_data("dreambench-mini")
@@ -24,7 +24,7 @@ needs_db = needs_data("dreambench-mini")
 
 @pytest.fixture(scope="module")
 def openclip_dir(tmp_path_factory):
-    from clif.tiny import build_openclip
+    from clif.fixtures.tiny import build_openclip
 
     return build_openclip(tmp_path_factory.mktemp("oc") / "oc")
 
@@ -169,7 +169,7 @@ def test_evaluate_bad_inputs(openclip_dir, concept_set, tmp_path, capsys):
 
 def test_detector_and_dino_paths(tiny_sd15, concept_set, openclip_dir, tmp_path):
     """OWLv2 boxes (tiny random detector) and DINO alignment (tiny random ViT) run through evaluate.py."""
-    from clif.tiny import build_dino, build_owlv2
+    from clif.fixtures.tiny import build_dino, build_owlv2
 
     ti = tmp_path / "ti"
     train_ti.main(ti_args(tiny_sd15, concept_set, ti, "--max_train_steps", "1"))

@@ -10,12 +10,12 @@ from conftest import run_cli
 from safetensors.torch import load_file
 
 import train_clif
-from clif.gradcache import cached_backward
-from clif.losses import clip_loss
-from clif.paired import PairedCLIP, default_pair
-from clif.stage import install_embeddings, prepare
-from clif.text_side import TextSide
+from clif.contrastive.gradcache import cached_backward
+from clif.contrastive.losses import clip_loss
+from clif.contrastive.paired import PairedCLIP, default_pair
+from clif.contrastive.text_side import TextSide
 from clif.tokens import expand_prompt
+from clif.train.stage import install_embeddings, prepare
 
 
 def clif_args(model, data, out, cache, *extra: str) -> list[str]:

@@ -48,9 +48,9 @@ def expected_kohya_modules(model_dir, family: str) -> set[str]:
 def _model_with_random_lora(model_dir, seed: int = 0):
     """A tiny model with LoRA on the UNet and every text encoder, the up-weights non-zero (so the LoRA shows)."""
     model = load_model(str(model_dir))
-    lora.add_lora(model.unet, rank=2, alpha=1.0, dropout=0.0, targets=lora.DEFAULT_UNET_TARGETS)
+    lora.add_lora(model.unet, rank=2, alpha=1.0, dropout=0.0, targets=lora.DEFAULT_UNET_TARGETS, seed=0)
     for enc in model.text_encoders:
-        lora.add_lora(enc, rank=2, alpha=1.0, dropout=0.0, targets=lora.TEXT_TARGETS)
+        lora.add_lora(enc, rank=2, alpha=1.0, dropout=0.0, targets=lora.TEXT_TARGETS, seed=0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in (model.unet, *model.text_encoders):

@@ -156,14 +156,8 @@ def test_lora_bad_inputs(tiny_models, concept_set, ti_runs, tmp_path, capsys):
 @pytest.mark.slow
 def test_full_sd15_architecture_one_step(tmp_path, concept_set):
     """The real SD1.5 architecture (random weights, no download): stage 2 then one stage-3 step at 256 px."""
-    import sys
-
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from benchmark import build_full_sd15
-
-    from clif.synthetic import write_concept_set
+    from bench.benchmark import build_full_sd15
+    from clif.fixtures.synthetic import write_concept_set
 
     model = build_full_sd15(tmp_path / "sd15")
     data = write_concept_set(tmp_path / "data", n_concepts=2, n_images=2, size=256)
@@ -182,7 +176,7 @@ def test_full_sd15_architecture_one_step(tmp_path, concept_set):
 def test_text_cache_equals_encoding(tiny_sdxl):
     """The frozen-text cache of stage 3 (embedding lr 0) returns exactly what the encoders compute."""
     from clif.models import load_model
-    from clif.training import TextCache
+    from clif.train.training import TextCache
 
     model = load_model(str(tiny_sdxl))
     caps = ["a photo of a ball", "a photo of a box", "a photo of a ball"]

@@ -51,7 +51,7 @@ def ti_sd15(tiny_sd15, concept_set, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segmenter_dir(tmp_path_factory):
-    from clif.tiny import build_clipseg
+    from clif.fixtures.tiny import build_clipseg
 
     return build_clipseg(tmp_path_factory.mktemp("seg") / "clipseg")
 

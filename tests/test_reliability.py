@@ -1,4 +1,4 @@
-"""DESIGN §7 promises: output ownership, locks, atomic finish, determinism, honest kill-and-resume, NaN guard."""
+"""What docs/design.md ("Errors", "Resume") promises: output ownership, locks, atomic finish, determinism, honest kill-and-resume, NaN guard."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import train_lora
 import train_ti
-from clif import outdir
-from clif.checkpoint import list_checkpoints
+from clif.outputs import outdir
+from clif.outputs.checkpoint import list_checkpoints
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -217,7 +217,7 @@ def test_manifest_is_written_last_and_disk_errors_are_one_line(tiny_sd15, concep
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd15, concept_set, tmp_path, capsys,
                                                                   monkeypatch):
-    from clif import training
+    from clif.train import training
 
     real, calls = training.diffusion_loss, []
 

@@ -63,9 +63,9 @@ def test_only_placeholder_rows_change(family, tiny_models, concept_set, tmp_path
     """One real optimizer step at a large lr: new rows move, every vocabulary row stays bit-identical."""
     from argparse import Namespace
 
-    from clif import training
-    from clif.data import ConceptImages
-    from clif.stage import install_embeddings, prepare
+    from clif.train import training
+    from clif.train.data import ConceptImages
+    from clif.train.stage import install_embeddings, prepare
 
     args = Namespace(resolution=64, train_data_dir=str(concept_set), initializer=None, class_word=None, num_vectors=2,
                      pretrained_model_name_or_path=str(tiny_models[family]), revision=None, variant=None,
@@ -152,7 +152,7 @@ def test_real_photos_dreambench(tiny_sd15, tmp_path):
 def test_atomic_writes_leave_no_temporaries_and_normal_modes(tmp_path):
     import os
 
-    from clif.artifacts import atomic_save_safetensors, atomic_write_json
+    from clif.outputs.artifacts import atomic_save_safetensors, atomic_write_json
 
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     atomic_save_safetensors({"t": torch.zeros(2)}, tmp_path / "b.safetensors")
@@ -165,7 +165,7 @@ def test_atomic_writes_leave_no_temporaries_and_normal_modes(tmp_path):
 
 def test_v_prediction_gradient_checkpointing_and_scheduler(concept_set, tmp_path):
     """SD 2.x-style v-prediction trains; gradient checkpointing does not change the result; --scheduler works."""
-    from clif.tiny import build
+    from clif.fixtures.tiny import build
 
     model = build("sd15", tmp_path / "v", prediction_type="v_prediction")
     train_ti.main(ti_args(model, concept_set, tmp_path / "a"))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 
 def test_same_command_same_weights(tmp_path, tiny_sd15):
-    from clif.tiny import build
+    from clif.fixtures.tiny import build
 
     again = build("sd15", tmp_path / "again")
     for sub in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
@@ -26,7 +26,7 @@ def test_same_command_same_weights(tmp_path, tiny_sd15):
 def test_real_clip_tokenizer(tiny_sd15):
     from transformers import CLIPTokenizer
 
-    from clif.tiny import _bpe_path
+    from clif.fixtures.tiny import _bpe_path
 
     tok = CLIPTokenizer.from_pretrained(tiny_sd15, subfolder="tokenizer")
     assert len(tok) == 49408 and tok.model_max_length == 77

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clif import metrics
-from clif.losses import clip_loss
+from clif.contrastive.losses import clip_loss
+from clif.eval import metrics
 from clif.tokens import ConceptEmbedding
 
 
@@ -86,7 +86,7 @@ class _FakeBackbone:
 def test_text_alignment_scores_the_class_word_prompt(tmp_path):
     """score_folder's text alignment embeds the prompt with each token replaced by its class word."""
     from clif.concepts import Concept
-    from clif.evaluation import Item, score_folder
+    from clif.eval.evaluation import Item, score_folder
 
     Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
     concepts = [Concept(name="dog2", token="<dog2>", initializer="dog", class_word="dog", images=[], num_vectors=2)]
@@ -116,9 +116,9 @@ def test_diffusion_loss_target_follows_prediction_type(prediction):
     """The loss regresses epsilon or the velocity alpha_t * eps - sigma_t * x0, per the scheduler config."""
     from diffusers import DDPMScheduler
 
-    from clif.data import Sample
     from clif.models import DiffusionModel
-    from clif.training import NoiseSource, diffusion_loss
+    from clif.train.data import Sample
+    from clif.train.training import NoiseSource, diffusion_loss
 
     sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
     model = DiffusionModel("sd", "x", [], [], _ZeroUNet(), _FixedVAE(), sched)

@@ -122,7 +122,8 @@ def stage_argv(
         # common-concept negatives: other instances of the class, rendered with their masks (as the paper does)
         return [
             sys.executable,
-            str(REPO / "train_clif.py"),
+            "-m",
+            "train_clif",
             *flags,
             "--common_words",
             common,
@@ -153,7 +154,8 @@ def stage_argv(
     if stage == "ti":
         return [
             sys.executable,
-            str(REPO / "train_ti.py"),
+            "-m",
+            "train_ti",
             *flags,
             *diff,
             "--learning_rate",
@@ -163,7 +165,8 @@ def stage_argv(
         ]
     return [
         sys.executable,
-        str(REPO / "train_lora.py"),
+        "-m",
+        "train_lora",
         *flags,
         *diff,
         "--rank",
@@ -186,7 +189,7 @@ def run_cmd(argv: list[str], log: Path) -> float:
         f.flush()
         r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
     if r.returncode != 0:
-        raise RuntimeError(f"{argv[1]} failed (exit {r.returncode}); see {log}:\n" + log.read_text()[-2000:])
+        raise RuntimeError(f"{argv[2]} failed (exit {r.returncode}); see {log}:\n" + log.read_text()[-2000:])
     return time.time() - t
 
 
@@ -219,7 +222,8 @@ def generate(base: Path, stage: Path, out: Path, prompts_list: list[str], n: int
         run_cmd(
             [
                 sys.executable,
-                str(REPO / "inference.py"),
+                "-m",
+                "inference",
                 "--pretrained_model_name_or_path",
                 str(base),
                 "--stage_dir",
@@ -249,7 +253,8 @@ def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) 
         run_cmd(
             [
                 sys.executable,
-                str(REPO / "evaluate.py"),
+                "-m",
+                "evaluate",
                 "--images",
                 str(folder),
                 "--concepts",

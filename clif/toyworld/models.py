@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..tiny import clip_tokenizer, sd_scheduler
+from clif.fixtures.tiny import clip_tokenizer, sd_scheduler
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 

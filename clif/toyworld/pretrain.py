@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..tiny import clip_tokenizer, sd_scheduler
+from clif.fixtures.tiny import clip_tokenizer, sd_scheduler
+
 from .models import (
     CLIP_MEAN,
     CLIP_STD,

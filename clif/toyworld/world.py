@@ -70,7 +70,7 @@ class Scene:
 def templated(caption: str, rng: np.random.Generator) -> str:
     """Half the captions are wrapped in a stage-2 object template ("a photo of the {}"), so the world's text
     encoder knows the words the training templates and prompts use."""
-    from ..data import OBJECT_TEMPLATES
+    from clif.train.data import OBJECT_TEMPLATES
 
     if rng.random() < 0.5:
         return caption

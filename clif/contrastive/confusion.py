@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .artifacts import atomic_write_json
-from .augment import PairBuilder
-from .figures import confusion_figure
-from .metrics import retrieval_matrix
-from .text_side import TextSide
+from clif.contrastive.augment import PairBuilder
+from clif.contrastive.figures import confusion_figure
+from clif.contrastive.text_side import TextSide
+from clif.eval.metrics import retrieval_matrix
+from clif.outputs.artifacts import atomic_write_json
 
 HELD_OUT = "photos held out of pair building, each composed on fresh backgrounds, scales and flips"
 TRAIN_VIEWS = "new compositions of the very photos the pairs were cut from (optimistic)"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .concepts import list_images
+from clif.concepts import list_images
 
 
 def common_images(root: Path, words: list[str], cache_dir: Path) -> dict[str, list[Path]]:
@@ -28,7 +28,7 @@ def generate_common_images(
     """'a photo of a {word}' images from the base pipeline, cached in cache_dir/common/<word>/ (once)."""
     from diffusers import DiffusionPipeline
 
-    from .images import fill_with_generated, missing_images
+    from clif.images import fill_with_generated, missing_images
 
     todo = [w for w in words if missing_images(cache_dir / "common" / w, n)]
     if not todo:

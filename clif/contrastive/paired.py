@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cli import UserError, loading
+from clif.errors import UserError, loading
 
 # text-encoder width -> the public CLIP whose text tower it is
 DEFAULT_PAIRS = {
@@ -25,6 +25,14 @@ def default_pair(base: str, index: int, hidden: int) -> str:
     if hidden not in DEFAULT_PAIRS:
         raise UserError(f"no known CLIP model pairs with a {hidden}-wide text encoder; pass --clip_model")
     return DEFAULT_PAIRS[hidden]
+
+
+def pair_names(base: str, given: list[str | None], text_encoders: list) -> list[str]:
+    """The CLIP paired with each text encoder: the one given (--clip_model, --clip_model_2), else default_pair."""
+    return [
+        name or default_pair(base, i, enc.config.hidden_size)
+        for i, (name, enc) in enumerate(zip([*given, None, None], text_encoders))
+    ]
 
 
 def clip_image_size(name_or_path: str) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_write_bytes
+from clif.outputs.artifacts import atomic_write_bytes
 
 
 def confusion_figure(rows: list[tuple[str, dict, dict]], path: Path) -> None:

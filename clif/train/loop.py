@@ -5,14 +5,119 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, checkpoint, outdir, training
-from .cli import RunFailed
-from .images import render_validation
+from clif import seeds
+from clif.errors import RunFailed
+from clif.images import render_validation
+from clif.outputs import artifacts, checkpoint, outdir
+from clif.train import training
+from clif.train.data import Shard
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What the loop renders every `every` steps (validation/step-<n>.png), from its own generators."""
+
+    prompts: list[str]
+    every: int
+    num_images: int
+    inference_steps: int
+    seed: int
+    resolution: int
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The flags the step loop reads, taken from the Namespace once (from_args)."""
+
+    output_dir: Path
+    accumulation: int
+    max_grad_norm: float
+    checkpointing_steps: int
+    checkpoints_total_limit: int | None
+    validation: Validation | None = None
+
+    @classmethod
+    def from_args(cls, args) -> LoopSettings:
+        validation = None
+        if args.validation_prompt:
+            validation = Validation(
+                prompts=list(args.validation_prompt),
+                every=args.validation_steps,
+                num_images=args.num_validation_images,
+                inference_steps=args.validation_inference_steps,
+                seed=seeds.stream(args.seed, "validation"),
+                resolution=args.resolution,
+            )
+        return cls(
+            output_dir=Path(args.output_dir),
+            accumulation=args.gradient_accumulation_steps,
+            max_grad_norm=args.max_grad_norm,
+            checkpointing_steps=args.checkpointing_steps,
+            checkpoints_total_limit=args.checkpoints_total_limit,
+            validation=validation,
+        )
+
+
+def start_loop(
+    args,
+    accelerator,
+    model,
+    *,
+    groups: list[dict],
+    trainables: dict[str, torch.Tensor],
+    write_artifacts: Callable[[Path], None],
+    num_samples: int,
+    default_steps: int,
+    desc: str,
+    resume: Path | None,
+    extra_noise: list[training.NoiseSource] = (),
+) -> StepRunner:
+    """The training skeleton of every stage: the number of steps, the optimizer over `groups`, the lr schedule,
+    the noise stream, the step runner, and the resume from `resume` (a checkpoint folder) when given."""
+    shard = Shard.of(accelerator, args.train_batch_size)
+    max_steps = training.resolve_steps(
+        max_train_steps=args.max_train_steps,
+        num_train_epochs=args.num_train_epochs,
+        samples_per_step=shard.global_batch * args.gradient_accumulation_steps,
+        num_samples=num_samples,
+        default=default_steps,
+    )
+    optimizer = accelerator.prepare(
+        training.make_optimizer(
+            groups,
+            eight_bit=args.use_8bit_adam,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+    )
+    noise = training.NoiseSource(
+        seeds.stream(args.seed, "noise"), accelerator.device, shard.global_batch, shard.rank, shard.local
+    )
+    runner = StepRunner(
+        LoopSettings.from_args(args),
+        accelerator=accelerator,
+        model=model,
+        params=[p for g in groups for p in g["params"]],
+        optimizer=optimizer,
+        lr_scheduler=training.make_lr_scheduler(
+            optimizer, name=args.lr_scheduler, warmup_steps=args.lr_warmup_steps, max_steps=max_steps
+        ),
+        noise=noise,
+        trainables=trainables,
+        write_artifacts=write_artifacts,
+        max_steps=max_steps,
+        desc=desc,
+        extra_noise=extra_noise,
+    )
+    runner.resume(resume)
+    return runner
 
 
 class StepRunner:
@@ -20,7 +125,8 @@ class StepRunner:
 
     def __init__(
         self,
-        args,
+        settings: LoopSettings,
+        *,
         accelerator,
         model,
         params: list[torch.Tensor],
@@ -33,11 +139,11 @@ class StepRunner:
         desc: str,
         extra_noise: list[training.NoiseSource] = (),
     ):
-        self.args, self.accelerator, self.model = args, accelerator, model
+        self.settings, self.accelerator, self.model = settings, accelerator, model
         self.params, self.optimizer, self.lr_scheduler, self.noise = params, optimizer, lr_scheduler, noise
         self.trainables, self.write_artifacts, self.max_steps = trainables, write_artifacts, max_steps
         self.generators = [noise.gen] + [n.gen for n in extra_noise]  # all saved in checkpoints
-        self.out = Path(args.output_dir)
+        self.out = settings.output_dir
         self.step = 0
         self.timer = training.StepTimer(accelerator.device)
         self.desc = desc
@@ -60,7 +166,7 @@ class StepRunner:
                 disable=not self.accelerator.is_local_main_process,
             )
         self.timer.start()
-        accum = self.args.gradient_accumulation_steps
+        accum = self.settings.accumulation
         return range(self.step * accum, (self.step + 1) * accum)
 
     @property
@@ -68,13 +174,27 @@ class StepRunner:
         return self.step >= self.max_steps
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss / self.args.gradient_accumulation_steps)
+        self.accelerator.backward(loss / self.settings.accumulation)
+
+    def train(self, micro_step: Callable[[int], torch.Tensor], *, backward: bool = True) -> None:
+        """The loop, to the last step: each optimizer step runs `micro_step(k)` (under autocast) for its
+        micro-batches k and logs the mean of the losses it returns. With `backward`, the runner back-propagates
+        each loss; without, `micro_step` has done it (through `self.backward`)."""
+        while not self.done:
+            total = 0.0
+            for k in self.micro_steps():
+                with self.accelerator.autocast():
+                    loss = micro_step(k)
+                if backward:
+                    self.backward(loss)
+                total += loss.detach() / self.settings.accumulation
+            self.finish(total)
 
     def finish(self, loss: torch.Tensor, extra_logs: dict | None = None) -> None:
         """Optimizer step after the micro-batches; `loss` is their mean (for logging)."""
-        acc, args = self.accelerator, self.args
+        acc, cfg = self.accelerator, self.settings
         training.all_reduce_grads(self.params, acc)
-        grad_norm = acc.clip_grad_norm_(self.params, args.max_grad_norm)
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         # the values are read for the log anyway (one sync per step, as before): check them before the update
         mean_loss, norm = acc.reduce(loss.detach().float(), "mean").item(), float(grad_norm)
         if not (math.isfinite(mean_loss) and math.isfinite(norm)):
@@ -98,7 +218,7 @@ class StepRunner:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
         last = self.step == self.max_steps
-        if acc.is_main_process and (self.step % args.checkpointing_steps == 0 or last):
+        if acc.is_main_process and (self.step % cfg.checkpointing_steps == 0 or last):
             with self._disk_errors():
                 checkpoint.save_checkpoint(
                     self.out,
@@ -108,17 +228,18 @@ class StepRunner:
                     self.lr_scheduler,
                     acc.scaler,
                     self.generators,
-                    limit=args.checkpoints_total_limit,
+                    limit=cfg.checkpoints_total_limit,
                     write_artifacts=self.write_artifacts,
                 )
-        if acc.is_main_process and args.validation_prompt and (self.step % args.validation_steps == 0 or last):
+        val = cfg.validation
+        if acc.is_main_process and val is not None and (self.step % val.every == 0 or last):
             render_validation(
                 self.model,
-                args.validation_prompt,
-                num_images=args.num_validation_images,
-                seed=args.seed,
-                steps=args.validation_inference_steps,
-                resolution=args.resolution,
+                val.prompts,
+                num_images=val.num_images,
+                seed=val.seed,
+                steps=val.inference_steps,
+                resolution=val.resolution,
                 device=acc.device,
                 dtype=training.frozen_dtype(acc),
                 out_dir=self.out,

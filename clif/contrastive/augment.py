@@ -1,6 +1,7 @@
 """CLIF's image-caption pairs: Global, Region and Mix augmentations composed on a plain background.
 
-Preview: `python -m clif.augment --train_data_dir D --out PREVIEW` writes the pairs, their captions and a grid.
+Preview: `python -m clif.contrastive.augment --train_data_dir D --out PREVIEW` writes the pairs, their captions
+and a grid.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .captions import Templates, load_templates
-from .cli import UserError, non_negative, positive
-from .concepts import Concept, open_rgb
-from .masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
-from .regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
+from clif import seeds
+from clif.cli import non_negative, positive
+from clif.concepts import Concept, open_rgb
+from clif.contrastive.captions import Templates, load_templates
+from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
+from clif.contrastive.regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
+from clif.errors import UserError
 
 KINDS = ("global", "region", "mix")
 
@@ -260,19 +263,21 @@ def builder_from_args(a, concepts: list[Concept], *, size: int, segmenter, regio
         regions=spec,
         holdout=a.holdout_images,
         templates=templates,
-        seed=a.seed,
+        seed=seeds.stream(a.seed, "augmentation"),
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import user_errors
-    from .common_concepts import common_images
-    from .concepts import load_concept_set
-    from .images import grid
-    from .regions import boundaries
+    from clif.cli import user_errors
+    from clif.concepts import load_concept_set
+    from clif.contrastive.common_concepts import common_images
+    from clif.contrastive.regions import boundaries
+    from clif.images import grid
 
     p = argparse.ArgumentParser(
-        prog="python -m clif.augment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m clif.contrastive.augment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--train_data_dir", required=True, help="Concept set (dataset/README.md).")
     p.add_argument("--out", required=True, help="Folder for pair-XXX.png, captions.json, grid.png and regions/.")
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="Same seed, same pairs.")
     add_pair_args(p)
     a = p.parse_args(argv)
-    with user_errors("clif.augment"):
+    with user_errors("clif.contrastive.augment"):
         concepts = load_concept_set(a.train_data_dir)
         ratios = dict(zip(KINDS, (float(x) for x in a.ratios.split(","))))
         builder = builder_from_args(

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from . import training
-from .concepts import Concept, list_images
-from .data import Shard, image_stream
-from .images import fill_with_generated, missing_images
+from clif import seeds
+from clif.concepts import Concept, list_images
+from clif.images import fill_with_generated, missing_images
+from clif.train import training
+from clif.train.data import Shard, image_stream
 
 
 def ensure_class_images(args, model, accelerator, *, dtype: torch.dtype) -> None:
@@ -24,7 +25,7 @@ def ensure_class_images(args, model, accelerator, *, dtype: torch.dtype) -> None
             args.num_class_images,
             device=accelerator.device,
             dtype=dtype,
-            seed=args.seed,
+            seed=seeds.stream(args.seed, "generated"),
         )
     accelerator.wait_for_everyone()
 
@@ -63,12 +64,16 @@ class PriorPreservation:
         cls = Concept(
             name="class", token=args.class_prompt, initializer="", class_word="", images=images, num_vectors=1
         )
-        self.data, self.cache = image_stream([cls], args, model.vae, device, seed=args.seed + 1, property="fixed")
-        self.noise = training.NoiseSource(args.seed + 1, device, shard.global_batch, shard.rank, shard.local)
+        self.data, self.cache = image_stream(
+            [cls], args, model.vae, device, seed=seeds.stream(args.seed, "prior_data"), property="fixed"
+        )
+        self.noise = training.NoiseSource(
+            seeds.stream(args.seed, "prior_noise"), device, shard.global_batch, shard.rank, shard.local
+        )
         self.shard, self.weight = shard, args.prior_loss_weight
 
     def loss(self, model, k: int, **loss_kwargs) -> torch.Tensor:
         """Weighted denoising loss of micro-batch `k` of the class images."""
-        sh = self.shard
-        sample = self.data.micro_batch(k, sh.global_batch, sh.rank, sh.local, with_pixels=self.cache is None)
-        return self.weight * training.diffusion_loss(model, sample, self.cache, self.noise, **loss_kwargs)
+        return self.weight * training.micro_batch_loss(
+            model, self.data, self.cache, self.noise, self.shard, k, **loss_kwargs
+        )

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, lora, outdir, tokens, validate
-from .cli import UserError
-from .concepts import Concept, check_tokens, data_fingerprint, load_concept_set
-from .models import DiffusionModel, load_model
+from clif import cli, lora, seeds, tokens, validate
+from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_set
+from clif.errors import UserError
+from clif.models import DiffusionModel, load_model
+from clif.outputs import artifacts, outdir
+from clif.outputs.model_card import write_model_card
 
 # folders a run reads (or caches into): the output dir may not be, contain or lie inside one of them
 INPUT_FLAGS = ("train_data_dir", "stage_dir", "pretrained_model_name_or_path", "class_data_dir", "cache_dir")
@@ -35,8 +37,8 @@ class StageInputs:
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
     """Validate the run (output dir, checkpoint, optimizer flags), read the concept set, the base model and
     (optionally) an earlier stage dir; add the placeholder tokens. Nothing is written."""
-    from . import checkpoint
-    from .training import check_optimizer_flags
+    from clif.outputs import checkpoint
+    from clif.train.training import check_optimizer_flags
 
     outdir.check_output_dir(
         args.output_dir,
@@ -49,8 +51,6 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     validate.check_tracker(getattr(args, "report_to", "none"))
     for k in ("class_data_dir", "cache_dir"):  # folders the run fills
         validate.folder_or_absent(getattr(args, k, None), f"--{k}")
-    if getattr(args, "resolution", 8) % 8:
-        raise UserError(f"--resolution {args.resolution} is not a multiple of 8")
     concepts = load_concept_set(
         args.train_data_dir, initializer=args.initializer, class_word=args.class_word, num_vectors=args.num_vectors
     )
@@ -78,7 +78,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         check_tokens(concepts, str(stage_dir))
     data = data_fingerprint(concepts)
     if resume_path is not None:  # before run_args.json or anything else is rewritten
-        checkpoint.check_resumable(resume_path, concepts, vars(args), data)
+        checkpoint.check_resumable(resume_path, concepts, vars(args), data, harmless=cli.HARMLESS)
     text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
@@ -105,19 +105,18 @@ def lora_trainables(
     unless --embedding_learning_rate is 0."""
     model = inp.model
 
-    def new(module: torch.nn.Module, on: list[str]) -> list[torch.nn.Parameter]:
-        return lora.add_lora(module, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=on, seed=args.seed)
-
-    groups = [{"params": new(model.unet, targets), "lr": lr}]
+    init = seeds.stream(args.seed, "lora_init")
+    unet = lora.add_lora(model.unet, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, targets=targets, seed=init)
+    groups = [{"params": unet, "lr": lr}]
     trainables = lora.named_lora_params(model.unet, "unet")
     if args.train_text_encoder_lora:
-        params = [
-            p
-            for enc in model.text_encoders
-            for p in (lora.make_trainable(enc) if inp.text_lora else new(enc, lora.TEXT_TARGETS))
-        ]
-        for i, enc in enumerate(model.text_encoders):
-            trainables.update(lora.named_lora_params(enc, f"text_encoder.{i}"))
+        if inp.text_lora:  # stage 1 left one: it goes on training
+            params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
+        else:
+            params = lora.add_text_loras(
+                model.text_encoders, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, seed=init
+            )
+        trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": params, "lr": args.text_encoder_lr or lr})
     # after the adapters: peft marks every parameter it finds in a module as frozen, the concept rows included
     modules = install_embeddings(inp)
@@ -149,7 +148,8 @@ def write_stage_outputs(
     extra: Callable[[Path], None] | None = None,
 ) -> None:
     """This stage's files into `out` (the final dir or a checkpoint): embeddings, the LoRA file when one trains,
-    `extra` files, and the manifest last, so that a folder with a manifest is always complete."""
+    `extra` files, the README.md model card, and the manifest last, so that a folder with a manifest is always
+    complete."""
     meta = {
         "clif.stage": stage,
         "clif.family": inp.model.family,
@@ -163,6 +163,16 @@ def write_stage_outputs(
     if extra is not None:
         extra(out)
     inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
+    write_model_card(
+        out,
+        stage=stage,
+        family=inp.model.family,
+        base=str(args.pretrained_model_name_or_path),
+        concepts=inp.concepts,
+        args=vars(args),
+        inputs=inputs,
+        files=files,
+    )
     artifacts.write_manifest(
         out,
         stage=stage,
@@ -181,13 +191,13 @@ def start_run(args, name: str):
     """After validation: the Accelerator, the (cleared) output dir with run_args.json, and the trackers."""
     import logging
 
-    from .training import make_accelerator
+    from clif.train.training import make_accelerator
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(args, args.output_dir)
     # torch's global generator drives LoRA init and dropout: seed it, so two runs (and a resumed one) agree;
     # checkpoints save its state for dropout after a resume
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seeds.stream(args.seed, "dropout"))
     if accelerator.is_main_process:
         outdir.open_run_dir(args.output_dir, overwrite=args.overwrite, resuming=args.resume_from_checkpoint is not None)
         artifacts.atomic_write_json(Path(args.output_dir) / "run_args.json", vars(args))

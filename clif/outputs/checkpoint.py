@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .artifacts import atomic_save_safetensors, atomic_write_json, read_manifest
-from .cli import UserError
+from clif.errors import UserError
+from clif.outputs.artifacts import atomic_save_safetensors, atomic_write_json, read_manifest
 
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
@@ -43,20 +43,9 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-# flags whose change alters the result: a checkpoint made with other values cannot be continued
-RESULT_FLAGS = (
-    "pretrained_model_name_or_path", "stage_dir", "resolution", "center_crop", "random_flip", "learnable_property",
-    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
-    "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "seed",
-    "noise_offset", "mixed_precision", "rank", "lora_alpha", "lora_dropout", "lora_targets",
-    "train_text_encoder_lora", "text_encoder_lr", "embedding_learning_rate", "snr_gamma", "with_prior_preservation",
-    "prior_loss_weight", "num_pairs", "global_ratio", "region_ratio", "mix_ratio", "train_text_encoder",
-    "text_encoder_rank", "common_words", "num_common_images",
-)  # fmt: skip
-
-
-def check_resumable(path: Path, concepts: list, args: dict, data: str) -> None:
-    """UserError when checkpoint `path` was made with other concepts, images or result-changing flags."""
+def check_resumable(path: Path, concepts: list, args: dict, data: str, *, harmless: set[str]) -> None:
+    """UserError when checkpoint `path` was made with other concepts, images or flags: every flag counts except
+    the `harmless` ones (cli.harmless marks them where they are declared)."""
     saved = read_manifest(path)
     mine = [(c.name, c.token, c.num_vectors) for c in concepts]
     theirs = [(e.get("name"), e.get("token"), e.get("num_vectors")) for e in saved.get("concepts", [])]
@@ -65,9 +54,9 @@ def check_resumable(path: Path, concepts: list, args: dict, data: str) -> None:
     if saved.get("data_fingerprint", data) != data:
         raise UserError(f"cannot resume from {path}: the concept images differ from the ones it was trained on")
     old = saved.get("args", {})
-    for k in RESULT_FLAGS:
-        now = json.loads(json.dumps(args.get(k), default=str))
-        if k in old and k in args and old[k] != now:
+    for k in sorted(set(old) & set(args) - harmless):
+        now = json.loads(json.dumps(args[k], default=str))
+        if old[k] != now:
             raise UserError(f"cannot resume from {path}: it was made with --{k} {old[k]}, this run has {now}")
 
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import metrics
-from .cli import UserError, loading
-from .concepts import Concept, list_images, open_rgb
-from .validate import existing_folder, get_field, read_json
+from clif.concepts import Concept, list_images, open_rgb
+from clif.errors import UserError, loading
+from clif.eval import metrics
+from clif.validate import existing_folder, get_field, read_json
 
 
 class Backbone:

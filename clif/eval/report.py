@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .artifacts import atomic_write_bytes, atomic_write_json
-from .images import save_png
+from clif.images import save_png
+from clif.outputs.artifacts import atomic_write_bytes, atomic_write_json
 
 COLUMNS = ["text_alignment", "text_cosine", "image_alignment", "dino_alignment", "attendance", "confusion_rate"]
 

@@ -54,7 +54,7 @@ def over_segment(image: Image.Image, mask: np.ndarray, spec: RegionSpec) -> list
 
 
 def boundaries(image: Image.Image, regions: list[np.ndarray]) -> Image.Image:
-    """`image` with each region tinted and outlined (the preview of `python -m clif.augment`)."""
+    """`image` with each region tinted and outlined (the preview of `python -m clif.contrastive.augment`)."""
     from skimage.segmentation import mark_boundaries
 
     labels = np.zeros(image.size[::-1], dtype=np.int32)

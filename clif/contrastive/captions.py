@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UserError
+from clif.errors import UserError
 
 # one subject; the subject phrase carries its own article ("<joe>", "a chef", "<joe>'s coat")
 SINGLE = (

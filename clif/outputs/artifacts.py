@@ -1,4 +1,4 @@
-"""Stage outputs (DESIGN §6): manifest, per-concept embedding files, atomic writes, stage dir checks."""
+"""Stage outputs (docs/formats.md): manifest, per-concept embedding files, atomic writes, stage dir checks."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .cli import UserError
-from .concepts import Concept
-from .validate import existing_folder, file_name, get_field, read_json
+from clif.concepts import Concept
+from clif.errors import UserError
+from clif.validate import existing_folder, file_name, get_field, read_json
 
 MANIFEST = "clif_manifest.json"
 ENCODER_KEYS = {"sd": None, "sdxl": ("clip_l", "clip_g")}

@@ -8,14 +8,14 @@ import re
 import shutil
 from pathlib import Path
 
-from .artifacts import MANIFEST
-from .cli import UserError
-from .validate import folder_or_absent
+from clif.errors import UserError
+from clif.outputs.artifacts import MANIFEST
+from clif.validate import folder_or_absent
 
 LOCK = ".clif.lock"
 # Everything a training run writes at the top of its output dir (plus <dir name>_kohya.safetensors).
 _OURS = re.compile(
-    r"^(clif_manifest\.json|run_args\.json|run_stats\.json|embeddings|logs|validation|confusion\.(json|png)"
+    r"^(clif_manifest\.json|README\.md|run_args\.json|run_stats\.json|embeddings|logs|validation|confusion\.(json|png)"
     r"|pytorch_lora_weights\.safetensors|checkpoint-\d+|\.checkpoint-\d+\.tmp|\.clif\.lock|\.lora-\w+|\..+\.tmp)$"
 )
 _STALE = re.compile(r"^(\.checkpoint-\d+\.tmp|\.lora-\w+|\..+\.tmp)$")

@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError
-from .data import LatentCache, Sample
-from .models import DiffusionModel
+from clif.errors import UserError
+from clif.models import DiffusionModel
+from clif.train.data import LatentCache, Sample
 
 
 def make_accelerator(args, output_dir: str):
@@ -64,46 +64,36 @@ def want_8bit_adam(flag: bool | None) -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
-def make_optimizer(param_groups: list[dict], args) -> torch.optim.Optimizer:
-    if args.use_8bit_adam:
+def make_optimizer(
+    param_groups: list[dict], *, eight_bit: bool, betas: tuple[float, float], weight_decay: float, eps: float
+) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit one with `eight_bit`; the fused kernel when every parameter is on CUDA)."""
+    kwargs = {"betas": betas, "weight_decay": weight_decay, "eps": eps}
+    if eight_bit:
         import bitsandbytes as bnb
 
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-        if all(p.is_cuda for g in param_groups for p in g["params"]):
-            # one fused kernel instead of per-tensor launches (many small LoRA tensors)
-            return cls(
-                param_groups,
-                betas=(args.adam_beta1, args.adam_beta2),
-                weight_decay=args.adam_weight_decay,
-                eps=args.adam_epsilon,
-                fused=True,
-            )
-    return cls(
-        param_groups,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    if all(p.is_cuda for g in param_groups for p in g["params"]):
+        # one fused kernel instead of per-tensor launches (many small LoRA tensors)
+        return torch.optim.AdamW(param_groups, **kwargs, fused=True)
+    return torch.optim.AdamW(param_groups, **kwargs)
 
 
-def make_lr_scheduler(args, optimizer, max_steps: int):
+def make_lr_scheduler(optimizer, *, name: str, warmup_steps: int, max_steps: int):
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_steps
-    )
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
 
 
-def resolve_steps(args, num_samples: int, num_processes: int, default_steps: int) -> int:
-    """Optimizer steps of the run: --max_train_steps, else --num_train_epochs over `num_samples`, else the default."""
-    if args.max_train_steps:
-        return args.max_train_steps
-    if args.num_train_epochs:
-        per_step = args.train_batch_size * num_processes * args.gradient_accumulation_steps
-        return max(1, math.ceil(args.num_train_epochs * num_samples / per_step))
-    return default_steps
+def resolve_steps(
+    *, max_train_steps: int | None, num_train_epochs: int | None, samples_per_step: int, num_samples: int, default: int
+) -> int:
+    """Optimizer steps of the run: --max_train_steps, else --num_train_epochs over `num_samples`, else `default`."""
+    if max_train_steps:
+        return max_train_steps
+    if num_train_epochs:
+        return max(1, math.ceil(num_train_epochs * num_samples / samples_per_step))
+    return default
 
 
 def scaled_lr(lr: float, args, num_processes: int) -> float:
@@ -191,6 +181,14 @@ def diffusion_loss(
     if snr_gamma:
         loss = loss * snr_weights(sched, t, snr_gamma)
     return loss.mean()
+
+
+def micro_batch_loss(
+    model: DiffusionModel, data, cache: LatentCache | None, noise: NoiseSource, shard, k: int, **loss_kwargs
+) -> torch.Tensor:
+    """The denoising loss of micro-batch `k` of the sample stream `data` (this process's slice of it)."""
+    sample = data.micro_batch(k, shard.global_batch, shard.rank, shard.local, with_pixels=cache is None)
+    return diffusion_loss(model, sample, cache, noise, **loss_kwargs)
 
 
 def all_reduce_grads(params: list[torch.Tensor], accelerator) -> None:

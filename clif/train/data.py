@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .concepts import Concept, open_rgb
-from .tokens import expand_prompt
+from clif import seeds
+from clif.concepts import Concept, open_rgb
+from clif.tokens import expand_prompt
 
 OBJECT_TEMPLATES = [
     "a photo of a {}",
@@ -142,7 +143,7 @@ class ConceptImages:
 
     def _epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if e not in self._epochs:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % 2**64)  # any --seed < 2**63
+            g = torch.Generator().manual_seed(seeds.element(self.seed, e))
             perm = torch.randperm(len(self), generator=g)
             flip = (torch.rand(len(self), generator=g) < 0.5) & self.random_flip
             tmpl = torch.randint(len(self.templates), (len(self),), generator=g)
@@ -221,7 +222,7 @@ def image_stream(
         args.center_crop,
         property=property or args.learnable_property,
         random_flip=args.random_flip,
-        seed=args.seed if seed is None else seed,
+        seed=seeds.stream(args.seed, "data_order") if seed is None else seed,
         num_workers=args.dataloader_num_workers,
     )
     return data, LatentCache(vae, data, device, vae.dtype) if args.cache_latents else None

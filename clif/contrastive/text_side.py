@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .concepts import Concept
-from .tokens import expand_prompt
+from clif.concepts import Concept
+from clif.tokens import expand_prompt
 
 
 class TextSide:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UserError, loading
-from .concepts import open_rgb
+from clif.concepts import open_rgb
+from clif.errors import UserError, loading
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 MIN_AREA = 0.005  # a mask covering less than 0.5 % of the image is not usable

@@ -1,0 +1,31 @@
+"""The two failures a run reports as one line (see docs/design.md, "Errors"), and model loading that fails
+as one of them. Every module may import this one; it imports nothing from clif."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line on stderr with exit code 2."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (e.g. a non-finite loss): one line on stderr, exit code 1."""
+
+
+@contextlib.contextmanager
+def loading(what: str, name: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
+    """Load a model by hub id or path: its warnings silenced, its failure one UserError line naming it."""
+    import os
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except errors as err:
+        hint = " (HF_HUB_OFFLINE is set: only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load {what} {name!r}: {first}{hint}") from None

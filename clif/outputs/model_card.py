@@ -1,0 +1,151 @@
+"""The README.md model card each stage writes into its output folder (as diffusers' training scripts do): base
+model, concepts and trigger tokens, the stage chain, key arguments, how to load the files, the last validation grid.
+The format of every file it names: docs/formats.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clif.concepts import Concept
+from clif.outputs.artifacts import ENCODER_KEYS, MANIFEST, atomic_write_bytes
+
+CARD = "README.md"
+STAGES = {"clif": "stage 1, contrastive (train_clif.py)", "ti": "stage 2, textual inversion (train_ti.py)",
+          "lora": "stage 3, LoRA + embeddings (train_lora.py)"}  # fmt: skip
+# the arguments a reader wants first; the card names where all of them are (clif_manifest.json)
+KEY_ARGS = (
+    "seed", "resolution", "max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler", "mixed_precision", "num_pairs", "train_text_encoder", "rank", "lora_alpha",
+    "lora_targets", "embedding_learning_rate", "train_text_encoder_lora", "with_prior_preservation", "snr_gamma",
+)  # fmt: skip
+
+
+def stage_chain(stage: str, inputs: list[str]) -> list[str]:
+    """The stages that led here, first to last, followed through the manifests of the input stage dirs."""
+    chain, seen = [stage], set()
+    while inputs and inputs[0] not in seen:
+        seen.add(inputs[0])
+        try:
+            manifest = json.loads((Path(inputs[0]) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            break
+        chain.insert(0, manifest.get("stage", "?"))
+        inputs = [str(p) for p in manifest.get("inputs", [])]
+    return chain
+
+
+def last_grid(out: Path) -> str | None:
+    """The newest validation grid of this run, relative to `out` (a checkpoint's grids are in its parent)."""
+    for folder, prefix in ((out / "validation", "validation/"), (out.parent / "validation", "../validation/")):
+        grids = sorted(folder.glob("step-*.png")) if folder.is_dir() else []
+        if grids:
+            return prefix + grids[-1].name
+    return None
+
+
+def write_model_card(
+    out: Path,
+    *,
+    stage: str,
+    family: str,
+    base: str,
+    concepts: list[Concept],
+    args: dict,
+    inputs: list[str],
+    files: dict[str, list[str]],
+) -> None:
+    """Write out/README.md (atomically)."""
+    two = ENCODER_KEYS[family] is not None  # SDXL: one row set per text encoder, loaded per encoder
+    lora_file = files.get("lora", [None])[0]
+    kohya = sorted(p.name for p in out.glob("*_kohya.safetensors"))
+    chain = " -> ".join(STAGES.get(s, s) for s in stage_chain(stage, inputs))
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: diffusers",
+        f"tags: [clif, textual-inversion, {family}" + (", lora" if lora_file else "") + "]",
+        "---",
+        "",
+        f"# CLIF {STAGES.get(stage, stage)}",
+        "",
+        f"Base model: `{base}` (family `{family}`). Stage chain: {chain}.",
+        "",
+        "| concept | trigger token | vectors | initializer | class |",
+        "|---|---|---|---|---|",
+        *[f"| {c.name} | `{c.token}` | {c.num_vectors} | {c.initializer} | {c.class_word} |" for c in concepts],
+        "",
+        (
+            "Write the trigger token in a prompt, e.g. "
+            f"`a photo of {concepts[0].token if concepts else '<token>'} on a beach`."
+        ),
+        "",
+        "## Key arguments",
+        "",
+        *[
+            f"- `--{k}` {args[k]}"
+            for k in KEY_ARGS
+            if args.get(k) is not None and args.get(k) is not False and args.get(k) != ""
+        ],
+        "",
+        f"All arguments: `{MANIFEST}` (`args`) and `run_args.json`.",
+        "",
+        "## Files",
+        "",
+        "- `embeddings/<name>.safetensors`: one per concept"
+        + (f" (`{'` and `'.join(ENCODER_KEYS[family])}` rows)" if two else " (`{token: rows}`)"),
+        *([f"- `{lora_file}`: the diffusers LoRA file (rank and alpha in its header)"] if lora_file else []),
+        *[f"- `{k}`: the same LoRA in kohya keys, embeddings bundled (A1111, ComfyUI)" for k in kohya],
+        f"- `{MANIFEST}`: what this folder holds; later stages and inference.py read it",
+        "",
+        "## Load it",
+        "",
+        (
+            "With this repository: `python inference.py --pretrained_model_name_or_path "
+            f'{base} --stage_dir <this folder> --prompt "..." --output_dir <out>`.'
+        ),
+        "",
+        "diffusers:",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        *(["from safetensors.torch import load_file"] if two else []),
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.float16).to("cuda")',
+        *[_load_embedding(c, ENCODER_KEYS[family]) for c in concepts],
+        *(['pipe.load_lora_weights("<this folder>")'] if lora_file else []),
+        "```",
+        "",
+        "A1111 / ComfyUI: copy `embeddings/<name>.safetensors` into the embeddings folder (the trigger word is the"
+        " file stem, e.g. `"
+        + (concepts[0].name if concepts else "name")
+        + "`)"
+        + (", and the `_kohya.safetensors` file into the LoRA folder (it bundles the embeddings)." if kohya else "."),
+        "",
+        "kohya (sd-scripts): "
+        + (
+            "the `_kohya.safetensors` file is a kohya network file (`networks.lora`, real alpha in its header)."
+            if kohya
+            else "train stage 3 with `--export_kohya` for a kohya-format LoRA file."
+        ),
+        "",
+        "Formats of every file: `docs/formats.md` of the CLIF repository.",
+    ]
+    grid = last_grid(out)
+    if grid:
+        lines += ["", "## Last validation grid", "", f"![validation]({grid})"]
+    atomic_write_bytes(out / CARD, ("\n".join(lines) + "\n").encode())
+
+
+def _load_embedding(c: Concept, keys: tuple[str, ...] | None) -> str:
+    """The diffusers lines that load concept `c`: one call, or one per text encoder (`keys`: the file's keys)."""
+    path = f"<this folder>/embeddings/{c.name}.safetensors"
+    if keys is None:
+        return f'pipe.load_textual_inversion("{path}")'
+    calls = [
+        f'pipe.load_textual_inversion(state["{key}"], token="{c.token}", text_encoder=pipe.text_encoder{sfx}, '
+        f"tokenizer=pipe.tokenizer{sfx})"
+        for key, sfx in zip(keys, ["", *(f"_{i + 2}" for i in range(len(keys) - 1))])
+    ]
+    return "\n".join([f'state = load_file("{path}")', *calls])
