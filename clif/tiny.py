@@ -236,6 +236,26 @@ def build_dino(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_dinov2(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random DINOv2 (Dinov2Model + its BitImageProcessor): stands in for facebook/dinov2-base (D&C)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=64, patch_size=8
+    )
+    Dinov2Model(cfg).save_pretrained(out)
+    BitImageProcessor(
+        size={"shortest_edge": 72},
+        crop_size={"height": 64, "width": 64},
+        do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(out)
+    return out
+
+
 def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny `family` pipeline folder (and its paired CLIP models) to `out`; returns `out`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -295,8 +315,9 @@ def build(family: str, out: str | Path, seed: int = 0, prediction_type: str = "e
         )
     elif family == "clipseg":
         return build_clipseg(out, seed)
-    elif family in ("openclip", "owlv2", "dino"):
-        return {"openclip": build_openclip, "owlv2": build_owlv2, "dino": build_dino}[family](out, seed)
+    elif family in ("openclip", "owlv2", "dino", "dinov2"):
+        builders = {"openclip": build_openclip, "owlv2": build_owlv2, "dino": build_dino, "dinov2": build_dinov2}
+        return builders[family](out, seed)
     else:
         raise ValueError(f"unknown family {family!r}")
     pipe.save_pretrained(out)
@@ -312,11 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--family",
-        choices=["sd15", "sdxl", "clipseg", "openclip", "owlv2", "dino"],
+        choices=["sd15", "sdxl", "clipseg", "openclip", "owlv2", "dino", "dinov2"],
         required=True,
         help="sd15/sdxl: a diffusion pipeline (+ paired CLIPs); clipseg: a text-prompted segmenter; "
         "openclip: an open_clip model for evaluate.py (--clip_model local-dir:DIR); owlv2: a "
-        "detector (--detector DIR); dino: a ViT (--dino DIR).",
+        "detector (--detector DIR); dino: a ViT (--dino DIR); dinov2: a DINOv2 (--dc_model DIR).",
     )
     p.add_argument("--out", required=True, help="Folder to write the pipeline into.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
