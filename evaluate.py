@@ -195,6 +195,7 @@ def run(args) -> dict:
     inputs = [("--images", d) for d in args.images] + [("--concepts" if args.concepts else "--dreambench", root)]
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     device, _ = auto_device_dtype("auto")
+    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None  # first: the newest flag
     backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
     if proto is not None:
         if not isinstance(backbone, Backbone):
@@ -204,7 +205,6 @@ def run(args) -> dict:
     else:
         dino = Dino(args.dino, device) if args.dino else None
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
-    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None
 
     refs, dino_refs, dc_refs = {}, {}, {}
     for c in concepts:

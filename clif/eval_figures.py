@@ -34,7 +34,10 @@ def pair_bars(per_pair: dict[str, list[dict]], path: Path) -> bool:
     for ax, (key, title) in zip(axes, panels):
         for i, m in enumerate(labels):
             ys = [value.get((m, p, key)) for p in pairs]
-            ax.bar(x + (i - (len(labels) - 1) / 2) * width, [np.nan if y is None else y for y in ys], width, label=m)
+            bars = ax.bar(
+                x + (i - (len(labels) - 1) / 2) * width, [np.nan if y is None else y for y in ys], width, label=m
+            )
+            ax.bar_label(bars, labels=["" if y is None else f"{y:.2f}" for y in ys], fontsize=7)
         ax.set_xticks(x, labels=[" / ".join(p) for p in pairs], rotation=20, ha="right", fontsize=8)
         ax.set_ylim(min(0.0, *[v for (_, _, k), v in value.items() if k == key and v is not None]), 1.0)
         ax.set_title(title, fontsize=10)
