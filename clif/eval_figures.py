@@ -12,19 +12,31 @@ from .artifacts import atomic_write_bytes
 PANELS = (("dc", "D&C (higher = less mixing)"), ("confusion_rate", "confusion rate (lower = better)"))
 
 
+def bar_values(per_pair: dict[str, list[dict]]) -> tuple[list[str], list[tuple], list[tuple[str, str]], dict]:
+    """(methods, pairs, panels, {(method, pair, metric): value}) of what `pair_bars` draws.
+
+    A label 'METHOD:anything' counts as METHOD, so one folder per (method, pair) still gives one bar per method.
+    Pairs without images (listed by --pairs) are left out.
+    """
+    merged: dict[str, list[dict]] = {}
+    for label, rows in per_pair.items():
+        merged.setdefault(label.split(":", 1)[0], []).extend(e for e in rows if e.get("images"))
+    pairs = sorted({tuple(e["pair"]) for rows in merged.values() for e in rows})
+    panels = [(k, t) for k, t in PANELS if any(e.get(k) is not None for rows in merged.values() for e in rows)]
+    value = {(m, tuple(e["pair"]), k): e.get(k) for m, rows in merged.items() for e in rows for k, _ in panels}
+    return list(merged), pairs, panels, value
+
+
 def pair_bars(per_pair: dict[str, list[dict]], path: Path) -> bool:
-    """per_pair: method label -> [{"pair": [a, b], "dc": ..., "confusion_rate": ...}, ...]. False if nothing to draw.
+    """per_pair: label -> [{"pair": [a, b], "dc": ..., "confusion_rate": ...}, ...]. False if nothing to draw.
 
     One panel per metric that any method has; groups = pairs, bars = methods; a missing value leaves a gap.
     """
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
 
-    labels = list(per_pair)
-    pairs = sorted({tuple(e["pair"]) for rows in per_pair.values() for e in rows if e.get("images")})
-    panels = [(k, t) for k, t in PANELS if any(e.get(k) is not None for rows in per_pair.values() for e in rows)]
+    labels, pairs, panels, value = bar_values(per_pair)
     if not pairs or not panels:
         return False
-    value = {(m, tuple(e["pair"]), k): e.get(k) for m, rows in per_pair.items() for e in rows for k, _ in panels}
     width = 0.8 / max(1, len(labels))
     fig = Figure(
         figsize=(max(5.0, 1.2 * len(pairs) * max(1, len(labels)) ** 0.5 + 2), 3.2 * len(panels)), layout="constrained"
