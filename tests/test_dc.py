@@ -88,6 +88,9 @@ def test_wrong_box_count_scores_zero():
         res = dc.dc_of_crops(crops, refs, no_embed)
         assert res["dc"] == 0.0 and res["boxes"] == len(crops) and res["matrix"] is None
     assert dc.dc_of_crops([_solid(RED), _solid(BLUE)], refs, _colour_embed)["dc"] > 0.9
+    # the score itself: three boxes whose best two match perfectly still score 0
+    s_gt = dc.gt_matrix(refs)
+    assert dc.dc_score(torch.cat([s_gt, s_gt[:1]]), s_gt) == 0.0 and dc.dc_score(s_gt[:1], s_gt) == 0.0
 
 
 def test_swapped_or_mixed_identity_scores_lower_than_clean():
