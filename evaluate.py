@@ -195,7 +195,8 @@ def run(args) -> dict:
     inputs = [("--images", d) for d in args.images] + [("--concepts" if args.concepts else "--dreambench", root)]
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     device, _ = auto_device_dtype("auto")
-    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None  # first: the newest flag
+    # the D&C model first: a bad --dc_model fails before other loads print their progress bars
+    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None
     backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
     if proto is not None:
         if not isinstance(backbone, Backbone):
