@@ -176,6 +176,10 @@ def test_tiny_dinov2_is_mean_of_last_hidden_state(tmp_path):
     assert isinstance(feats.model, Dinov2Model) and got.shape == (2, 32)
     torch.testing.assert_close(got, hidden.mean(dim=1).double())  # all tokens, CLS included
     assert not torch.allclose(got, hidden[:, 0].double())
+    from clif.tiny import build  # `python -m clif.tiny --family dinov2`: the same seeded weights
+
+    again = Dinov2Model.from_pretrained(build("dinov2", tmp_path / "again")).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
 
 
 # ---- evaluate.py
