@@ -4,16 +4,30 @@ Text/image alignment follow Custom Diffusion (open_clip ViT-B-32, OpenAI weights
 between image and prompt with each placeholder token replaced by its class word; image alignment = mean cosine
 of each generated image against all reference images of each concept its prompt names. Confusion (two-concept
 prompts): instances found by an open-vocabulary detector (or the image halves for left/right prompts) are matched
-to the concepts' references; see README "Evaluation" for the exact definition.
+to the concepts' references; see README "Evaluation" for the exact definition. With a detector, also MuDI's
+Detect-and-Compare (D&C, clif/eval/dc.py); `--protocol customconcept101` fixes Custom Diffusion's settings
+(clif/eval/protocols.py); `--pairs` reports the look-alike pairs set (clif/eval/lookalikes.py).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set, open_rgb
-from clif.eval.evaluation import Detector, Dino, open_backbone, per_prompt, read_folder, score_folder, summarize
+from clif.eval import dc, lookalikes, protocols
+from clif.eval.evaluation import (
+    Backbone,
+    Detector,
+    Dino,
+    open_backbone,
+    per_prompt,
+    read_folder,
+    score_folder,
+    summarize,
+)
+from clif.eval.figures import pair_bars
 from clif.eval.report import write_report
 from clif.generate import auto_device_dtype
 from clif.outputs.outdir import check_output_dir
@@ -31,7 +45,10 @@ def build_parser():
     )
     p.add_argument("--labels", nargs="+", default=None, help="A name per --images folder (default: folder names).")
     p.add_argument(
-        "--concepts", required=True, help="The concept set (folder or its concepts.json): references, class words."
+        "--concepts",
+        default=None,
+        help="The concept set (folder or its concepts.json): references, class words. Required unless --pairs "
+        "with --dreambench gives the concepts.",
     )
     p.add_argument("--output_dir", required=True, help="Where metrics.json/.csv/.md and metrics.png go.")
     p.add_argument("--overwrite", action="store_true", help="Replace earlier metrics in --output_dir.")
@@ -62,7 +79,106 @@ def build_parser():
     p.add_argument(
         "--batch_size", type=cli.positive(int), default=32, help="Images per forward pass (no effect on results)."
     )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=["clip", "confusion", "dc"],
+        default=None,
+        help="What to report: clip (text/image alignment, and DINO with --dino; always on), confusion (CLIF's), "
+        "dc (MuDI's Detect-and-Compare; needs a detector). Default: clip confusion, plus dc when --detector "
+        "is not 'none'.",
+    )
+    p.add_argument(
+        "--dc_model",
+        default=dc.DEFAULT_MODEL,
+        help="D&C features: a transformers DINOv2 model id or folder (mean of the last hidden state, as MuDI), or "
+        "'dreamsim' (MuDI's default; needs the dreamsim package).",
+    )
+    p.add_argument(
+        "--dc_threshold",
+        type=cli.number(float, 0.0, 1.0),
+        default=dc.DEFAULT_THRESHOLD,
+        help="D&C's detector score threshold (MuDI's demo: 0.4); every box above it counts, no NMS.",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=sorted(protocols.PROTOCOLS),
+        default=None,
+        help="customconcept101: Custom Diffusion's evaluation exactly (CLIP ViT-B/32 OpenAI, no caption "
+        "prefix, 2.5 x max(cos, 0), their CLIP and DINO ViT-S/16 image transforms); see README.",
+    )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="A look-alike pairs set: 'dreambench' (dataset/lookalikes_dreambench.json) or a JSON file of that "
+        "form. The per-pair report marks its pairs and lists those without images.",
+    )
+    p.add_argument(
+        "--dreambench",
+        default=None,
+        help="With --pairs: the DreamBench dataset folder (<subject>/*.jpg); the concepts (tokens <subject>) "
+        "are then built from the pairs set, no --concepts needed.",
+    )
     return p
+
+
+def check_new_flags(args) -> tuple[set[str], dict | None, lookalikes.LookalikeSet | None]:
+    """The metrics to compute, the protocol's settings and the pairs set; UserError before anything is loaded."""
+    use_detector = args.detector != "none"
+    if args.metrics is None:
+        metrics = {"clip", "confusion"} | ({"dc"} if use_detector else set())
+    else:
+        metrics = {"clip", *args.metrics}
+        if "dc" in metrics and not use_detector:
+            raise cli.UserError("--metrics dc needs a detector (--detector is 'none')")
+    defaults = {k: build_parser().get_default(k) for k in ("clip_model", "clip_pretrained", "dino")}
+    proto = protocols.resolve(args.protocol, args, defaults)
+    if args.dreambench and not args.pairs:
+        raise cli.UserError("--dreambench needs --pairs (it holds the references of the pairs' subjects)")
+    if args.concepts and args.dreambench:
+        raise cli.UserError("give either --concepts or --pairs with --dreambench, not both")
+    if not args.concepts and not args.dreambench:
+        raise cli.UserError("--concepts is required (or --pairs with --dreambench)")
+    lset = lookalikes.load_pairs(args.pairs) if args.pairs else None
+    if args.dreambench:
+        cli_root = Path(args.dreambench)
+        if not cli_root.is_dir():
+            raise cli.UserError(f"--dreambench {cli_root}: not a folder")
+        if not lookalikes.present_subjects(lset, cli_root):
+            raise cli.UserError(f"--dreambench {cli_root} holds none of the subjects of --pairs {args.pairs}")
+    return metrics, proto, lset
+
+
+def lookalike_concepts(lset: lookalikes.LookalikeSet, root: Path) -> list:
+    """The concepts of the pairs set's subjects found under `root` (tokens <subject>), validated like any set."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lookalikes.write_concepts(lset, lookalikes.present_subjects(lset, root), root, Path(tmp))
+        return load_concept_set(tmp)
+
+
+def add_dc(rows: list[dict], items, concepts, dc_refs, embed, detector, threshold: float) -> None:
+    """D&C per multi-concept image, in place: row["dc"], row["dc_boxes"], row["dc_matrix"]."""
+    by_name = {c.name: c for c in concepts}
+    for row, it in zip(rows, items):
+        if len(row["concepts"]) < 2:
+            continue
+        res = dc.score_image(
+            open_rgb(it.path),
+            row["concepts"],
+            [by_name[n].class_word for n in row["concepts"]],
+            dc_refs,
+            embed,
+            detector,
+            threshold,
+        )
+        row.update(dc=res["dc"], dc_boxes=res["boxes"], dc_box_list=res["box_list"], dc_matrix=res["matrix"])
+
+
+CONFUSION_KEYS = ("found", "confused", "instances", "confusion_sims", "attendance", "confusion_rate", "pair_images")
+
+
+def _drop(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,23 +191,48 @@ def run(args) -> dict:
     labels = args.labels or [Path(d).name for d in args.images]
     if len(labels) != len(args.images) or len(set(labels)) != len(labels):
         raise cli.UserError("--labels needs one distinct name per --images folder")
-    root = Path(args.concepts)
-    concepts = load_concept_set(root.parent if root.name == "concepts.json" else root)
+    metrics, proto, lset = check_new_flags(args)
+    if proto is not None:
+        args.clip_model, args.clip_pretrained, args.dino = proto["clip_model"], proto["clip_pretrained"], proto["dino"]
+    if args.concepts:
+        root = Path(args.concepts)
+        concepts = load_concept_set(root.parent if root.name == "concepts.json" else root)
+    else:
+        root = Path(args.dreambench)
+        concepts = lookalike_concepts(lset, root)
     folders = {label: read_folder(d) for label, d in zip(labels, args.images)}
     out = Path(args.output_dir)
-    inputs = [("--images", d) for d in args.images] + [("--concepts", root)]
+    inputs = [("--images", d) for d in args.images] + [("--concepts" if args.concepts else "--dreambench", root)]
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     device, _ = auto_device_dtype("auto")
+    # the D&C model first: a bad --dc_model fails before other loads print their progress bars
+    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None
     backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
-    dino = Dino(args.dino, device) if args.dino else None
+    if proto is not None:
+        if not isinstance(backbone, Backbone):
+            raise cli.UserError(f"--protocol {args.protocol} needs an open_clip model")
+        backbone.preprocess = protocols.clip_transform(proto)
+        dino = protocols.CDDino(args.dino, device, proto["dino_resize"], proto["dino_crop"])
+    else:
+        dino = Dino(args.dino, device) if args.dino else None
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
 
-    refs, dino_refs = {}, {}
+    refs, dino_refs, dc_refs = {}, {}, {}
     for c in concepts:
         ims = [open_rgb(p) for p in c.images]
         refs[c.name] = backbone.images(ims, args.batch_size)
         if dino is not None:
             dino_refs[c.name] = dino.images(ims, args.batch_size)
+        if dc_model is not None:
+            dc_refs[c.name] = dc_model(ims, args.batch_size)
+    settings = {
+        "metrics": sorted(metrics),
+        "protocol": {"name": args.protocol, **proto} if proto else None,
+        "clip_model": args.clip_model,
+        "dino": args.dino,
+        "dc": {"model": args.dc_model, "threshold": args.dc_threshold} if dc_model is not None else None,
+        "pairs": str(lset.source) if lset else None,
+    }
     results = {}
     for label, items in folders.items():
         rows = score_folder(
@@ -105,9 +246,31 @@ def run(args) -> dict:
             dino=dino,
             dino_refs=dino_refs,
         )
-        results[label] = {"summary": summarize(rows), "per_prompt": per_prompt(rows), "rows": rows}
+        if dc_model is not None:
+            add_dc(
+                rows, items, concepts, dc_refs, lambda ims: dc_model(ims, args.batch_size), detector, args.dc_threshold
+            )
+        summary, prompts = summarize(rows), per_prompt(rows)
+        summary.update(dc.dc_stats(rows))
+        for p in prompts:
+            p.update(dc.dc_stats([r for r in rows if r["prompt"] == p["prompt"]]))
+        pairs = dc.per_pair(rows)
+        if lset is not None:
+            pairs = lookalikes.mark_pairs(pairs, lset)
+        if "confusion" not in metrics:
+            rows = [_drop(r, CONFUSION_KEYS) for r in rows]
+            summary, prompts = _drop(summary, CONFUSION_KEYS), [_drop(p, CONFUSION_KEYS) for p in prompts]
+            pairs = [_drop(p, CONFUSION_KEYS) for p in pairs]
+        results[label] = {
+            "summary": summary,
+            "per_prompt": prompts,
+            "per_pair": pairs,
+            "rows": rows,
+            "settings": settings,
+        }
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, results)
+    pair_bars({label: r["per_pair"] for label, r in results.items()}, out / "pairs.png")
     print((out / "metrics.md").read_text().split("\n\nPer prompt")[0])
     return results
 

@@ -47,7 +47,7 @@ def build_parser():
     p.add_argument(
         "--prompt_set",
         default=None,
-        help="'single' / 'pair' (dataset/prompts_*.txt) or a file of templates with {0} (and {1}): "
+        help="'single' / 'pair' / 'lookalike' (dataset/prompts_*.txt) or a file of templates with {0} (and {1}): "
         "expanded for every concept (pair of concepts) of --stage_dir, the evaluation protocol.",
     )
     p.add_argument("--output_dir", required=True, help="Where <stem>.png, <stem>.json and contact_sheet.png go.")

@@ -176,7 +176,7 @@ def expand_prompt_set(spec: str, concepts: list[dict]) -> list[str]:
     """Templates with {0} (single) or {0},{1} (pair) filled with the tokens of every concept / pair of concepts."""
     from itertools import combinations
 
-    path = PROMPT_SETS / f"prompts_{spec}.txt" if spec in ("single", "pair") else Path(spec)
+    path = PROMPT_SETS / f"prompts_{spec}.txt" if spec in ("single", "pair", "lookalike") else Path(spec)
     templates = read_prompts_file(str(path))
     tokens = [c["token"] for c in concepts]
     out = []

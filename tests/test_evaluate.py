@@ -169,7 +169,7 @@ def test_evaluate_bad_inputs(openclip_dir, concept_set, tmp_path, capsys):
 
 def test_detector_and_dino_paths(tiny_sd15, concept_set, openclip_dir, tmp_path):
     """OWLv2 boxes (tiny random detector) and DINO alignment (tiny random ViT) run through evaluate.py."""
-    from clif.fixtures.tiny import build_dino, build_owlv2
+    from clif.fixtures.tiny import build_dino, build_dinov2, build_owlv2
 
     ti = tmp_path / "ti"
     train_ti.main(ti_args(tiny_sd15, concept_set, ti, "--max_train_steps", "1"))
@@ -178,7 +178,9 @@ def test_detector_and_dino_paths(tiny_sd15, concept_set, openclip_dir, tmp_path)
     res = evaluate.main(["--images", str(tmp_path / "g"), "--concepts", str(concept_set), "--clip_model",
                          f"local-dir:{openclip_dir}", "--detector", str(build_owlv2(tmp_path / "owl")),
                          "--detector_threshold", "0", "--dino", str(build_dino(tmp_path / "dino")),
+                         "--dc_model", str(build_dinov2(tmp_path / "dv2")),  # D&C: on with a detector
                          "--output_dir", str(tmp_path / "e")])["g"]
     assert {r["instances"] for r in res["rows"]} == {"detector"}  # threshold 0: boxes for every image
     assert -1 <= res["summary"]["dino_alignment"] <= 1
     assert all(len(r["dino_alignment"]) == 2 for r in res["rows"])
+    assert all("dc" in r for r in res["rows"]) and res["summary"]["dc_images"] == len(res["rows"])

@@ -257,6 +257,7 @@ def score_folder(
                 sims = torch.stack([metrics.mean_cosine(cf, match_refs[by_token[t].name]) for t in named], dim=1)
             found, confused = metrics.confusion_decision(sims, margin)
             row.update(found=found, confused=confused, instances=method)
+            row["confusion_sims"] = sims.tolist() if sims is not None else None  # clif.eval.agreement's CLIP score
         rows.append(row)
     return rows
 

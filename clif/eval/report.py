@@ -11,7 +11,16 @@ from PIL import Image, ImageDraw
 from clif.images import save_png
 from clif.outputs.artifacts import atomic_write_bytes, atomic_write_json
 
-COLUMNS = ["text_alignment", "text_cosine", "image_alignment", "dino_alignment", "attendance", "confusion_rate"]
+COLUMNS = [
+    "text_alignment",
+    "text_cosine",
+    "image_alignment",
+    "dino_alignment",
+    "attendance",
+    "confusion_rate",
+    "dc",  # MuDI's Detect-and-Compare (clif/eval/dc.py)
+    "dc_zero_share",
+]
 
 
 def _fmt(v) -> str:

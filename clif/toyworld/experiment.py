@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .gate import referee_and_gate
 from .referee import Referee
 from .report import aggregate, ladder_figure, side_by_side, write_ladder_table
 from .scoring import read_generated, score_images
@@ -281,30 +282,6 @@ def stage1_diagnostics(stage1: Path) -> dict:
     conf = json.loads(f.read_text())
     # the held-out photos' matrix when the concepts have enough photos, else the (labelled) train-photo one
     return next((conf[k] for k in ("held_out", "train_views") if (conf.get(k) or {}).get("views")), conf)
-
-
-def load_base(base: Path):
-    """The world's pipeline (fp32, CPU) and its VAE."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def referee_and_gate(base: Path, referee_dir: Path, gate_dir: Path, size: int, **gate_kw) -> tuple[Referee, dict]:
-    """The referee (loaded, or trained on the base VAE's round trips) and the base's gate (cached in gate_dir)."""
-    from .gate import gate_table, run_gate
-    from .referee import train_referee
-
-    pipe = load_base(base)
-    referee = train_referee(pipe.vae, size, referee_dir, **gate_kw.pop("referee_kw", {}))
-    if (gate_dir / "gate.json").is_file():
-        gate = json.loads((gate_dir / "gate.json").read_text())
-    else:
-        gate = run_gate(pipe, referee, gate_dir, **gate_kw)
-    print(gate_table(gate))
-    return referee, gate
 
 
 def one_run(rung: str, seed: int, args, base: Path, work: Path, steps: dict, referee: Referee) -> dict:

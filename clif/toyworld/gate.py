@@ -124,6 +124,29 @@ def _sheet(samples: np.ndarray, scenes: list[Scene], referee: Referee, path: Pat
     plt.close(fig)
 
 
+def load_base(base: Path):
+    """The world's pipeline (fp32, CPU) and its VAE."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def referee_and_gate(base: Path, referee_dir: Path, gate_dir: Path, size: int, **gate_kw) -> tuple[Referee, dict]:
+    """The referee (loaded, or trained on the base VAE's round trips) and the base's gate (cached in gate_dir)."""
+    from .referee import train_referee
+
+    pipe = load_base(base)
+    referee = train_referee(pipe.vae, size, referee_dir, **gate_kw.pop("referee_kw", {}))
+    if (gate_dir / "gate.json").is_file():
+        gate = json.loads((gate_dir / "gate.json").read_text())
+    else:
+        gate = run_gate(pipe, referee, gate_dir, **gate_kw)
+    print(gate_table(gate))
+    return referee, gate
+
+
 def add_args(p) -> None:
     p.add_argument("--base", required=True, help="The pretrained world (python -m clif.toyworld pretrain --out).")
     p.add_argument("--referee", required=True, help="Referee folder (loaded if there, else trained and saved).")
@@ -135,8 +158,6 @@ def add_args(p) -> None:
 
 
 def run(args) -> dict:
-    from .experiment import referee_and_gate
-
     if args.threads:
         torch.set_num_threads(args.threads)
     base, out = Path(args.base), Path(args.out)
