@@ -177,6 +177,24 @@ def test_pretrain_writes_a_pipeline_with_paired_clip(tiny_world):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_compact_world_loads_as_float32_with_rounded_weights(tiny_world, tmp_path):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from clif.toyworld.__main__ import main
+
+    copy = tmp_path / "world"
+    shutil.copytree(tiny_world, copy)
+    main(["compact", str(copy)])
+    a = UNet2DConditionModel.from_pretrained(tiny_world / "unet")
+    b = UNet2DConditionModel.from_pretrained(copy / "unet")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert vb.dtype == torch.float32 and torch.equal(va.half().float(), vb), k
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*.safetensors"))  # noqa: E731
+    assert size(copy) < 0.6 * size(tiny_world)
+
+
 def test_gate_command_on_a_tiny_world(tiny_world, tmp_path):
     """The gate end to end on the tiny world: referee trained on its VAE's round trips, samples, table."""
     from clif.toyworld.__main__ import main
@@ -208,8 +226,10 @@ def test_ladder_experiment_end_to_end(tiny_world, tmp_path):
         assert abs(kinds - 1) < 1e-9
     assert (out / "distinct" / "seed0" / "clif-ti-lora" / "clif_manifest.json").exists()
     assert (out / "distinct" / "concepts" / "common" / "ball" / "masks" / "00.png").is_file()
+    agree = res["metric_vs_referee"]
+    assert agree["images"] == 4 and set(agree) >= {"clip_confusion", "dc", "oracle_confusion"}
     md = (out / "results.md").read_text()
-    assert "Renderability gate" in md and "| distinct | (b) CLIF |" in md
+    assert "against the referee" in md and "Renderability gate" in md and "| distinct | (b) CLIF |" in md
     assert (out / "ladder.png").is_file() and (out / "side_by_side_distinct.png").is_file()
 
 

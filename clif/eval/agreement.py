@@ -145,6 +145,11 @@ def compare_folder(
     folder: Path, oracle_json: Path, metrics_json: Path, concepts_dir: Path, clip_model: str, dc_cut: float = 0.5
 ) -> dict:
     """The toy-world comparison for one folder of generated images (see the module docstring)."""
+    return agreement(folder_rows(folder, oracle_json, metrics_json, concepts_dir, clip_model), dc_cut)
+
+
+def folder_rows(folder: Path, oracle_json: Path, metrics_json: Path, concepts_dir: Path, clip_model: str) -> list:
+    """The joined per-image rows of one folder (`agreement` pools rows of many folders)."""
     from clif.concepts import load_concept_set, open_rgb
 
     from .evaluation import open_backbone
@@ -172,7 +177,7 @@ def compare_folder(
             continue
         res = halves_dc(open_rgb(Path(folder) / o["image"]), [refs[by_token[t].name] for t in named], embed)
         dc[o["image"]] = res["dc"]
-    return agreement(join_rows(oracle, eval_rows, dc), dc_cut)
+    return join_rows(oracle, eval_rows, dc)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,9 +17,15 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser("gate", help="Train the referee (if needed) and measure the base's renderability gate.")
     )
     experiment.add_args(sub.add_parser("experiment", help="CLIF vs TI+LoRA vs TI on a ladder of look-alike pairs."))
+    c = sub.add_parser("compact", help="Rewrite a world's float32 weight files as float16 (what is committed).")
+    c.add_argument("folder", help="The world folder (pretrain --out).")
     args = p.parse_args(argv)
     if args.cmd == "pretrain":
         print(pretrain.run(args))
+    elif args.cmd == "compact":
+        from .models import to_fp16_files
+
+        print(f"{to_fp16_files(args.folder)} files rewritten as float16")
     elif args.cmd == "gate":
         gate.run(args)
     else:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clif.eval.agreement import agreement, folder_rows
+
 from .gate import referee_and_gate
 from .referee import Referee
 from .report import aggregate, ladder_figure, side_by_side, write_ladder_table
@@ -289,7 +291,7 @@ def one_run(rung: str, seed: int, args, base: Path, work: Path, steps: dict, ref
     concepts, data = RUNGS[rung], work / rung / "concepts"
     out = work / rung / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    log, cache, rows, folders = out / "log.txt", {}, {}, {}
+    log, cache, rows, folders, agree = out / "log.txt", {}, {}, {}, {}
     common = ",".join(sorted({c.cls for c in concepts.values()}))
     for m in args.methods:
         stage = run_method(m, base, data, out, seed, steps, cache, common)
@@ -302,11 +304,15 @@ def one_run(rung: str, seed: int, args, base: Path, work: Path, steps: dict, ref
             row["image"] = f
         (folder / "referee.json").write_text(json.dumps(scores, indent=2) + "\n")
         ev = evaluate_folder(base, data, folder, out / f"eval-{m}", log)
+        # is evaluate.py's confusion right? its per-image decisions (and D&C on halves) against the referee's
+        agree[m] = folder_rows(
+            folder, folder / "referee.json", out / f"eval-{m}" / "metrics.json", data, str(base / "paired_clip")
+        )
         rows[m] = {k: v for k, v in scores.items() if k != "rows"}
         rows[m].update({f"clip_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
         folders[m] = folder
     diag = stage1_diagnostics(cache[("clif",)]) if ("clif",) in cache else {}
-    return {"rows": rows, "stage1": diag, "times": cache.get("_times", {}), "folders": folders}
+    return {"rows": rows, "stage1": diag, "times": cache.get("_times", {}), "folders": folders, "agree": agree}
 
 
 def qualifies(table: dict) -> bool:
@@ -350,7 +356,9 @@ def run(args: argparse.Namespace) -> dict:
             "stage1": {f"seed{s}": done[(r, s)]["stage1"] for s in args.seeds if done[(r, s)]["stage1"]},
         }
         side_by_side(done[(r, args.seeds[0])]["folders"], work / f"side_by_side_{r}.png", per_prompt=4)
+    pooled = [row for d in done.values() for rows_ in d["agree"].values() for row in rows_]
     result = {
+        "metric_vs_referee": agreement(pooled),
         "seeds": args.seeds,
         "steps": steps,
         "images_per_prompt": args.images_per_prompt,

@@ -201,3 +201,23 @@ def save_world(pipe, clip, cfg: Config, out: Path) -> None:
     clip_tokenizer().save_pretrained(out / "paired_clip")  # evaluate.py reads the folder as a whole CLIP
     meta = asdict(cfg)
     (out / "toyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def to_fp16_files(folder: Path) -> int:
+    """Rewrite every float32 tensor of the world's safetensors files as float16, in place (half the bytes to
+    commit). diffusers and transformers load them back as float32 models. Returns the files rewritten."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    n = 0
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        sd = load_file(str(f))
+        if not any(v.dtype == torch.float32 for v in sd.values()):
+            continue
+        tmp = f.with_suffix(".tmp")
+        save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in sd.items()}, str(tmp), {"format": "pt"})
+        os.replace(tmp, f)
+        n += 1
+    return n

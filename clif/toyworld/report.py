@@ -136,6 +136,10 @@ METHOD_LABELS = {"ti": "(c) TI", "ti_lora": "(a) TI+LoRA", "clif": "(b) CLIF"}
 KIND_COLS = ("pair_missing", "pair_swapped", "pair_same", "pair_mixture", "pair_other", "pair_correct")
 
 
+def _num(x) -> str:
+    return "–" if x is None else (str(x) if isinstance(x, int) else f"{x:.3f}")
+
+
 def _pm(vals: dict, key: str) -> str:
     return f"{vals[key][0]:.2f} ± {vals[key][1]:.2f}" if key in vals else "–"
 
@@ -174,6 +178,25 @@ def write_ladder_table(result: dict, path: Path) -> str:
                     f"  - stage-1 retrieval, world CLIP, {seed}: {d['before']['accuracy']:.3f} before -> "
                     f"{d['after']['accuracy']:.3f} after"
                 )
+    agree = result.get("metric_vs_referee")
+    if agree:
+        lines += [
+            "",
+            (
+                f"## Our confusion metrics against the referee's ground truth ({agree['images']} two-concept images, "
+                f"referee confusion {_num(agree['oracle_confusion'])})"
+            ),
+            "",
+            "| metric | images | agreement | Cohen's kappa | Spearman (score vs confused) | rate |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, label in (
+            ("clip_confusion", "evaluate.py CLIP confusion (halves)"),
+            ("dc", "D&C on halves, world CLIP"),
+        ):
+            e = agree.get(name, {})
+            cells = [e.get("images"), e.get("agreement"), e.get("kappa"), e.get("spearman"), e.get("rate")]
+            lines.append(f"| {label} | " + " | ".join(_num(c) for c in cells) + " |")
     times = result.get("times_s", {})
     if times:
         lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]

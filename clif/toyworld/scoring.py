@@ -78,7 +78,9 @@ def score_images(reads: list[Read], prompts: list[str], concepts: dict[str, Obj]
         elif len(names) == 2:
             kind = pair_kind(read, (names[0], names[1]), concepts)
             pair.append(kind)
-            rows.append({"prompt": prompt, "want": names, "read": seen, "kind": kind})
+            rows.append(
+                {"prompt": prompt, "want": names, "read": seen, "kind": kind, "confused": kind in CONFUSION_KINDS}
+            )
     out = {"fidelity": float(np.mean(single)) if single else float("nan"), "n_single": len(single)}
     for k in KINDS:
         out[f"pair_{k}"] = float(np.mean([p == k for p in pair])) if pair else float("nan")
