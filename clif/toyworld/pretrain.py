@@ -269,7 +269,9 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
         x = to_tensor(h_imgs[:64], "vae")
         stats["vae_heldout_mse"] = float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
     encoder = text_encoder_from(clip)
-    lat, hid = encode_all(vae, encoder, imgs, ids)
+    finished = (_load(work / "unet.ckpt") or {}).get("step", 0) >= cfg.unet_steps
+    # a finished UNet needs no training inputs: resuming it only writes the world
+    lat, hid = (None, None) if finished else encode_all(vae, encoder, imgs, ids)
     with torch.no_grad():
         empty = encoder(
             clip_tokenizer()([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
