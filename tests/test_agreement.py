@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, needs_data
 from PIL import Image
 
 import evaluate
-from clif import agreement
+from clif.eval import agreement
 from clif.concepts import load_concept_set
 from clif.eval.metrics import confusion_decision
 

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, needs_data, run_cli
 from PIL import Image
 
 import evaluate
-from clif import dc
+from clif.eval import dc
 from clif.concepts import load_concept_set
 
 DB = SHARED_DATA / "dreambench-mini"

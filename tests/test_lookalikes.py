@@ -10,7 +10,7 @@ from conftest import SHARED_DATA, needs_data, run_cli
 from PIL import Image
 
 import evaluate
-from clif import lookalikes
+from clif.eval import lookalikes
 from clif.errors import UserError
 from clif.concepts import load_concept_set
 from clif.generate import expand_prompt_set

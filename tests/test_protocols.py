@@ -12,7 +12,7 @@ from conftest import run_cli
 from PIL import Image
 
 import evaluate
-from clif import metrics, protocols
+from clif.eval import metrics, protocols
 
 
 def test_settings_are_custom_diffusions():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from clif.errors import UserError
 
-DATASET = Path(__file__).resolve().parents[1] / "dataset"
+DATASET = Path(__file__).resolve().parents[2] / "dataset"
 BUILTIN = {"dreambench": DATASET / "lookalikes_dreambench.json"}
 
 
