@@ -245,3 +245,27 @@ def test_committed_world_loads_and_its_referee_reads_round_trips():
     imgs, scenes = render_training_scenes(200, 32, seed=4242)
     acc = score_reads(referee.read(vae_round_trip(pipe.vae, imgs)), scenes)
     assert acc["layout"] >= 0.95 and acc["color"] >= 0.95 and acc["pattern"] >= 0.9, acc
+
+
+def test_unet_stop_at_keeps_the_full_schedule_and_resumes_to_its_end(tmp_path):
+    """--unet_stop_at stops early on the full schedule's learning rates; a later run finishes the schedule."""
+    from clif.toyworld.models import Config
+    from clif.toyworld.pretrain import train_part
+
+    def run(work, steps, stop_at):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        x = torch.randn(16, 3)
+        log = train_part(
+            Config(), work, "unet", model, steps, 0.1, lambda s: model(x).pow(2).mean(), 100, stop_at=stop_at
+        )
+        return log, torch.load(work / "unet.ckpt", weights_only=True)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    log_a, ck_a = run(tmp_path / "a", 10, 4)
+    log_b, ck_b = run(tmp_path / "b", 4, None)
+    assert ck_a["step"] == ck_b["step"] == 4 and len(log_a) == 4
+    assert ck_a["sched"]["_last_lr"] != ck_b["sched"]["_last_lr"]  # 4 of 10 steps is not the end of a 4-step schedule
+    log_full, ck_full = run(tmp_path / "a", 10, None)  # resumes at 4, runs to 10
+    assert ck_full["step"] == 10 and len(log_full) == 10 and log_full[:4] == log_a

@@ -99,6 +99,7 @@ def train_part(
     every: int,
     ema: torch.nn.Module | None = None,
     on_checkpoint=None,
+    stop_at: int | None = None,
 ) -> list[float]:
     """Generic resumable loop: AdamW, linear warm-up then cosine, optional EMA; returns the loss log.
 
@@ -118,7 +119,8 @@ def train_part(
             ema.load_state_dict(state["ema"])
         start, log = int(state["step"]), list(state["log"])
     model.train()
-    bar = tqdm(range(start, steps), desc=f"pretrain {part}", initial=start, total=steps)
+    end = min(steps, stop_at or steps)  # stop early, on the full schedule's learning rates
+    bar = tqdm(range(start, end), desc=f"pretrain {part}", initial=start, total=end)
     for step in bar:
         loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -133,7 +135,7 @@ def train_part(
         log.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
-        if (step + 1) % every == 0 or step + 1 == steps:
+        if (step + 1) % every == 0 or step + 1 == end:
             _save(
                 ckpt,
                 {
@@ -239,7 +241,17 @@ def pretrain_unet(
         return F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, eps)
 
     log = train_part(
-        cfg, work, "unet", unet, cfg.unet_steps, cfg.unet_lr, loss_fn, every, ema=ema, on_checkpoint=on_checkpoint
+        cfg,
+        work,
+        "unet",
+        unet,
+        cfg.unet_steps,
+        cfg.unet_lr,
+        loss_fn,
+        every,
+        ema=ema,
+        on_checkpoint=on_checkpoint,
+        stop_at=cfg.unet_stop_at,
     )
     return ema, log
 
@@ -269,7 +281,9 @@ def pretrain(cfg: Config, out: Path, work: Path, every: int, grids: bool = True,
         x = to_tensor(h_imgs[:64], "vae")
         stats["vae_heldout_mse"] = float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
     encoder = text_encoder_from(clip)
-    finished = (_load(work / "unet.ckpt") or {}).get("step", 0) >= cfg.unet_steps
+    finished = (_load(work / "unet.ckpt") or {}).get("step", 0) >= min(
+        cfg.unet_steps, cfg.unet_stop_at or cfg.unet_steps
+    )
     # a finished UNet needs no training inputs: resuming it only writes the world
     lat, hid = (None, None) if finished else encode_all(vae, encoder, imgs, ids)
     with torch.no_grad():
@@ -313,7 +327,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="Seed of the world and of every weight init.")
     p.add_argument("--checkpoint_every", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    p.add_argument("--unet_steps", type=int, default=None, help="Override the preset's UNet steps.")
+    p.add_argument("--unet_steps", type=int, default=None, help="Override the preset's UNet steps (its schedule).")
+    p.add_argument(
+        "--unet_stop_at",
+        type=int,
+        default=None,
+        help="Stop the UNet after this step, on the full schedule's learning rates (the cpu preset stops at 1750 of "
+        "2500, as the committed base did); 0 = run the whole schedule.",
+    )
     p.add_argument("--no_grids", action="store_true", help="Skip the sample grids (faster; tests).")
     p.add_argument(
         "--part",
@@ -333,6 +354,8 @@ def run(args: argparse.Namespace) -> Path:
     cfg = Config(**{**PRESETS[args.preset], "seed": args.seed})
     if args.unet_steps is not None:
         cfg.unet_steps = args.unet_steps
+    if args.unet_stop_at is not None:
+        cfg.unet_stop_at = args.unet_stop_at or None
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
     torch.set_num_threads(args.threads or max(1, min(16, os.cpu_count() or 1)))
