@@ -126,7 +126,7 @@ def join_rows(oracle_rows: list[dict], eval_rows: list[dict], dc: dict[str, floa
     out = []
     for o in oracle_rows:
         e = by_file.get(o["image"])
-        if e is None:
+        if e is None or "confused" not in o:  # no verdict (e.g. a single-concept prompt): nothing to compare
             continue
         sims = e.get("confusion_sims")
         out.append(
