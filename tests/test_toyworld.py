@@ -227,9 +227,8 @@ def test_ladder_experiment_end_to_end(tiny_world, tmp_path):
     assert (out / "distinct" / "seed0" / "clif-ti-lora" / "clif_manifest.json").exists()
     assert (out / "distinct" / "concepts" / "common" / "ball" / "masks" / "00.png").is_file()
     agree = res["metric_vs_referee"]
-    assert agree["images"] == 8 and set(
-        agree
-    )  # 4 two-concept images x 2 methods, pooled; >= {"clip_confusion", "dc", "oracle_confusion"}
+    # 4 two-concept images x 2 methods, pooled
+    assert agree["images"] == 8 and set(agree) >= {"clip_confusion", "dc", "oracle_confusion"}
     md = (out / "results.md").read_text()
     assert "against the referee" in md and "Renderability gate" in md and "| distinct | (b) CLIF |" in md
     assert (out / "ladder.png").is_file() and (out / "side_by_side_distinct.png").is_file()
