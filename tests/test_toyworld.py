@@ -139,7 +139,13 @@ def test_scoring_names_each_kind_of_confusion():
     assert pair_kind(_read(a, a), want, concepts) == "same"
     assert pair_kind(_read(a, None), want, concepts) == "missing"
     assert pair_kind(_read(a, red_box), want, concepts) == "mixture"
+    assert pair_kind(_read(a, Obj("ball", "red", "top", "blue")), want, concepts) == "mixture"  # red ball, blue top
     assert pair_kind(_read(a, green_star), want, concepts) == "other"
+    assert pair_kind(_read(a, Obj("star", "red", "band", "green")), want, concepts) == "other"  # only a's red
+    band, spot = Obj("ball", "yellow", "band", "purple"), Obj("ball", "yellow", "spot", "black")
+    marks = {"a": band, "b": spot}
+    assert pair_kind(_read(band, Obj("ball", "yellow", "spot", "purple")), want, marks) == "mixture"
+    assert pair_kind(_read(band, Obj("ball", "yellow")), want, marks) == "other"  # no mark: neither's
     prompts = ["a <a> on the left and a <b> on the right", "a <b> on the left and a <a> on the right", "a <a>"]
     s = score_images([_read(a, b), _read(a, b), _read(None, a)], prompts, concepts)
     assert (s["pair_correct"], s["pair_swapped"], s["oracle_confusion"], s["fidelity"]) == (0.5, 0.5, 0.5, 1.0)

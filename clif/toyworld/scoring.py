@@ -6,8 +6,9 @@ A two-concept prompt ("a <a> on the left and a <b> on the right") gets exactly o
 - `missing`: not two objects left and right (one concept, or both, missing; e.g. one ball in the centre);
 - `swapped`: both concepts, on the wrong sides;
 - `same`: the same concept twice;
-- `mixture`: a slot shows an object made of the two concepts' attributes that is neither (e.g. the red box
-  of a red ball and a blue box);
+- `mixture`: a slot shows an object that is neither concept but shows something only the first concept has and
+  something only the second has (class, a colour, or the mark: of a red ball and a blue box, a red box, a blue
+  ball, or a red ball with a blue top);
 - `other`: anything else (a slot shows something unrelated to either concept: a fidelity failure).
 Confusion = missing + swapped + same + mixture; correct + other + confusion = 1.
 """
@@ -26,16 +27,24 @@ KINDS = ("correct", "missing", "swapped", "same", "mixture", "other")
 CONFUSION_KINDS = ("missing", "swapped", "same", "mixture")
 
 
+def features(obj: Obj) -> set[tuple[str, str]]:
+    """What can be seen of an object: its class, every colour it shows (body and mark) and its mark."""
+    shown = {("color", obj.color)} | ({("color", obj.pattern_color)} if obj.pattern != "solid" else set())
+    return {("cls", obj.cls), ("mark", obj.pattern)} | shown
+
+
 def name_of(obj: Obj | None, concepts: dict[str, Obj]) -> str | None:
-    """Which concept `obj` is, 'mix' for a blend of their attributes, 'other', or None (no object)."""
+    """Which concept `obj` is; 'mix' when it is neither but shows something that only the first concept has and
+    something that only the second has (a red ball with a blue top, of a red ball and a blue box); 'other'
+    otherwise; None for no object."""
     if obj is None:
         return None
-    ident = obj.identity()
     for name, c in concepts.items():
-        if c.identity() == ident:
+        if c.identity() == obj.identity():
             return name
-    pools = list(zip(*(c.identity() for c in concepts.values())))
-    return "mix" if all(v in pool for v, pool in zip(ident, pools)) else "other"
+    a, b = (features(c) for c in concepts.values())
+    seen = features(obj)
+    return "mix" if seen & (a - b) and seen & (b - a) else "other"
 
 
 def pair_kind(read: Read, want: tuple[str, str], concepts: dict[str, Obj]) -> str:
