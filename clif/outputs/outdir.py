@@ -10,7 +10,7 @@ from pathlib import Path
 
 from clif.errors import UserError
 from clif.outputs.artifacts import MANIFEST
-from clif.validate import folder_or_absent
+from clif.validate import entries, folder_or_absent
 
 LOCK = ".clif.lock"
 # Everything a training run writes at the top of its output dir (plus <dir name>_kohya.safetensors).
@@ -24,10 +24,10 @@ _HELD: dict[str, int] = {}  # output dir -> fd of its lock, for the life of the 
 
 def is_clif_run(path: Path) -> bool:
     """True when `path` provably holds a CLIF training run: our marker files and nothing we did not write."""
-    entries = list(path.iterdir())
+    found = entries(path, "output dir")
     marked = (path / MANIFEST).is_file() or (path / "run_args.json").is_file()
-    marked = marked or any(re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.json").is_file() for p in entries)
-    foreign = [p.name for p in entries if not (_OURS.match(p.name) or p.name == f"{path.name}_kohya.safetensors")]
+    marked = marked or any(re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.json").is_file() for p in found)
+    foreign = [p.name for p in found if not (_OURS.match(p.name) or p.name == f"{path.name}_kohya.safetensors")]
     return marked and not foreign
 
 
@@ -55,7 +55,7 @@ def check_output_dir(
             if rel and (deletes or rel != "lies inside"):  # writing next to an input's files is harmless
                 raise UserError(f"--output_dir {path} {rel} the input {name} {value}; choose another folder")
     folder_or_absent(path, "output dir")
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists() or not entries(path, "output dir"):
         return
     if lock_held(path):
         raise UserError(f"output dir {path} is in use by another running CLIF run (lock {LOCK} is held)")
