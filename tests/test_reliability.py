@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, ti_args
+from conftest import HANG_GUARD_S, REPO, run_cli, ti_args
 from safetensors.torch import load_file
 
 import train_lora
@@ -193,7 +193,7 @@ def _kill_after_checkpoint(argv: list[str], out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD_S  # a hang guard: a living run that is slow is waited for
     while not list(out.glob("checkpoint-*/state.json")):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "no checkpoint appeared"
