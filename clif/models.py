@@ -35,6 +35,21 @@ def detect_family(path: str, revision: str | None = None) -> str:
     return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] else "sd"
 
 
+def read_text_side(path: str, family: str, revision: str | None = None) -> tuple[list, list[int]]:
+    """The tokenizers and the text encoders' embedding widths, from the tokenizer and config files only: what
+    can be checked (tokens, names, embedding shapes) is checked before any weights load."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    names = _encoder_names(2 if family == "sdxl" else 1)
+    with loading("model", path):
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=n.replace("text_encoder", "tokenizer"), revision=revision)
+            for n in names
+        ]
+        widths = [CLIPTextConfig.from_pretrained(path, subfolder=n, revision=revision).hidden_size for n in names]
+    return tokenizers, widths
+
+
 @dataclass
 class DiffusionModel:
     """Tokenizers, text encoders, UNet, VAE and noise scheduler of one base model, family hidden behind methods."""

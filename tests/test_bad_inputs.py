@@ -618,3 +618,48 @@ def test_model_load_failure_is_one_line_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot load CLIP model 'ViT-B-32': no weights" in r.stderr
+
+
+def _word_named(c: Ctx) -> Path:
+    """The concept set with its first concept named 'cat' (one token of CLIP's vocabulary)."""
+    return c.concepts(lambda s: s["concepts"][0].update(name="cat", images="images/redball", masks="masks/redball"))
+
+
+case("ti-word-name", "ti", lambda c: _ti(c, data=_word_named(c)), "--allow_word_names")
+case("lora-word-name", "lora", lambda c: [*_lora(c), "--train_data_dir", str(_word_named(c))], "'cat'")
+
+
+def test_word_name_is_accepted_with_a_warning(world, tmp_path, capsys):
+    data = _word_named(Ctx(world, tmp_path))
+    out = tmp_path / "out"
+    got, err = run_cli(train_ti.main, ti_args(world.sd, data, out, "--max_train_steps", "1", "--allow_word_names"),
+                       capsys)
+    assert got == 0, err
+    assert "warning: concept name(s) 'cat'" in err and (out / "embeddings" / "cat.safetensors").is_file()
+
+
+def test_checks_that_need_no_weights_come_before_loading(world, tmp_path, capsys, monkeypatch):
+    """Token in the vocabulary, the stage dir's family and embedding width are read from the manifest, tokenizer and
+    config files: a mistake is answered before any weights load (minutes on SDXL)."""
+    import diffusers
+
+    import clif.train.stage
+
+    c = Ctx(world, tmp_path)
+    runs = {  # built before the loaders are disabled
+        "vocabulary": ("ti", _ti(c, data=c.concepts(lambda s: s["concepts"][0].update(token="photo")))),
+        "family": ("lora", _lora(c, stage=c.stage_xl)),
+        "shape": ("lora", _lora(c, stage=_stage_file(c, "embeddings/redball.safetensors",
+                                                     tensors={"<redball>": __import__("torch").zeros(2, 5)}))),
+    }
+    runs["inference shape"] = ("inf", _inf(c, "--stage_dir", runs["shape"][1][runs["shape"][1].index("--stage_dir") + 1]))
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(clif.train.stage, "load_model", no_weights)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_weights)
+    for what, (script, argv) in runs.items():
+        got, err = run_cli(MAINS[script], argv, capsys)
+        assert got == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert what.split()[-1] in err or (what == "vocabulary" and "already in the tokenizer" in err), (what, err)
