@@ -98,6 +98,13 @@ class DiffusionModel:
 
         return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
 
+    @property
+    def text_last_layer_read(self) -> list[bool]:
+        """Per text encoder: whether generation reads its last layer's output. SDXL conditions on the penultimate
+        hidden states of both encoders and on text encoder 2's pooled projection (its last layer): text encoder 1's
+        last layer is never read, so nothing trainable (LoRA) goes there."""
+        return [not (self.family == "sdxl" and i == 0) for i in range(len(self.text_encoders))]
+
     def text_components(self) -> dict:
         """The tokenizer/text-encoder arguments of the family's pipeline class (SD: no safety checker)."""
         comps = {}

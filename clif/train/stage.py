@@ -116,9 +116,7 @@ def lora_trainables(
         if inp.text_lora:  # stage 1 left one: it goes on training
             params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
         else:
-            params = lora.add_text_loras(
-                model.text_encoders, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, seed=init
-            )
+            params = lora.add_text_loras(model, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, seed=init)
         trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": params, "lr": args.text_encoder_lr or lr})
     # after the adapters: peft marks every parameter it finds in a module as frozen, the concept rows included
