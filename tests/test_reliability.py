@@ -100,10 +100,29 @@ def test_lock_refuses_a_second_run_and_stale_tmp_is_cleaned(tiny_sd15, concept_s
     assert not outdir.lock_held(run)
 
 
+def _run_with_a_rival(script, writer: str, argv: list[str], out: Path, capsys, monkeypatch) -> None:
+    """Run `script` into `out`; when it starts writing (its `writer` function), a second run into the same folder
+    starts, as a concurrent run would find it: that one is refused in one line, the first finishes."""
+    seen = []
+    real = getattr(script, writer)
+
+    def with_a_rival(*args, **kwargs):
+        if not seen:  # the first run only (a rival that got through must not start a rival of its own)
+            seen.append(outdir.lock_held(out))
+            seen.append(run_cli(script.main, [*argv, "--overwrite"], capsys))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(script, writer, with_a_rival)
+    script.main(argv)
+    assert seen[0], f"{script.__name__}.py wrote without holding the output dir's lock"
+    code, err = seen[1]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "in use" in err, err
+    assert not outdir.lock_held(out)  # released at the end
+
+
 def test_inference_and_evaluation_lock_their_output_dir(tiny_sd15, concept_set, ti_run, tmp_path, capsys,
                                                        monkeypatch):
-    """A second inference.py / evaluate.py into the folder a first one is writing is refused in one line (the
-    second starts from inside the first's writing, as a concurrent run would find the folder)."""
+    """A second inference.py / evaluate.py into the folder a first one is writing is refused in one line."""
     import evaluate
     import inference
     from clif.fixtures.tiny import build_openclip
@@ -111,41 +130,13 @@ def test_inference_and_evaluation_lock_their_output_dir(tiny_sd15, concept_set, 
     out = tmp_path / "gen"
     inf = ["--pretrained_model_name_or_path", str(tiny_sd15), "--stage_dir", str(ti_run), "--prompt", "a <redball>",
            "--output_dir", str(out), "--num_images_per_prompt", "1", "--num_inference_steps", "1"]
-    seen = []
-    real_generate = inference.generate
-
-    def generate_with_a_rival(*args, **kwargs):
-        if not seen:  # the first run only (a rival that got through must not start a rival of its own)
-            seen.append(outdir.lock_held(out))
-            seen.append(run_cli(inference.main, [*inf, "--overwrite"], capsys))
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "generate", generate_with_a_rival)
-    inference.main(inf)
-    assert seen[0], "inference.py wrote without holding the output dir's lock"
-    code, err = seen[1]
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "in use" in err, err
-    assert not outdir.lock_held(out) and list(out.glob("*.png"))  # released at the end; the first run finished
-
-    clip = build_openclip(tmp_path / "oc")
+    _run_with_a_rival(inference, "generate", inf, out, capsys, monkeypatch)
+    assert list(out.glob("*.png"))
     ev_out = tmp_path / "eval"
-    ev = ["--images", str(out), "--concepts", str(concept_set), "--clip_model", f"local-dir:{clip}", "--detector",
-          "none", "--output_dir", str(ev_out)]
-    seen.clear()
-    real_report = evaluate.write_report
-
-    def report_with_a_rival(*args, **kwargs):
-        if not seen:
-            seen.append(outdir.lock_held(ev_out))
-            seen.append(run_cli(evaluate.main, [*ev, "--overwrite"], capsys))
-        return real_report(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "write_report", report_with_a_rival)
-    evaluate.main(ev)
-    assert seen[0], "evaluate.py wrote without holding the output dir's lock"
-    code, err = seen[1]
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "in use" in err, err
-    assert not outdir.lock_held(ev_out) and (ev_out / "metrics.json").is_file()
+    ev = ["--images", str(out), "--concepts", str(concept_set), "--clip_model",
+          f"local-dir:{build_openclip(tmp_path / 'oc')}", "--detector", "none", "--output_dir", str(ev_out)]
+    _run_with_a_rival(evaluate, "write_report", ev, ev_out, capsys, monkeypatch)
+    assert (ev_out / "metrics.json").is_file()
 
 
 def test_overwrite_of_a_symlinked_output_dir_is_refused(tiny_sd15, concept_set, ti_run, tmp_path, capsys):
