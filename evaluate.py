@@ -30,7 +30,7 @@ from clif.eval.evaluation import (
 from clif.eval.figures import pair_bars
 from clif.eval.report import write_report
 from clif.generate import auto_device_dtype
-from clif.outputs.outdir import check_output_dir
+from clif.outputs.outdir import check_output_dir, lock_dir
 
 PROG = "evaluate.py"
 
@@ -268,7 +268,7 @@ def run(args) -> dict:
             "rows": rows,
             "settings": settings,
         }
-    out.mkdir(parents=True, exist_ok=True)
+    lock_dir(out)  # held until the run ends: a second run into this folder is refused
     write_report(out, results)
     pair_bars({label: r["per_pair"] for label, r in results.items()}, out / "pairs.png")
     print((out / "metrics.md").read_text().split("\n\nPer prompt")[0])

@@ -24,7 +24,7 @@ from clif.generate import (
 from clif.images import grid, save_png
 from clif.lora import LORA_FILE
 from clif.outputs.artifacts import read_manifest
-from clif.outputs.outdir import check_output_dir
+from clif.outputs.outdir import check_output_dir, lock_dir
 
 PROG = "inference.py"
 
@@ -128,7 +128,7 @@ def run(args) -> list[Path]:
         "dtype": str(dtype).replace("torch.", ""),
         "device": device.type,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    lock_dir(out)  # held until the run ends: a second run into this folder is refused
     total = len(prompts) * args.num_images_per_prompt
     with tqdm(total=total, desc="images") as bar:
         paths = generate(

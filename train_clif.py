@@ -154,7 +154,7 @@ def run(args) -> None:
     groups = [{"params": [m.new for m in modules], "lr": lr}]
     if args.train_text_encoder == "lora":
         rank, init = args.text_encoder_rank, seeds.stream(args.seed, "lora_init")
-        te = lora.add_text_loras(model.text_encoders, rank=rank, alpha=rank, dropout=0.0, seed=init)
+        te = lora.add_text_loras(model, rank=rank, alpha=rank, dropout=0.0, seed=init)
         trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": te, "lr": args.text_encoder_lr})
 

@@ -163,6 +163,14 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
         default=2,
         help="Embedding vectors per placeholder token (plain folders; concepts.json may set its own).",
     )
+    harmless(
+        g.add_argument(
+            "--allow_word_names",
+            action="store_true",
+            help="Accept concept names that are words of the base tokenizer (e.g. 'cat'), with a warning: A1111, "
+            "ComfyUI and kohya take the embedding file's name as its trigger word (dataset/README.md).",
+        )
+    )
     if not images:
         return
     g.add_argument(

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from clif.errors import UserError
-from clif.validate import existing_folder, file_name, get_field, read_json, string_list
+from clif.validate import entries, existing_folder, file_name, get_field, read_json, string_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SIDE = 16  # pixels; smaller images cannot be segmented, cropped or encoded meaningfully
@@ -48,8 +48,8 @@ class Concept:
         }
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def list_images(folder: Path, what: str = "image folder") -> list[Path]:
+    return sorted(p for p in entries(folder, what) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -107,7 +107,7 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
 
 def _images_of(folder: Path, name: str) -> list[Path]:
     existing_folder(folder, f"concept {name!r}: image folder")
-    images = list_images(folder)
+    images = list_images(folder, f"concept {name!r}: image folder")
     if not images:
         raise UserError(f"concept {name!r} has no images in {folder} (expected {', '.join(IMAGE_SUFFIXES)})")
     return images
@@ -117,7 +117,7 @@ def _from_folders(root: Path, initializer: str | None, class_word: str | None, n
     classes: dict = {}
     if (root / "classes.json").exists():
         classes = read_json(root / "classes.json")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = sorted(p for p in entries(root, "data dir") if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise UserError(f"{root} holds neither concepts.json nor concept sub-folders of images")
     concepts = []
@@ -185,7 +185,7 @@ def load_concept_set(
 ) -> list[Concept]:
     """Read and validate a concept set; every image is decoded once so a broken file is named now."""
     root = existing_folder(root, "data dir")
-    if not any(root.iterdir()):
+    if not entries(root, "data dir"):
         raise UserError(f"data dir {root} is empty")
     if (root / "concepts.json").exists():
         concepts = _from_json(root, num_vectors)

@@ -17,15 +17,21 @@ class RunFailed(Exception):
 
 @contextlib.contextmanager
 def loading(what: str, name: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
-    """Load a model by hub id or path: its warnings silenced, its failure one UserError line naming it."""
+    """Load a model by hub id or path: its warnings and log records silenced (open_clip logs a failed download
+    at ERROR before raising), its failure one UserError line naming it."""
+    import logging
     import os
     import warnings
 
+    silenced = logging.root.manager.disable
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            logging.disable(logging.ERROR)
             yield
     except errors as err:
         hint = " (HF_HUB_OFFLINE is set: only cached hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot load {what} {name!r}: {first}{hint}") from None
+    finally:
+        logging.disable(silenced)

@@ -10,8 +10,9 @@ import torch
 
 from clif import lora
 from clif.errors import UserError, loading
-from clif.models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading
+from clif.models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading, read_text_side
 from clif.outputs import artifacts
+from clif.tokens import known_tokens
 from clif.validate import read_json, read_text
 
 SCHEDULERS = {
@@ -40,17 +41,24 @@ def auto_device_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     return device, table[dtype]
 
 
+def check_stage_files(stage_dir: str | Path, manifest: dict, family: str, widths: list[int]) -> list:
+    """Every embedding file of a stage dir (shape against the encoders' `widths`) and its LoRA file, checked
+    before the first is loaded; returns the embeddings' (rows, metadata)."""
+    checked = [
+        artifacts.load_embedding_file(Path(stage_dir) / "embeddings" / f"{e['name']}.safetensors", family, widths)
+        for e in manifest["concepts"]
+    ]
+    if (Path(stage_dir) / lora.LORA_FILE).exists():
+        artifacts.check_safetensors(Path(stage_dir) / lora.LORA_FILE)
+    return checked
+
+
 def load_embeddings_into(pipe, stage_dir: str | Path, model: DiffusionModel) -> list[dict]:
     """Load every concept embedding of a stage dir with stock `load_textual_inversion` (one call per text encoder,
     as the README shows for SDXL), and its LoRA with `load_lora_weights`; returns the manifest's concepts."""
     manifest = artifacts.read_manifest(stage_dir)
     widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders]
-    checked = [
-        artifacts.load_embedding_file(Path(stage_dir) / "embeddings" / f"{e['name']}.safetensors", model.family, widths)
-        for e in manifest["concepts"]
-    ]  # all files checked before the first is loaded
-    if (Path(stage_dir) / lora.LORA_FILE).exists():
-        artifacts.check_safetensors(Path(stage_dir) / lora.LORA_FILE)
+    checked = check_stage_files(stage_dir, manifest, model.family, widths)
     for entry, (rows, _) in zip(manifest["concepts"], checked):
         for r, enc, tok in zip(rows, model.text_encoders, model.tokenizers):
             pipe.load_textual_inversion(r, token=entry["token"], text_encoder=enc, tokenizer=tok)
@@ -76,8 +84,17 @@ def load_pipeline(
     quiet_loading()
     family = detect_family(base, revision)
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
-    if manifest is not None:  # the family first: no model loaded for a stage dir of another family
+    if manifest is not None:  # what the manifest, tokenizer and config files tell, before any weights load
         artifacts.check_stage_compatible(manifest, stage_dir, family, None, base)
+        toks, widths = read_text_side(base, family, revision)
+        check_stage_files(stage_dir, manifest, family, widths)
+        for entry in manifest["concepts"]:
+            clash = known_tokens(toks[0], [entry["token"]])
+            if clash:
+                raise UserError(
+                    f"{stage_dir}: token {clash[0]!r} of concept {entry['name']!r} is already a word of {base}'s "
+                    "tokenizer"
+                )
     with loading("model", base):
         pipe = DiffusionPipeline.from_pretrained(
             base, dtype=dtype, revision=revision, variant=variant, **pipeline_extras(family)

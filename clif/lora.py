@@ -59,14 +59,26 @@ def named_lora_params(module: torch.nn.Module, prefix: str) -> dict[str, torch.n
     return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad and "lora_" in n}
 
 
-def add_text_loras(
-    text_encoders: list[torch.nn.Module], *, rank: int, alpha: float, dropout: float, seed: int
-) -> list[torch.nn.Parameter]:
-    """A new LoRA on the attention (TEXT_TARGETS) of every text encoder; returns the trainable params."""
+def text_targets(enc: torch.nn.Module, last_layer_read: bool) -> list[str]:
+    """The attention projections (TEXT_TARGETS) of a text encoder, by full module name; without those of its last
+    layer when generation never reads that layer's output (a LoRA there would receive no gradient)."""
+    last = f"layers.{enc.config.num_hidden_layers - 1}."
+    return [
+        n
+        for n, m in enc.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and n.rsplit(".", 1)[-1] in TEXT_TARGETS
+        and (last_layer_read or f".{last}" not in f".{n}")
+    ]
+
+
+def add_text_loras(model, *, rank: int, alpha: float, dropout: float, seed: int) -> list[torch.nn.Parameter]:
+    """A new LoRA on the attention (TEXT_TARGETS) of every text encoder of `model`, except layers whose output
+    generation never reads (model.text_last_layer_read); returns the trainable params."""
     return [
         p
-        for enc in text_encoders
-        for p in add_lora(enc, rank=rank, alpha=alpha, dropout=dropout, targets=TEXT_TARGETS, seed=seed)
+        for enc, read in zip(model.text_encoders, model.text_last_layer_read)
+        for p in add_lora(enc, rank=rank, alpha=alpha, dropout=dropout, targets=text_targets(enc, read), seed=seed)
     ]
 
 

@@ -35,6 +35,21 @@ def detect_family(path: str, revision: str | None = None) -> str:
     return "sdxl" if index.get("text_encoder_2") and index["text_encoder_2"][0] else "sd"
 
 
+def read_text_side(path: str, family: str, revision: str | None = None) -> tuple[list, list[int]]:
+    """The tokenizers and the text encoders' embedding widths, from the tokenizer and config files only: what
+    can be checked (tokens, names, embedding shapes) is checked before any weights load."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    names = _encoder_names(2 if family == "sdxl" else 1)
+    with loading("model", path):
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(path, subfolder=n.replace("text_encoder", "tokenizer"), revision=revision)
+            for n in names
+        ]
+        widths = [CLIPTextConfig.from_pretrained(path, subfolder=n, revision=revision).hidden_size for n in names]
+    return tokenizers, widths
+
+
 @dataclass
 class DiffusionModel:
     """Tokenizers, text encoders, UNet, VAE and noise scheduler of one base model, family hidden behind methods."""
@@ -82,6 +97,13 @@ class DiffusionModel:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+
+    @property
+    def text_last_layer_read(self) -> list[bool]:
+        """Per text encoder: whether generation reads its last layer's output. SDXL conditions on the penultimate
+        hidden states of both encoders and on text encoder 2's pooled projection (its last layer): text encoder 1's
+        last layer is never read, so nothing trainable (LoRA) goes there."""
+        return [not (self.family == "sdxl" and i == 0) for i in range(len(self.text_encoders))]
 
     def text_components(self) -> dict:
         """The tokenizer/text-encoder arguments of the family's pipeline class (SD: no safety checker)."""

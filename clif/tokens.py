@@ -40,8 +40,14 @@ class ConceptEmbedding(nn.Module):
         return torch.where(is_new.unsqueeze(-1), extra, out)
 
 
-def add_placeholder_tokens(tokenizers: list, concepts: list[Concept]) -> list[list[int]]:
-    """Add every concept's tokens to each tokenizer; returns the ids of each concept (same in all tokenizers)."""
+def known_tokens(tokenizer, words: list[str]) -> list[str]:
+    """The `words` already in the tokenizer's vocabulary (case-insensitively, as CLIP lowercases)."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in words if t in vocab or t.lower() in vocab]
+
+
+def check_vocabulary(tokenizers: list, concepts: list[Concept]) -> None:
+    """Each initializer is one token and no placeholder token is already a word of the tokenizers."""
     for c in concepts:
         for tok in tokenizers:
             ids = tok.encode(c.initializer, add_special_tokens=False)
@@ -49,13 +55,41 @@ def add_placeholder_tokens(tokenizers: list, concepts: list[Concept]) -> list[li
                 raise UserError(
                     f"concept {c.name!r}: initializer {c.initializer!r} is {len(ids)} tokens, need exactly 1"
                 )
-            vocab = tok.get_vocab()
-            clash = [t for t in c.tokens if t in vocab or t.lower() in vocab]
+            clash = known_tokens(tok, c.tokens)
             if clash:
                 raise UserError(
                     f"concept {c.name!r}: token {clash[0]!r} is already in the tokenizer's vocabulary; "
                     "choose another token"
                 )
+
+
+def word_names(tokenizer, concepts: list[Concept]) -> list[str]:
+    """Concept names that are a single existing token of the base tokenizer (e.g. 'cat'). A1111, ComfyUI and kohya
+    take an embedding file's stem as its trigger word: such a name shadows the real word there, and kohya's loader
+    refuses it ("token ids1 is not ordered")."""
+    return [c.name for c in concepts if len(tokenizer.encode(c.name, add_special_tokens=False)) == 1]
+
+
+def check_word_names(tokenizer, concepts: list[Concept], *, allow: bool) -> None:
+    """Refuse (one line) concept names that are words of the base tokenizer; with `allow`, warn once on stderr."""
+    words = word_names(tokenizer, concepts)
+    if not words:
+        return
+    what = (
+        f"concept name(s) {', '.join(map(repr, words))} are words of the base model's tokenizer: A1111, ComfyUI and "
+        f"kohya take embeddings/{words[0]}.safetensors's name as its trigger word, which would shadow the word "
+        "(kohya refuses the file)"
+    )
+    if not allow:
+        raise UserError(f"{what}; rename the concept (e.g. {words[0]}1), or pass --allow_word_names")
+    import sys
+
+    sys.stderr.write(f"warning: {what}\n")
+
+
+def add_placeholder_tokens(tokenizers: list, concepts: list[Concept]) -> list[list[int]]:
+    """Add every concept's tokens to each tokenizer; returns the ids of each concept (same in all tokenizers)."""
+    check_vocabulary(tokenizers, concepts)
     ids_per_concept: list[list[int]] = []
     for c in concepts:
         per_tok = []

@@ -85,6 +85,14 @@ def existing_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+def entries(path: str | Path, what: str) -> list[Path]:
+    """The entries of a folder the run reads: one line naming `what` when it cannot be listed (no permission)."""
+    try:
+        return list(Path(path).iterdir())
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or type(err).__name__}") from None
+
+
 def folder_or_absent(path: str | Path | None, what: str) -> None:
     """A folder the run will create or fill: a file in its place is refused."""
     if path and Path(path).exists() and not Path(path).is_dir():

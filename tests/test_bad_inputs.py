@@ -487,7 +487,14 @@ case("eval-out-is-images", "eval", lambda c: ["--images", str(c.gen), "--concept
                                               str(c.gen), "--overwrite"], "--images")
 case("eval-out-is-file", "eval", lambda c: [*_ev(c)[:4], "--output_dir", str(_text(c, "o", b"x")), *_ev(c)[6:]],
      "is a file")
+case("eval-image-corrupt", "eval", lambda c: _ev(c, images=_corrupt_gen(c)), "b.png")
 case("eval-clip-unknown", "eval", lambda c: _ev(c, "--clip_model", "ViT-Nope-99"), "open_clip")
+
+
+def _corrupt_gen(c: Ctx) -> Path:
+    """An image folder whose second PNG cannot be decoded (its sidecar is fine)."""
+    return _folder(c, "gen2", {"a.png": _png(), "a.json": b'{"prompt": "a"}', "b.png": b"\x89PNG not really",
+                               "b.json": b'{"prompt": "b"}'})
 
 
 def _ev_out(c: Ctx) -> list[str]:
@@ -567,3 +574,92 @@ def test_offline_hub_id_is_one_line_in_a_real_process(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "HF_HUB_OFFLINE" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_unreadable_image_folder_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """A concept's image folder the user may not list (chmod 000 as a user without root's bypass): one line, exit 2.
+    Root reads through chmod 000, so there the listing is made to fail as it would for such a user."""
+    import errno
+    import os
+
+    data = Ctx(world, tmp_path).copy(world.data, "set")
+    locked = data / "images" / "redball"
+    locked.chmod(0)
+    try:
+        if os.geteuid() == 0:
+            real = Path.iterdir
+
+            def iterdir(self):
+                if self == locked:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+                return real(self)
+
+            monkeypatch.setattr(Path, "iterdir", iterdir)
+        got, err = run_cli(train_ti.main, ti_args(world.sd, data, tmp_path / "out"), capsys)
+    finally:
+        locked.chmod(0o755)
+    lines = err.strip().splitlines()
+    assert got == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot read" in lines[0] and "redball" in lines[0] and "ermission" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_load_failure_is_one_line_in_a_real_process(tmp_path):
+    """open_clip logs a failed weight download at ERROR (root logger, stderr) before it raises: the loading guard
+    silences it, so stderr holds the one error line. A subprocess, since pytest captures log records itself."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import logging, sys\nfrom clif import cli\nfrom clif.errors import loading\n"
+            "with cli.user_errors('x'):\n    with loading('CLIP model', 'ViT-B-32', errors=(RuntimeError,)):\n"
+            "        logging.getLogger().error('Failed to download weights')\n        raise RuntimeError('no weights')\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot load CLIP model 'ViT-B-32': no weights" in r.stderr
+
+
+def _word_named(c: Ctx) -> Path:
+    """The concept set with its first concept named 'cat' (one token of CLIP's vocabulary)."""
+    return c.concepts(lambda s: s["concepts"][0].update(name="cat", images="images/redball", masks="masks/redball"))
+
+
+case("ti-word-name", "ti", lambda c: _ti(c, data=_word_named(c)), "--allow_word_names")
+case("lora-word-name", "lora", lambda c: [*_lora(c), "--train_data_dir", str(_word_named(c))], "'cat'")
+
+
+def test_word_name_is_accepted_with_a_warning(world, tmp_path, capsys):
+    data = _word_named(Ctx(world, tmp_path))
+    out = tmp_path / "out"
+    got, err = run_cli(train_ti.main, ti_args(world.sd, data, out, "--max_train_steps", "1", "--allow_word_names"),
+                       capsys)
+    assert got == 0, err
+    assert "warning: concept name(s) 'cat'" in err and (out / "embeddings" / "cat.safetensors").is_file()
+
+
+def test_checks_that_need_no_weights_come_before_loading(world, tmp_path, capsys, monkeypatch):
+    """Token in the vocabulary, the stage dir's family and embedding width are read from the manifest, tokenizer and
+    config files: a mistake is answered before any weights load (minutes on SDXL)."""
+    import diffusers
+
+    import clif.train.stage
+
+    c = Ctx(world, tmp_path)
+    runs = {  # built before the loaders are disabled
+        "vocabulary": ("ti", _ti(c, data=c.concepts(lambda s: s["concepts"][0].update(token="photo")))),
+        "family": ("lora", _lora(c, stage=c.stage_xl)),
+        "shape": ("lora", _lora(c, stage=_stage_file(c, "embeddings/redball.safetensors",
+                                                     tensors={"<redball>": __import__("torch").zeros(2, 5)}))),
+    }
+    runs["inference shape"] = ("inf", _inf(c, "--stage_dir", runs["shape"][1][runs["shape"][1].index("--stage_dir") + 1]))
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(clif.train.stage, "load_model", no_weights)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_weights)
+    for what, (script, argv) in runs.items():
+        got, err = run_cli(MAINS[script], argv, capsys)
+        assert got == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert what.split()[-1] in err or (what == "vocabulary" and "already in the tokenizer" in err), (what, err)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, needs_data, run_cli, stock_pipeline, ti_args
+from conftest import HANG_GUARD_S, REPO, SHARED_DATA, needs_data, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -142,7 +142,7 @@ def test_two_processes_same_loss_as_one(tiny_sd15, four, segmenter_dir, tmp_path
     r = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_clif.py"), *argv,
                         "--output_dir", str(two), "--train_batch_size", "4", "--text_chunk_size", "3"], env=env, check=False,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     l1 = json.loads((one / "run_stats.json").read_text())["losses"]
     l2 = json.loads((two / "run_stats.json").read_text())["losses"]

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, needs_data, run_cli
 from PIL import Image
 
 import train_clif
@@ -35,10 +35,9 @@ def clif_args(model, data, out, cache, *extra: str) -> list[str]:
             "--max_train_steps", "2", *extra]
 
 
+@needs_data("break-a-scene-mini")
 def test_regions_split_the_mask_reproducibly():
     scene = SHARED_DATA / "break-a-scene-mini" / "bear"
-    if not scene.is_dir():
-        pytest.skip("../shared/data/break-a-scene-mini absent")
     image = Image.open(scene / "img.jpg").convert("RGB")
     mask = np.asarray(Image.open(scene / "mask0.png").convert("L").resize(image.size)) >= 128
     spec = RegionSpec(segments=8, min_area=0.05, per_image=3)
@@ -108,6 +107,11 @@ def test_held_out_photos_never_reach_a_pair(three):
     other = PairBuilder(concepts, size=64, segmenter=None, holdout=1, seed=5)
     assert other.held_files != builder.held_files
     assert PairBuilder(concepts, size=64, segmenter=None, holdout=3, seed=4).held_files == [[], [], []]
+    # the report states the rule that applied: holdout + 2 photos (4 photos hold 2 out, not 3)
+    two = ConfusionProbe(PairBuilder(concepts, size=64, segmenter=None, holdout=2, seed=4), [Paired()], 2, seed=0)
+    assert "held_out" in two.sets
+    none = ConfusionProbe(PairBuilder(concepts, size=64, segmenter=None, holdout=3, seed=4), [Paired()], 2, seed=0)
+    assert "held_out" not in none.sets and ">= 5 images (--holdout_images 3 + 2" in none.no_held_out
 
 
 def test_pairs_naming_the_same_thing_are_positives(three):

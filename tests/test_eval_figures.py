@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from clif.eval.figures import bar_values, pair_bars
+from clif.eval.figures import bar_values, metric_bars, pair_bars
 
 
 def test_bar_values_merge_labels_and_skip_empty_pairs():
@@ -28,3 +28,20 @@ def test_pair_bars_png(tmp_path):
     ok = pair_bars({"a": [{"pair": ["x", "y"], "images": 2, "dc": -0.2}], "b": [{"pair": ["x", "y"], "images": 2,
                                                                                  "dc": 0.8}]}, tmp_path / "p.png")
     assert ok and Image.open(tmp_path / "p.png").size[0] >= 500
+
+
+def test_metrics_png_is_matplotlib_with_readable_labels(tmp_path):
+    """metrics.png's labels keep their spaces (PIL's drawing once wrote 'textalignment'); values are scaled."""
+    from clif.eval.report import write_report
+
+    summary = {"images": 2, "text_alignment": 2.0, "image_alignment": 0.5, "confusion_rate": None}
+    results = {"clif": {"summary": summary, "per_prompt": []},
+               "ti": {"summary": {**summary, "confusion_rate": 0.25}, "per_prompt": []}}
+    fig = metric_bars(results, ["text_alignment", "image_alignment", "confusion_rate"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["text alignment / 2.5", "image alignment",
+                                                            "confusion rate"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["clif", "ti"]
+    assert abs(ax.patches[0].get_height() - 0.8) < 1e-9  # 2.0 / 2.5
+    write_report(tmp_path, results)
+    assert Image.open(tmp_path / "metrics.png").format == "PNG"

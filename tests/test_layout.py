@@ -104,3 +104,24 @@ def test_each_trainer_run_reads_as_a_short_story():
         calls = {n.func.id if isinstance(n.func, ast.Name) else n.func.attr for n in ast.walk(run)
                  if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))}
         assert {"prepare", "start_run", "start_loop", "train", "close"} <= calls, script  # the one skeleton
+
+
+def _test_sources() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((REPO / "tests").glob("test_*.py"))}
+
+
+def test_real_photo_tests_use_the_data_gate():
+    """A test that needs ../shared/data is marked needs_data (skipped when absent, failed under CI=true); one that
+    calls pytest.skip itself bypasses the gate."""
+    bypass = [name for name, text in _test_sources().items() if re.search(r"pytest\.skip\(", text)]
+    assert not bypass, f"pytest.skip called directly in {bypass}: use conftest.needs_data"
+
+
+def test_no_wall_clock_limit_decides_a_test():
+    """Subprocess timeouts are the generous conftest.HANG_GUARD_S, never a number tuned to a quiet machine."""
+    from conftest import HANG_GUARD_S
+
+    assert HANG_GUARD_S >= 3600
+    literal = r"timeout=(\d[\d_.]*)|time\.(?:time|monotonic)\(\) \+ (\d[\d_.]*)"
+    tight = [(n, m) for n, text in _test_sources().items() for m in re.findall(literal, text)]
+    assert not tight, f"literal subprocess timeouts: {tight}; use timeout=HANG_GUARD_S"

@@ -86,6 +86,20 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
     assert not np.array_equal(np.asarray(Image.open(half[0])), ours[0])
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_exported_lora_tensor_trained(family, tiny_models, concept_set, ti_runs, tmp_path):
+    """No dead tensors: every LoRA up-weight starts at zero, so one still zero after training received no gradient
+    (SDXL once put a LoRA on text encoder 1's last layer, whose output generation never reads)."""
+    out = tmp_path / "lora"
+    train_lora.main(lora_args(tiny_models[family], concept_set, ti_runs[family], out, "--train_text_encoder_lora",
+                              "--max_train_steps", "2"))
+    state = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    up = {k: v for k, v in state.items() if "lora_B" in k or ".up." in k}
+    assert any(k.startswith("text_encoder.") for k in up) and any(k.startswith("unet.") for k in up)
+    dead = [k for k, v in up.items() if not v.abs().sum() > 0]
+    assert not dead, f"{len(dead)} of {len(up)} LoRA tensors never trained, e.g. {dead[:4]}"
+
+
 def test_lora_resume_is_bit_identical(tiny_sd15, concept_set, ti_runs, tmp_path):
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--random_flip", "--snr_gamma", "5",

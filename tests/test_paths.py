@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, ti_args
+from conftest import HANG_GUARD_S, REPO, ti_args
 from safetensors.torch import load_file
 
 import train_clif
@@ -82,7 +82,7 @@ def test_stage3_two_processes_match_one(tiny_sd15, concept_set, ti_sd15, tmp_pat
     argv[argv.index("--train_batch_size") + 1] = "1"
     r = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_lora.py"), *argv],
-                       env=_env(ACCELERATE_USE_CPU="true"), check=False, capture_output=True, text=True, timeout=300)
+                       env=_env(ACCELERATE_USE_CPU="true"), check=False, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_allclose(_losses(one), _losses(two), rtol=1e-5)
     for f in ("pytorch_lora_weights.safetensors", "embeddings/redball.safetensors"):
@@ -152,7 +152,7 @@ def test_run_train_clif_and_lora_sh(tiny_sd15, concept_set, segmenter_dir, ti_sd
                         "--segmenter", str(segmenter_dir), "--cache_dir", str(tmp_path / "c"), "--report_to", "none"],
                        env=_env(MODEL=str(tiny_sd15), DATA=str(concept_set), OUT=str(s1), COMMON="chef",
                                 LAUNCH=launch),
-                       check=False, capture_output=True, text=True, timeout=300)
+                       check=False, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     args = json.loads((s1 / "clif_manifest.json").read_text())["args"]
     assert args["max_train_steps"] == 2 and args["common_words"] in ("chef", ["chef"]) and args["mix_ratio"] == 0.4
@@ -160,7 +160,7 @@ def test_run_train_clif_and_lora_sh(tiny_sd15, concept_set, segmenter_dir, ti_sd
                         "--rank", "4", "--gradient_accumulation_steps", "1", "--report_to", "none"],
                        env=_env(MODEL=str(tiny_sd15), DATA=str(concept_set), STAGE=str(ti_sd15), OUT=str(s3),
                                 RES="64", LAUNCH=launch),
-                       check=False, capture_output=True, text=True, timeout=300)
+                       check=False, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     args = json.loads((s3 / "clif_manifest.json").read_text())["args"]
     assert args["max_train_steps"] == 2 and args["rank"] == 4 and args["export_kohya"] is True

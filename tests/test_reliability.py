@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, ti_args
+from conftest import HANG_GUARD_S, REPO, run_cli, ti_args
 from safetensors.torch import load_file
 
 import train_lora
@@ -100,6 +100,55 @@ def test_lock_refuses_a_second_run_and_stale_tmp_is_cleaned(tiny_sd15, concept_s
     assert not outdir.lock_held(run)
 
 
+def _run_with_a_rival(script, writer: str, argv: list[str], out: Path, capsys, monkeypatch) -> None:
+    """Run `script` into `out`; when it starts writing (its `writer` function), a second run into the same folder
+    starts, as a concurrent run would find it: that one is refused in one line, the first finishes."""
+    seen = []
+    real = getattr(script, writer)
+
+    def with_a_rival(*args, **kwargs):
+        if not seen:  # the first run only (a rival that got through must not start a rival of its own)
+            seen.append(outdir.lock_held(out))
+            seen.append(run_cli(script.main, [*argv, "--overwrite"], capsys))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(script, writer, with_a_rival)
+    script.main(argv)
+    assert seen[0], f"{script.__name__}.py wrote without holding the output dir's lock"
+    code, err = seen[1]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "in use" in err, err
+    assert not outdir.lock_held(out)  # released at the end
+
+
+def test_inference_and_evaluation_lock_their_output_dir(tiny_sd15, concept_set, ti_run, tmp_path, capsys,
+                                                       monkeypatch):
+    """A second inference.py / evaluate.py into the folder a first one is writing is refused in one line."""
+    import evaluate
+    import inference
+    from clif.fixtures.tiny import build_openclip
+
+    out = tmp_path / "gen"
+    inf = ["--pretrained_model_name_or_path", str(tiny_sd15), "--stage_dir", str(ti_run), "--prompt", "a <redball>",
+           "--output_dir", str(out), "--num_images_per_prompt", "1", "--num_inference_steps", "1"]
+    _run_with_a_rival(inference, "generate", inf, out, capsys, monkeypatch)
+    assert list(out.glob("*.png"))
+    ev_out = tmp_path / "eval"
+    ev = ["--images", str(out), "--concepts", str(concept_set), "--clip_model",
+          f"local-dir:{build_openclip(tmp_path / 'oc')}", "--detector", "none", "--output_dir", str(ev_out)]
+    _run_with_a_rival(evaluate, "write_report", ev, ev_out, capsys, monkeypatch)
+    assert (ev_out / "metrics.json").is_file()
+
+
+def test_overwrite_of_a_symlinked_output_dir_is_refused(tiny_sd15, concept_set, ti_run, tmp_path, capsys):
+    """--overwrite through a link to an earlier run: one line, and neither the link nor its target is touched."""
+    run = tmp_path / "run"
+    shutil.copytree(ti_run, run)
+    link = tmp_path / "latest"
+    link.symlink_to(run, target_is_directory=True)
+    _refused(train_ti.main, ti_args(tiny_sd15, concept_set, link, "--overwrite"), capsys, "symbolic link", run)
+    assert link.is_symlink()
+
+
 def _lora_argv(model, data, stage, out, *extra: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--stage_dir", str(stage),
             "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
@@ -135,7 +184,7 @@ def _kill_after_checkpoint(argv: list[str], out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD_S  # a hang guard: a living run that is slow is waited for
     while not list(out.glob("checkpoint-*/state.json")):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline, "no checkpoint appeared"

@@ -23,6 +23,7 @@ HARMLESS = {
     "output_dir", "overwrite", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
     "report_to", "validation_prompt", "validation_steps", "num_validation_images", "validation_inference_steps",
     "dataloader_num_workers", "gradient_checkpointing", "cache_dir", "text_chunk_size", "export_kohya",
+    "allow_word_names",  # a name check's strictness, not the training
     "max_train_steps", "num_train_epochs",  # the run's length: a resume may continue a run further
 }  # fmt: skip
 # result-changing flags the old hand-kept list missed (issue 14)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 
 def _env() -> dict:
@@ -22,7 +22,7 @@ def test_run_train_ti_sh(tiny_sd15, concept_set, tmp_path):
            "LAUNCH": "--num_processes 1 --num_machines 1 --dynamo_backend no"}
     r = subprocess.run(["bash", str(REPO / "run_train_ti.sh"), "--mixed_precision", "no", "--max_train_steps", "2",
                         "--gradient_accumulation_steps", "1"], env=env, check=False, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((out / "clif_manifest.json").read_text())
     assert manifest["args"]["max_train_steps"] == 2 and manifest["args"]["cache_latents"] is True
@@ -36,7 +36,7 @@ def test_run_train_clif_sh_official_defaults(tiny_sd15, concept_set, tmp_path):
            "LAUNCH": "--num_processes 1 --num_machines 1 --dynamo_backend no"}
     r = subprocess.run(["bash", str(REPO / "run_train_clif.sh"), "--mixed_precision", "no", "--max_train_steps", "1",
                         "--num_pairs", "256", "--cache_dir", str(tmp_path / "cache"), "--report_to", "none"],
-                       env=env, check=False, capture_output=True, text=True, timeout=300)
+                       env=env, check=False, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     a = json.loads((out / "clif_manifest.json").read_text())["args"]
     assert (a["train_batch_size"], a["text_chunk_size"], a["learning_rate"], a["adam_weight_decay"]) == \
@@ -72,7 +72,7 @@ def test_help_explains_every_flag(script):
     undocumented = [a.option_strings for a in flags if not (a.help or "").strip() or a.help == argparse.SUPPRESS]
     assert undocumented == []
     r = subprocess.run([sys.executable, str(REPO / f"{script}.py"), "--help"], check=False, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0
     for a in flags:
         assert a.option_strings[0] in r.stdout, a.option_strings
@@ -81,7 +81,7 @@ def test_help_explains_every_flag(script):
 def test_bad_flag_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "inference.py"), "--pretrained_model_name_or_path", "x",
                         "--output_dir", str(tmp_path / "o"), "--num_inference_steps", "0"],
-                       check=False, capture_output=True, text=True, timeout=120)
+                       check=False, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be > 0" in r.stderr
 
 
@@ -99,7 +99,7 @@ def test_stage2_two_processes_match_one(tiny_sd15, concept_set, tmp_path):
     argv[argv.index("--train_batch_size") + 1] = "1"
     r = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ti.py"), *argv],
-                       env=env, check=False, capture_output=True, text=True, timeout=300)
+                       env=env, check=False, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
     l1 = json.loads((one / "run_stats.json").read_text())["losses"]
     l2 = json.loads((two / "run_stats.json").read_text())["losses"]

@@ -93,9 +93,11 @@ class PairBuilder:
         `holdout`: photos per concept kept out of every pair (only for concepts that keep >= 2 for training)."""
         self.concepts, self.size, self.segmenter = concepts, size, segmenter
         self.templates = templates or Templates()
+        self.holdout = holdout
         rng = random.Random(seed)
         self.held_files: list[list[Path]] = [
-            sorted(rng.sample(c.images, holdout)) if holdout and len(c.images) >= holdout + 2 else [] for c in concepts
+            sorted(rng.sample(c.images, holdout)) if holdout and len(c.images) >= self.images_to_hold_out else []
+            for c in concepts
         ]
         train = [[p for p in c.images if p not in held] for c, held in zip(concepts, self.held_files)]
         self.wholes: list[list[Piece]] = [self._wholes(i, c, ps) for i, (c, ps) in enumerate(zip(concepts, train))]
@@ -109,6 +111,11 @@ class PairBuilder:
         ]
         self.common: list[Piece] = []
         self.add_common(common or {})
+
+    @property
+    def images_to_hold_out(self) -> int:
+        """The photos a concept needs to hold `holdout` out: they, and 2 kept for training."""
+        return self.holdout + 2
 
     def add_common(self, common: dict[str, list[Path]]) -> None:
         """Cut out common-concept images (masks from the segmenter, prompted with the word)."""

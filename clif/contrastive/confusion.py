@@ -28,6 +28,12 @@ class ConfusionProbe:
         if len({v.concepts[0] for v in held}) >= 2:  # a retrieval among one concept measures nothing
             self.sets["held_out"] = held
         self.sets["train_views"] = builder.views(per_concept, seed, held_out=False)
+        self.no_held_out = (
+            "--holdout_images is 0"
+            if not builder.holdout
+            else f"fewer than two concepts have >= {builder.images_to_hold_out} images (--holdout_images "
+            f"{builder.holdout} + 2 kept for training)"
+        ) + ", so none could be held out"
         self.feats = {k: [p.image_features([v.image for v in views]) for p in paired] for k, views in self.sets.items()}
 
     @torch.no_grad()
@@ -51,7 +57,7 @@ class ConfusionProbe:
         held = (
             {"views": HELD_OUT, "before": before["held_out"], "after": after["held_out"]}
             if "held_out" in self.sets
-            else {"views": None, "reason": "fewer than two concepts have >= 3 images, so none could be held out"}
+            else {"views": None, "reason": self.no_held_out}
         )
         report = {
             "held_out": {**held, "images": self.held_files},

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clif.concepts import Concept, list_images, open_rgb
+from clif.concepts import Concept, check_image, list_images, open_rgb
 from clif.errors import UserError, loading
 from clif.eval import metrics
 from clif.validate import existing_folder, get_field, read_json
@@ -169,7 +169,8 @@ class Item:
 
 
 def read_folder(folder: str | Path) -> list[Item]:
-    """PNGs with inference.py's JSON sidecars, or a prompts.json {file: prompt} in the folder."""
+    """PNGs with inference.py's JSON sidecars, or a prompts.json {file: prompt} in the folder; each image is decoded
+    once here, so a broken file is named before any model loads."""
     folder = existing_folder(folder, "image folder")
     mapping = {}
     if (folder / "prompts.json").exists():
@@ -180,6 +181,7 @@ def read_folder(folder: str | Path) -> list[Item]:
     for p in list_images(folder):
         if p.name == "contact_sheet.png":
             continue
+        check_image(p)
         if p.name in mapping:
             items.append(Item(p, mapping[p.name]))
         elif p.with_suffix(".json").is_file():

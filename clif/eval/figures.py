@@ -1,4 +1,5 @@
-"""evaluate.py's per-pair figure: D&C and CLIF's confusion rate per concept pair, one bar per method (matplotlib)."""
+"""evaluate.py's figures (matplotlib): metrics.png, the summary metrics per method, and pairs.png, D&C and CLIF's
+confusion rate per concept pair, one bar per method."""
 
 from __future__ import annotations
 
@@ -55,7 +56,38 @@ def pair_bars(per_pair: dict[str, list[dict]], path: Path) -> bool:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper right")
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
-    return True
+
+
+def metric_bars(results: dict[str, dict], cols: list[str]):
+    """metrics.png's figure: grouped bars, one group per metric, one bar per method (values in [0, 1]; CLIPScore
+    divided by 2.5), each bar labelled with its value."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
+
+    labels = list(results)
+    names = [c.replace("_", " ") + (" / 2.5" if c == "text_alignment" else "") for c in cols]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(cols) * max(1, len(labels)) ** 0.5 + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(labels))
+    x = np.arange(len(cols))
+    for i, label in enumerate(labels):
+        ys = [results[label]["summary"].get(c) for c in cols]
+        ys = [None if y is None else y / 2.5 if c == "text_alignment" else y for y, c in zip(ys, cols)]
+        bars = ax.bar(
+            x + (i - (len(labels) - 1) / 2) * width, [np.nan if y is None else y for y in ys], width, label=label
+        )
+        ax.bar_label(bars, labels=["" if y is None else f"{y:.2f}" for y in ys], fontsize=7)
+    ax.set_xticks(x, labels=names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(min([0.0] + [v for r in results.values() for c in cols if (v := r["summary"].get(c)) is not None]), 1.0)
+    ax.set_title("CLIF evaluation", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig

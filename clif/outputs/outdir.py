@@ -10,7 +10,7 @@ from pathlib import Path
 
 from clif.errors import UserError
 from clif.outputs.artifacts import MANIFEST
-from clif.validate import folder_or_absent
+from clif.validate import entries, folder_or_absent
 
 LOCK = ".clif.lock"
 # Everything a training run writes at the top of its output dir (plus <dir name>_kohya.safetensors).
@@ -24,10 +24,10 @@ _HELD: dict[str, int] = {}  # output dir -> fd of its lock, for the life of the 
 
 def is_clif_run(path: Path) -> bool:
     """True when `path` provably holds a CLIF training run: our marker files and nothing we did not write."""
-    entries = list(path.iterdir())
+    found = entries(path, "output dir")
     marked = (path / MANIFEST).is_file() or (path / "run_args.json").is_file()
-    marked = marked or any(re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.json").is_file() for p in entries)
-    foreign = [p.name for p in entries if not (_OURS.match(p.name) or p.name == f"{path.name}_kohya.safetensors")]
+    marked = marked or any(re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.json").is_file() for p in found)
+    foreign = [p.name for p in found if not (_OURS.match(p.name) or p.name == f"{path.name}_kohya.safetensors")]
     return marked and not foreign
 
 
@@ -55,10 +55,17 @@ def check_output_dir(
             if rel and (deletes or rel != "lies inside"):  # writing next to an input's files is harmless
                 raise UserError(f"--output_dir {path} {rel} the input {name} {value}; choose another folder")
     folder_or_absent(path, "output dir")
-    if not path.exists() or not any(path.iterdir()):
+    if deletes and overwrite and not resuming and path.is_symlink():
+        raise UserError(
+            f"--output_dir {path} is a symbolic link (to {out}); --overwrite does not replace a link's target: "
+            "pass the folder itself"
+        )
+    if not path.exists():
         return
     if lock_held(path):
         raise UserError(f"output dir {path} is in use by another running CLIF run (lock {LOCK} is held)")
+    if not [p for p in entries(path, "output dir") if p.name != LOCK]:  # a lock alone: a run that wrote nothing
+        return
     if resuming:
         return
     if not overwrite:
@@ -94,6 +101,18 @@ def open_run_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
         raise UserError(f"output dir {path} is in use by another running CLIF run (lock {LOCK} is held)")
     if overwrite and not resuming and path.exists():
         shutil.rmtree(path)
+    lock_dir(path)
+    (path / MANIFEST).unlink(missing_ok=True)  # a resumed run is unfinished until it writes its manifest again
+    for folder in (path, path / "embeddings"):
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if _STALE.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def lock_dir(path: str | Path) -> None:
+    """Create `path` if needed and take its lock, held until release_locks(): every script that writes into an
+    output dir (training, inference, evaluation) holds it, so two runs never interleave their files."""
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -102,11 +121,6 @@ def open_run_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> None:
         os.close(fd)
         raise UserError(f"output dir {path} is in use by another running CLIF run (lock {LOCK} is held)") from None
     _HELD[str(path.resolve())] = fd
-    (path / MANIFEST).unlink(missing_ok=True)  # a resumed run is unfinished until it writes its manifest again
-    for folder in (path, path / "embeddings"):
-        for p in folder.iterdir() if folder.is_dir() else []:
-            if _STALE.match(p.name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def release_lock(path: str | Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from clif import cli, lora, seeds, tokens, validate
 from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_set
 from clif.errors import UserError
-from clif.models import DiffusionModel, load_model
+from clif.models import DiffusionModel, detect_family, load_model, read_text_side
 from clif.outputs import artifacts, outdir
 from clif.outputs.model_card import write_model_card
 
@@ -58,17 +58,14 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     if stage_required and not stage_dir:
         raise UserError("--stage_dir is required (the output of an earlier stage)")
     manifest = artifacts.read_manifest(stage_dir) if stage_dir else None
-    model = load_model(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, text_only=text_only
-    )
-    fingerprint = model.fingerprint()
+    base = args.pretrained_model_name_or_path
+    # everything the tokenizer and config files can tell is checked before the weights load (minutes on SDXL)
+    family = detect_family(base, args.revision)
+    toks, widths = read_text_side(base, family, args.revision)
     saved: dict = {}
     if manifest is not None:
-        artifacts.check_stage_compatible(
-            manifest, stage_dir, model.family, fingerprint, args.pretrained_model_name_or_path
-        )
-        widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders]
-        saved = artifacts.stage_rows(manifest, stage_dir, model.family, widths)
+        artifacts.check_stage_compatible(manifest, stage_dir, family, None, base)
+        saved = artifacts.stage_rows(manifest, stage_dir, family, widths)
         missing = [c.name for c in concepts if c.name not in saved]
         if missing:
             raise UserError(f"{stage_dir} has no embeddings for concept(s) {', '.join(missing)}")
@@ -76,9 +73,15 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
             entry = saved[c.name][0]
             c.token, c.num_vectors = entry["token"], int(entry["num_vectors"])
         check_tokens(concepts, str(stage_dir))
+    tokens.check_vocabulary(toks, concepts)
+    tokens.check_word_names(toks[0], concepts, allow=getattr(args, "allow_word_names", False))
     data = data_fingerprint(concepts)
     if resume_path is not None:  # before run_args.json or anything else is rewritten
         checkpoint.check_resumable(resume_path, concepts, vars(args), data, harmless=cli.HARMLESS)
+    model = load_model(base, revision=args.revision, variant=args.variant, text_only=text_only)
+    fingerprint = model.fingerprint()
+    if manifest is not None:
+        artifacts.check_stage_compatible(manifest, stage_dir, model.family, fingerprint, base)
     text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
@@ -113,9 +116,7 @@ def lora_trainables(
         if inp.text_lora:  # stage 1 left one: it goes on training
             params = [p for enc in model.text_encoders for p in lora.make_trainable(enc)]
         else:
-            params = lora.add_text_loras(
-                model.text_encoders, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, seed=init
-            )
+            params = lora.add_text_loras(model, rank=args.rank, alpha=alpha, dropout=args.lora_dropout, seed=init)
         trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": params, "lr": args.text_encoder_lr or lr})
     # after the adapters: peft marks every parameter it finds in a module as frozen, the concept rows included
