@@ -203,7 +203,7 @@ def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segment
     cache = tmp_path / "cache"
     out = tmp_path / "s1"
     train_clif.main(clif_args(tiny_sd15, root, out, segmenter_dir, cache, "--common_words", "chef",
-                              "--num_common_images", "2"))
+                              "--num_common_images", "2", "--allow_word_names"))  # 'teapot' is a CLIP word
     masks = sorted((cache / "masks").glob("*.png"))
     assert len(masks) == 6 + 5 + 2  # one per dog2 (6) and teapot (5) photo, and per generated chef image (2)
     assert len(list((cache / "common" / "chef").glob("*.png"))) == 2

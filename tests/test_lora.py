@@ -140,10 +140,11 @@ def test_loss_falls_when_overfitting_two_concepts(tiny_sd15, tmp_path):
             for n, c in (("dog2", "dog"), ("teapot", "teapot"))]
     (root / "concepts.json").write_text(json.dumps({"concepts": spec}))
     ti = tmp_path / "ti"
-    train_ti.main(ti_args(tiny_sd15, root, ti, "--max_train_steps", "1"))
+    train_ti.main(ti_args(tiny_sd15, root, ti, "--max_train_steps", "1", "--allow_word_names"))  # 'teapot' is a word
     out = tmp_path / "lora"
     train_lora.main(lora_args(tiny_sd15, root, ti, out, "--max_train_steps", "40", "--learning_rate", "1e-2",
-                              "--rank", "8", "--lora_alpha", "8", "--cache_latents", "--train_batch_size", "4"))
+                              "--rank", "8", "--lora_alpha", "8", "--cache_latents", "--train_batch_size", "4",
+                              "--allow_word_names"))
     losses = json.loads((out / "run_stats.json").read_text())["losses"]
     assert len(losses) == 40
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
