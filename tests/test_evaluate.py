@@ -149,15 +149,15 @@ def test_evaluate_bad_inputs(openclip_dir, concept_set, tmp_path, capsys):
     cases = [(["--images", str(empty), *base], "no images")]
     nosidecar = tmp_path / "nosidecar"
     nosidecar.mkdir()
-    Image.new("RGB", (8, 8)).save(nosidecar / "x.png")
+    Image.new("RGB", (32, 32)).save(nosidecar / "x.png")
     cases.append((["--images", str(nosidecar), *base], "has no prompt"))
     plain = tmp_path / "plain"
     (plain / "thing").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(plain / "thing" / "a.png")
+    Image.new("RGB", (32, 32)).save(plain / "thing" / "a.png")
     cases.append((["--images", str(nosidecar), *base[:0], "--concepts", str(plain), *base[2:]], "no class word"))
     good = tmp_path / "good"
     good.mkdir()
-    Image.new("RGB", (8, 8)).save(good / "x.png")
+    Image.new("RGB", (32, 32)).save(good / "x.png")
     (good / "prompts.json").write_text(json.dumps({"x.png": "a photo of <redball>"}))
     cases.append((["--images", str(good), *base[:2], "--clip_model", "ViT-Nope-99", *base[4:]],
                   "unknown open_clip model"))
