@@ -13,6 +13,7 @@ from accelerate.logging import get_logger
 from clif import cli, lora
 from clif.errors import UserError
 from clif.train import prior, training
+from clif.train.compiled import training_unet
 from clif.train.data import Shard, image_stream
 from clif.train.loop import start_loop
 from clif.train.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
@@ -28,6 +29,7 @@ def build_parser():
     cli.add_data_args(p)
     cli.add_stage_arg(p, required=True, help="Stage-2 output: tokens and starting embeddings.")
     cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
+    cli.add_compile_args(p)
     p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4, rank 16, alpha = rank)
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=cli.positive(int), default=16, help="LoRA rank.")
@@ -150,7 +152,8 @@ def run(args) -> None:
     )
 
     # ---- loop: the denoising loss of micro-batch k (+ the class images' at the same k)
-    loss_kwargs = {"dtype": dtype, "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma}
+    unet = training_unet(model, torch_compile=args.torch_compile, mode=args.compile_mode, device=device)
+    loss_kwargs = {"dtype": dtype, "noise_offset": args.noise_offset, "snr_gamma": args.snr_gamma, "unet": unet}
 
     def micro_step(k: int):
         loss = training.micro_batch_loss(

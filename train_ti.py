@@ -11,6 +11,7 @@ from accelerate.logging import get_logger
 
 from clif import cli
 from clif.train import training
+from clif.train.compiled import training_unet
 from clif.train.data import Shard, image_stream
 from clif.train.loop import start_loop
 from clif.train.stage import install_embeddings, prepare, start_run, write_stage_outputs
@@ -28,6 +29,7 @@ def build_parser():
         p, required=False, help="Start from an earlier stage's output (stage 1): its tokens and embeddings."
     )
     cli.add_training_args(p, lr=2e-4, steps=DEFAULT_STEPS)
+    cli.add_compile_args(p)
     p.set_defaults(gradient_accumulation_steps=64)  # official code: effective batch 64 (lr 2e-4)
     return p
 
@@ -55,6 +57,7 @@ def run(args) -> None:
         model.vae.to("cpu")  # only validation decodes; free the device memory
 
     lr = training.scaled_lr(args.learning_rate, args, shard.world)
+    unet = training_unet(model, torch_compile=args.torch_compile, mode=args.compile_mode, device=device)
 
     def save(out: Path) -> None:
         # the stage-1 text-encoder LoRA these embeddings were trained with travels along
@@ -80,7 +83,7 @@ def run(args) -> None:
     # ---- loop: micro-batch k of the stream, its denoising loss
     runner.train(
         lambda k: training.micro_batch_loss(
-            model, data, cache, runner.noise, shard, k, dtype=dtype, noise_offset=args.noise_offset
+            model, data, cache, runner.noise, shard, k, dtype=dtype, noise_offset=args.noise_offset, unet=unet
         )
     )
     runner.close()

@@ -6,12 +6,21 @@ Runs the real training scripts in fresh subprocesses (so peak memory is per conf
 at 256 px, with and without --cache_latents, and prints one table. GPU when present, else CPU.
 
     python -m bench.benchmark [--steps 8] [--only tiny|full] [--stages ti,lora]
+
+With --compile it compares eager and --torch_compile side by side instead (latents cached): each stage runs eager,
+then compiled with an empty inductor cache (the one-off compile a first run pays), then compiled again with that
+cache filled (what a second run on the same machine pays); the table gives ms/step after the first step, the
+compile time (first step of the compiled run minus the eager run's) and the break-even (steps from which the
+compiled run is ahead).
+
+    python -m bench.benchmark --compile --only full --stages ti,lora --steps 6 --json bench.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,7 +90,15 @@ def build_full_sd15(out: Path) -> Path:
 
 
 def run_stage(
-    script: str, model: Path, data: Path, out: Path, steps: int, cache: bool, extra: list[str], resolution: int = 256
+    script: str,
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    cache: bool,
+    extra: list[str],
+    resolution: int = 256,
+    env: dict | None = None,
 ) -> dict:
     mp = ["--mixed_precision", "fp16"] if _has_cuda() else ["--mixed_precision", "no"]
     cmd = [
@@ -114,7 +131,7 @@ def run_stage(
         cmd,
         check=True,
         cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -159,10 +176,72 @@ def unet_floor_ms(model: Path, lora: bool, steps: int, resolution: int = 256) ->
     return 1000 * statistics.median(times[1:])
 
 
+def compile_rows(name: str, stage: str, run, tmp: Path, modes: list[str]) -> list[dict]:
+    """Eager, then per mode a cold and a warm compiled run of one stage; `run(out, extra, env)` -> run_stats."""
+    eager = run(tmp / f"{name}-{stage}-eager", [], {})
+    rows = [{"mode": "eager", "inductor_cache": "-", **eager}]
+    for mode in modes:
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / f"inductor-{name}-{stage}-{mode}")}  # empty: a cold compile
+        for cache in ("cold", "warm"):
+            out = tmp / f"{name}-{stage}-{mode}-{cache}"
+            stats = run(out, ["--torch_compile", "--compile_mode", mode], env)
+            rows.append({"mode": mode, "inductor_cache": cache, **stats})
+    for row in rows:
+        row.update(model=name, stage=stage)
+        if row["mode"] == "eager":
+            continue
+        compile_ms = row["first_step_ms"] - eager["first_step_ms"]
+        saved_ms = eager["median_step_ms"] - row["median_step_ms"]
+        row["compile_s"] = compile_ms / 1000
+        row["speedup"] = eager["median_step_ms"] / row["median_step_ms"]
+        # steps after which compile time + n compiled steps < n eager steps; None: never
+        row["break_even_steps"] = math.ceil(compile_ms / saved_ms) if saved_ms > 0 else None
+    return rows
+
+
+def print_compile_row(row: dict) -> None:
+    mem = row.get("peak_cuda_mb") or row["peak_rss_mb"]
+    extra = ""
+    if row["mode"] != "eager":
+        even = row["break_even_steps"]
+        extra = (
+            f"  compile {row['compile_s']:7.1f} s  x{row['speedup']:4.2f}  "
+            f"break-even {'never' if even is None else f'{even} steps'}"
+        )
+    print(
+        f"{row['model']:10s} {row['stage']:5s} {row['mode']:27s} {row['inductor_cache']:5s} "
+        f"{row['median_step_ms']:9.1f} ms/step  first {row['first_step_ms'] / 1000:7.1f} s  peak {mem:7.0f} MB"
+        f"{extra}  ({row['device']})",
+        flush=True,
+    )
+
+
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def compare_compile(args, models: dict[str, Path], data: Path, tmp: Path) -> list[dict]:
+    stages = {"ti": "train_ti.py", "lora": "train_lora.py"}
+    rows = []
+    for name, model in models.items():
+        ti_dir = None
+        for stage in args.stages.split(","):
+            stage_extra = [] if stage == "ti" else ["--stage_dir", str(ti_dir)]
+
+            def run(out, extra, env, stage=stage, stage_extra=stage_extra, model=model):
+                return run_stage(
+                    stages[stage], model, data, out, args.steps, True, stage_extra + extra, args.resolution, env
+                )
+
+            stage_rows = compile_rows(name, stage, run, tmp, args.compile_modes.split(","))
+            if stage == "ti":
+                ti_dir = tmp / f"{name}-ti-eager"
+            for row in stage_rows:
+                print_compile_row(row)
+            rows += stage_rows
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=256, help="Training resolution.")
     p.add_argument("--cache_only", action="store_true", help="Only the --cache_latents configurations.")
     p.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
+    p.add_argument("--compile", action="store_true", help="Eager vs --torch_compile (cold and warm cache) instead.")
+    p.add_argument(
+        "--compile_modes", default="default", help="Comma list of --compile_mode values timed with --compile."
+    )
     args = p.parse_args(argv)
     from clif.fixtures.synthetic import write_concept_set
     from clif.fixtures.tiny import build
@@ -191,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
             "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
             "lora_frozen_emb": ("train_lora.py", ["--stage_dir", "{ti}", "--embedding_learning_rate", "0"]),
         }
-        for name, model in models.items():
+        if args.compile:
+            rows = compare_compile(args, models, data, tmp)
+        for name, model in models.items() if not args.compile else ():
             ti_dir = None
             for stage in args.stages.split(","):
                 script, extra = stages[stage]

@@ -201,6 +201,28 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
     )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def add_compile_args(p: argparse.ArgumentParser) -> None:
+    """--torch_compile and --compile_mode (stages 2 and 3). Both count as result-changing: compiled kernels round
+    differently from eager ones, so a resume keeps the setting it was started with."""
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the UNet's training forward/backward with torch.compile (inductor). The first step pays the "
+        "compile (minutes for a full UNet); it pays off over long runs (README, Performance).",
+    )
+    g.add_argument(
+        "--compile_mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode: 'reduce-overhead' adds CUDA graphs (CUDA only), 'max-autotune-no-cudagraphs' "
+        "searches kernels longer.",
+    )
+
+
 def add_training_args(p: argparse.ArgumentParser, *, lr: float, steps: int, validation: bool = True) -> None:
     """Optimisation, precision, checkpointing, validation and logging flags shared by the training stages."""
     g = p.add_argument_group("optimisation")

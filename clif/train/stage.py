@@ -38,6 +38,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     """Validate the run (output dir, checkpoint, optimizer flags), read the concept set, the base model and
     (optionally) an earlier stage dir; add the placeholder tokens. Nothing is written."""
     from clif.outputs import checkpoint
+    from clif.train.compiled import check_compile
     from clif.train.training import check_optimizer_flags
 
     outdir.check_output_dir(
@@ -48,6 +49,12 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     )
     resume_path = checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_optimizer_flags(args)
+    check_compile(
+        torch_compile=getattr(args, "torch_compile", False),
+        mode=getattr(args, "compile_mode", "default"),
+        cuda=torch.cuda.is_available(),
+        prior_preservation=getattr(args, "with_prior_preservation", False),
+    )
     validate.check_tracker(getattr(args, "report_to", "none"))
     for k in ("class_data_dir", "cache_dir"):  # folders the run fills
         validate.folder_or_absent(getattr(args, k, None), f"--{k}")

@@ -155,8 +155,10 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
     text_cache: TextCache | None = None,
+    unet=None,
 ) -> torch.Tensor:
-    """The denoising loss of one micro-batch (epsilon or v target from the scheduler config)."""
+    """The denoising loss of one micro-batch (epsilon or v target from the scheduler config). `unet`: what to call
+    for the prediction (the compiled forward with --torch_compile); the model's UNet by default."""
     device = noise.device
     if cache is not None:
         mean, std = cache.posterior(sample)
@@ -176,7 +178,8 @@ def diffusion_loss(
         hidden, pooled = text_cache(sample.captions)
     else:
         hidden, pooled = model.encode_prompt(model.tokenize(sample.captions))
-    pred = model.unet(noisy.to(dtype), t, hidden.to(dtype), **model.unet_kwargs(pooled, sample.time_ids)).sample
+    unet = model.unet if unet is None else unet
+    pred = unet(noisy.to(dtype), t, hidden.to(dtype), **model.unet_kwargs(pooled, sample.time_ids)).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
         loss = loss * snr_weights(sched, t, snr_gamma)
@@ -230,6 +233,7 @@ class StepTimer:
 
         steady = self.times[1:] or self.times  # the first step pays for warm-up
         out = {
+            "first_step_ms": 1000 * self.times[0] if self.times else None,  # warm-up, and the compile if any
             "steps_timed": len(steady),
             "median_step_ms": 1000 * statistics.median(steady) if steady else None,
             "mean_step_ms": 1000 * statistics.fmean(steady) if steady else None,
