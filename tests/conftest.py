@@ -71,6 +71,14 @@ def ti_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--max_train_steps", "3", "--learning_rate", "0.05", "--report_to", "none", *extra]
 
 
+def lora_args(model: Path, data: Path, stage: Path, out: Path, *extra: str) -> list[str]:
+    """Flags of a tiny, fast stage-3 run on top of the stage-2 output `stage`."""
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--stage_dir", str(stage),
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--max_train_steps", "3", "--learning_rate", "5e-3",
+            "--embedding_learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "2", "--report_to", "none", *extra]
+
+
 def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
     """Run a script's main(argv); returns (exit code, stderr)."""
     capsys.readouterr()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli, ti_args
 from PIL import Image
 from safetensors.torch import save_file
@@ -507,6 +508,15 @@ try:
     import bitsandbytes  # noqa: F401
 except ImportError:
     case("ti-8bit-adam", "ti", lambda c: _ti(c, "--use_8bit_adam"), "bitsandbytes")
+
+# ---- --torch_compile (issue 18): what the compiled step cannot serve is refused before anything is written
+case("ti-compile-mode-alone", "ti", lambda c: _ti(c, "--compile_mode", "max-autotune-no-cudagraphs"),
+     "needs --torch_compile")
+case("lora-compile-mode-unknown", "lora", lambda c: _lora(c, "--torch_compile", "--compile_mode", "fast"),
+     "invalid choice")
+if not torch.cuda.is_available():
+    case("ti-compile-cuda-graphs-on-cpu", "ti", lambda c: _ti(c, "--torch_compile", "--compile_mode",
+                                                                "reduce-overhead"), "needs a CUDA device")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_embedding, needs_data, run_cli, stock_pipeline, ti_args
+from conftest import SHARED_DATA, load_embedding, lora_args, needs_data, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,13 +16,6 @@ from safetensors.torch import load_file
 import inference
 import train_lora
 import train_ti
-
-
-def lora_args(model, data, stage, out, *extra: str) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--stage_dir", str(stage),
-            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
-            "--gradient_accumulation_steps", "1", "--max_train_steps", "3", "--learning_rate", "5e-3",
-            "--embedding_learning_rate", "1e-2", "--rank", "4", "--lora_alpha", "2", "--report_to", "none", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,11 @@ class CompiledUNet:
         try:
             out = self.forward(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = getattr(err, "inner_exception", None) or err  # the backend's own error, when it raised one
+            first = next((line for line in str(cause).splitlines() if line.strip()), "")
             raise RunFailed(
-                f"torch.compile failed on the UNet ({type(err).__name__}: {first[:300]}); run without --torch_compile"
+                f"torch.compile failed on the UNet ({type(cause).__name__}: {first.strip()[:300]}); "
+                "run without --torch_compile"
             ) from None
         return out
 
