@@ -6,7 +6,8 @@
 #   STAGE  optional stage-1 output to start from
 #   RES    resolution                                       default: 1024 (use 512 for SD 1.x, 768 for SD 2.x)
 #   LAUNCH extra `accelerate launch` flags (e.g. "--num_processes 2 --multi_gpu")
-# Any further flags are passed to train_ti.py and override the ones below.
+# Any further flags are passed to train_ti.py and override the ones below; for long runs add --torch_compile
+# (compiles the UNet step once; README, Performance, says from how many steps it pays).
 # Source of each setting: "official code" = the authors' scripts/run_train_ti.sh (clif-official/clif_code);
 # "ours" = our choice, not measured; "measured" = docs/library_notes.md.
 set -euo pipefail
