@@ -24,6 +24,10 @@ from clif.train import compiled
 # inductor fuses and reorders float32 reductions: per-step losses agree to ~1e-7 relative on the tiny models; the
 # tolerance leaves room for other CPUs' vector widths, and is far below the step-to-step change of the loss (~1e-1)
 TOL = {"rtol": 1e-4, "atol": 1e-6}
+# Adam turns gradients near rounding level into full-size steps of either sign, so a few trained LoRA weights differ
+# by more: after the LoRA test's 4 steps at lr 5e-3 (at most 2e-2 of movement) the worst seen is 3.6e-5; the bound
+# is 1 % of the possible movement
+LORA_TOL = {"rtol": 0.0, "atol": 0.01 * 4 * 5e-3}
 
 
 def losses(out) -> torch.Tensor:
@@ -45,10 +49,10 @@ def same_files(a, b, names) -> None:
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
 
 
-def close_files(a, b, names) -> None:
+def close_files(a, b, names, tol=TOL) -> None:
     for f in names:
         x, y = load_file(str(a / f)), load_file(str(b / f))
-        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], **TOL) for k in x), f
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], **tol) for k in x), f
 
 
 EMBEDDINGS = ["embeddings/redball.safetensors", "embeddings/bluebox.safetensors"]
@@ -90,7 +94,9 @@ def test_compiled_lora_resume_equals_uninterrupted_and_eager(tiny_sd15, concept_
     assert torch.equal(losses(part), losses(full)[2:])
     a, b = losses(eager), losses(full)
     assert len(a) == 4 and torch.allclose(a, b, **TOL), (a, b)
-    close_files(eager, full, files)  # same keys: the compiled wrapper leaves no '_orig_mod.' in the LoRA file
+    close_files(eager, full, EMBEDDINGS)
+    # same keys: the compiled wrapper leaves no '_orig_mod.' in the LoRA file
+    close_files(eager, full, ["pytorch_lora_weights.safetensors"], LORA_TOL)
     # that a compiled run is resumed compiled (the flags are result-changing) is test_resume_flags' business
 
 
