@@ -38,6 +38,16 @@ def pytest_runtest_setup(item):
             (pytest.fail if gate[0] == "fail" else pytest.skip)(gate[1])
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a run with another precision needs it reset, before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
     from clif.fixtures.tiny import build

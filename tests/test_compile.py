@@ -100,6 +100,30 @@ def test_compiled_lora_resume_equals_uninterrupted_and_eager(tiny_sd15, concept_
     # that a compiled run is resumed compiled (the flags are result-changing) is test_resume_flags' business
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_compiled_lora_v_prediction_bf16_caption_cache_dropout_resumes_bit_identical(concept_set, tmp_path):
+    """The other combinations in one compiled run: an SD 2.x-style v-prediction model, bf16 autocast with bf16 frozen
+    weights, frozen embeddings (the caption cache: no text encoder in the step) and LoRA dropout (inductor's own
+    random numbers, drawn from torch's global generator, which checkpoints save)."""
+    from clif.fixtures.tiny import build
+
+    model = build("sd15", tmp_path / "v", prediction_type="v_prediction")
+    ti = tmp_path / "ti"
+    train_ti.main(ti_args(model, concept_set, ti, "--max_train_steps", "1", "--mixed_precision", "bf16"))
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--mixed_precision", "bf16",
+             "--embedding_learning_rate", "0", "--lora_dropout", "0.1", "--torch_compile"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert graphs_compiled(lambda: train_lora.main(lora_args(model, concept_set, ti, full, *extra))) >= 1
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    train_lora.main(lora_args(model, concept_set, ti, part, *extra, "--resume_from_checkpoint", "latest"))
+    same_files(full, part, ["pytorch_lora_weights.safetensors"])
+    assert torch.equal(losses(part), losses(full)[2:]) and torch.isfinite(losses(full)).all()
+    state = load_file(str(full / "pytorch_lora_weights.safetensors"))
+    assert all(v.dtype == torch.float32 for v in state.values())  # trained in fp32 on bf16 frozen weights
+    same_files(ti, full, EMBEDDINGS)  # frozen rows: the caption cache served every step
+
+
 def test_no_cpp_compiler_is_refused_before_anything_is_written(tiny_sd15, concept_set, tmp_path, capsys):
     import torch._inductor.config as inductor_config
 

@@ -92,16 +92,6 @@ def test_stage3_two_processes_match_one(tiny_sd15, concept_set, ti_sd15, tmp_pat
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state: a run with another precision needs it reset, before and after."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_bf16_on_cpu_through_the_three_stages(tiny_sd15, concept_set, segmenter_dir, tmp_path):
     """--mixed_precision bf16 runs stages 1-3 on CPU: frozen weights in bf16, trained rows and LoRA saved in fp32."""
