@@ -55,6 +55,18 @@ def has_cpp_compiler() -> bool:
     return True
 
 
+def inductor_settings(mode: str, device: torch.device, backend) -> dict:
+    """torch.compile's mode, or on CPU the same mode's options without inductor's channels_last layout: on CPU its
+    fused normalisation kernels then cost 0.75 s instead of 0.12 s per full-size SD1.5 step (README, Performance)."""
+    if backend != "inductor":
+        return {}
+    if device.type != "cpu":
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(mode), "layout_optimization": False}}
+
+
 class CompiledUNet:
     """The UNet's training forward through torch.compile: call it like the UNet.
 
@@ -67,8 +79,7 @@ class CompiledUNet:
         if device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
         self.unet, self.mode = unet, mode
-        options = {} if backend != "inductor" else {"mode": mode}
-        self.forward = torch.compile(unet, backend=backend, **options)
+        self.forward = torch.compile(unet, backend=backend, **inductor_settings(mode, device, backend))
 
     def __call__(self, *args, **kwargs):
         import torch._dynamo.exc
