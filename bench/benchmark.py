@@ -89,6 +89,15 @@ def build_full_sd15(out: Path) -> Path:
     return out
 
 
+def in_fresh_process(fn, *args):
+    """fn(*args) in a spawned process: Linux carries a process's peak RSS over fork and exec, so a model built in
+    this process would set the floor of every stage's peak_rss_mb measured after it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def run_stage(
     script: str,
     model: Path,
@@ -266,9 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         data = write_concept_set(tmp / "data", n_concepts=2, n_images=4, size=256)
         models = {}
         if args.only in (None, "tiny"):
-            models["tiny-sd15"] = build("sd15", tmp / "tiny")
+            models["tiny-sd15"] = in_fresh_process(build, "sd15", tmp / "tiny")
         if args.only in (None, "full"):
-            models["sd15-arch"] = build_full_sd15(tmp / "full")
+            models["sd15-arch"] = in_fresh_process(build_full_sd15, tmp / "full")
         stages = {
             "ti": ("train_ti.py", []),
             "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
