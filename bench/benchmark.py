@@ -253,6 +253,49 @@ def compare_compile(args, models: dict[str, Path], data: Path, tmp: Path) -> lis
     return rows
 
 
+def compare_cache(args, models: dict[str, Path], data: Path, tmp: Path) -> list[dict]:
+    """Each stage without and with --cache_latents, beside the bare UNet floor."""
+    rows = []
+    stages = {
+        "ti": ("train_ti.py", []),
+        "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
+        "lora_frozen_emb": ("train_lora.py", ["--stage_dir", "{ti}", "--embedding_learning_rate", "0"]),
+    }
+    for name, model in models.items():
+        ti_dir = None
+        for stage in args.stages.split(","):
+            script, extra = stages[stage]
+            for cache in (True,) if args.cache_only else (False, True):
+                out = tmp / f"{name}-{stage}-{int(cache)}"
+                extra_f = [e.format(ti=ti_dir) for e in extra]
+                stats = run_stage(script, model, data, out, args.steps, cache, extra_f, args.resolution)
+                if cache:  # the floor depends on the stage, not on the cache: measure once
+                    stats["floor_ms"] = in_fresh_process(
+                        unet_floor_ms, model, stage.startswith("lora"), args.steps, args.resolution
+                    )
+                    stats["ratio_to_floor"] = stats["median_step_ms"] / stats["floor_ms"]
+                if stage == "ti":
+                    ti_dir = out
+                row = {
+                    "model": name,
+                    "stage": stage,
+                    "resolution": args.resolution,
+                    "cache_latents": cache,
+                    **stats,
+                }
+                rows.append(row)
+                mem = stats.get("peak_cuda_mb") or stats["peak_rss_mb"]
+                floor, ratio = stats.get("floor_ms", float("nan")), stats.get("ratio_to_floor", float("nan"))
+                kind = "cuda" if "peak_cuda_mb" in stats else "rss"
+                print(
+                    f"{name:10s} {args.resolution}px {stage:15s} cache={int(cache)}  "
+                    f"{stats['median_step_ms']:9.1f} ms/step  peak {kind} {mem:8.0f} MB  "
+                    f"floor {floor:8.1f} ms  ratio {ratio:5.2f}  ({stats['device']})",
+                    flush=True,
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="Optimizer steps per configuration (first one not timed).")
@@ -269,7 +312,6 @@ def main(argv: list[str] | None = None) -> None:
     from clif.fixtures.synthetic import write_concept_set
     from clif.fixtures.tiny import build
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_concept_set(tmp / "data", n_concepts=2, n_images=4, size=256)
@@ -278,43 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             models["tiny-sd15"] = in_fresh_process(build, "sd15", tmp / "tiny")
         if args.only in (None, "full"):
             models["sd15-arch"] = in_fresh_process(build_full_sd15, tmp / "full")
-        stages = {
-            "ti": ("train_ti.py", []),
-            "lora": ("train_lora.py", ["--stage_dir", "{ti}"]),
-            "lora_frozen_emb": ("train_lora.py", ["--stage_dir", "{ti}", "--embedding_learning_rate", "0"]),
-        }
-        if args.compile:
-            rows = compare_compile(args, models, data, tmp)
-        for name, model in models.items() if not args.compile else ():
-            ti_dir = None
-            for stage in args.stages.split(","):
-                script, extra = stages[stage]
-                for cache in (True,) if args.cache_only else (False, True):
-                    out = tmp / f"{name}-{stage}-{int(cache)}"
-                    extra_f = [e.format(ti=ti_dir) for e in extra]
-                    stats = run_stage(script, model, data, out, args.steps, cache, extra_f, args.resolution)
-                    if cache:  # the floor depends on the stage, not on the cache: measure once
-                        stats["floor_ms"] = unet_floor_ms(model, stage.startswith("lora"), args.steps, args.resolution)
-                        stats["ratio_to_floor"] = stats["median_step_ms"] / stats["floor_ms"]
-                    if stage == "ti":
-                        ti_dir = out
-                    row = {
-                        "model": name,
-                        "stage": stage,
-                        "resolution": args.resolution,
-                        "cache_latents": cache,
-                        **stats,
-                    }
-                    rows.append(row)
-                    mem = stats.get("peak_cuda_mb") or stats["peak_rss_mb"]
-                    floor, ratio = stats.get("floor_ms", float("nan")), stats.get("ratio_to_floor", float("nan"))
-                    kind = "cuda" if "peak_cuda_mb" in stats else "rss"
-                    print(
-                        f"{name:10s} {args.resolution}px {stage:15s} cache={int(cache)}  "
-                        f"{stats['median_step_ms']:9.1f} ms/step  peak {kind} {mem:8.0f} MB  "
-                        f"floor {floor:8.1f} ms  ratio {ratio:5.2f}  ({stats['device']})",
-                        flush=True,
-                    )
+        rows = (compare_compile if args.compile else compare_cache)(args, models, data, tmp)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
