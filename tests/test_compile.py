@@ -173,6 +173,65 @@ def test_a_compile_failure_is_one_line():
     assert "\n" not in str(e.value)
 
 
+def test_a_compile_failure_in_the_first_backward_ends_the_run_with_one_line(tiny_sd15, concept_set, tmp_path, capsys,
+                                                                           monkeypatch):
+    """AOTAutograd builds the compiled backward at the first backward, outside the UNet call: the step loop turns
+    that failure (inductor raises an InductorError) into one line and exit 1 as well."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.exc import InductorError
+
+    def backward_compiler(gm, example_inputs):
+        raise InductorError(RuntimeError("C++ compile error\nsecond line"), None)
+
+    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm.forward, bw_compiler=backward_compiler)
+    made = []
+
+    def failing_unet(model, *, torch_compile, mode, device):
+        made.append(compiled.CompiledUNet(model.unet, mode=mode, device=device, backend=backend))
+        return made[-1]
+
+    monkeypatch.setattr(train_ti, "training_unet", failing_unet)
+    out = tmp_path / "out"
+    code, err = run_cli(train_ti.main, ti_args(tiny_sd15, concept_set, out, "--torch_compile"), capsys)
+    lines = [ln for ln in err.strip().splitlines() if "error:" in ln]
+    assert made and code == 1 and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and "torch.compile failed on the UNet (RuntimeError: C++ compile error)" in lines[0], err
+    assert err.strip().splitlines()[-1] == lines[0] and not (out / "clif_manifest.json").exists()
+
+
+def test_the_mode_reaches_torch_compile(monkeypatch):
+    """--compile_mode is what torch.compile gets: the mode itself on CUDA (with a channels_last UNet), the same
+    mode's inductor options on CPU without inductor's channels_last layout."""
+    from torch._inductor import list_mode_options
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.append(kwargs) or module)
+    model = type("M", (), {"unet": torch.nn.Conv2d(4, 4, 3)})()
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        assert compiled.training_unet(model, torch_compile=True, mode=mode, device=torch.device("cpu")).mode == mode
+        assert seen[-1] == {"backend": "inductor", "options": {**list_mode_options(mode), "layout_optimization": False}}
+        assert not model.unet.weight.is_contiguous(memory_format=torch.channels_last)
+    compiled.training_unet(model, torch_compile=True, mode="reduce-overhead", device=torch.device("cuda"))
+    assert seen[-1] == {"backend": "inductor", "mode": "reduce-overhead"}
+    assert model.unet.weight.is_contiguous(memory_format=torch.channels_last)
+    assert compiled.training_unet(model, torch_compile=False, mode="default", device=torch.device("cpu")) is model.unet
+    assert len(seen) == 3
+
+
+def test_cuda_graphs_with_prior_preservation_are_refused_before_anything_is_written(tiny_sd15, concept_set, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """The refusal a CUDA machine gives (CUDA faked: the check runs before anything touches the device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    out, cls = tmp_path / "out", tmp_path / "class"
+    argv = lora_args(tiny_sd15, concept_set, tmp_path / "stage", out, "--torch_compile", "--compile_mode",
+                     "reduce-overhead", "--with_prior_preservation", "--class_prompt", "a ball", "--class_data_dir",
+                     str(cls))  # fmt: skip
+    code, err = run_cli(train_lora.main, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--with_prior_preservation" in err, err
+    assert not out.exists() and not cls.exists()
+
+
 @pytest.mark.parametrize("mode,marks", [("default", 0), ("reduce-overhead", 2)])
 def test_cuda_graph_mode_starts_a_graph_step_per_call(mode, marks, monkeypatch):
     calls = []

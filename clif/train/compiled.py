@@ -7,8 +7,10 @@ module, so a compiled run writes the same kind of files as an eager one and vali
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -82,20 +84,33 @@ class CompiledUNet:
         self.forward = torch.compile(unet, backend=backend, **inductor_settings(mode, device, backend))
 
     def __call__(self, *args, **kwargs):
-        import torch._dynamo.exc
-
         if self.mode == CUDA_GRAPHS:
             torch.compiler.cudagraph_mark_step_begin()
-        try:
-            out = self.forward(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            cause = getattr(err, "inner_exception", None) or err  # the backend's own error, when it raised one
-            first = next((line for line in str(cause).splitlines() if line.strip()), "")
-            raise RunFailed(
-                f"torch.compile failed on the UNet ({type(cause).__name__}: {first.strip()[:300]}); "
-                "run without --torch_compile"
-            ) from None
-        return out
+        with compile_errors():
+            return self.forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compile_errors(fail: Callable[[str], None] | None = None) -> Iterator[None]:
+    """A torch.compile failure inside the block as one RunFailed line (via `fail` when given: the step loop closes
+    its progress bar first). The forward compiles at the first call; the compiled backward is built at the first
+    backward, which the step loop runs inside this block too."""
+    try:
+        yield
+    except Exception as err:
+        # an eager run never imported dynamo (a slow import) and cannot raise its errors: nothing to import here
+        dynamo = sys.modules.get("torch._dynamo.exc")
+        if dynamo is None or not isinstance(err, dynamo.TorchDynamoException):  # inductor's InductorError is one
+            raise
+        cause = getattr(err, "inner_exception", None) or err  # the backend's own error, when it raised one
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        message = (
+            f"torch.compile failed on the UNet ({type(cause).__name__}: {first.strip()[:300]}); "
+            "run without --torch_compile"
+        )
+        if fail is not None:
+            fail(message)
+        raise RunFailed(message) from None
 
 
 def training_unet(model, *, torch_compile: bool, mode: str, device: torch.device):

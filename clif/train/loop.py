@@ -15,7 +15,7 @@ from clif import seeds
 from clif.errors import RunFailed
 from clif.images import render_validation
 from clif.outputs import artifacts, checkpoint, outdir
-from clif.train import training
+from clif.train import compiled, training
 from clif.train.data import Shard
 
 
@@ -174,7 +174,8 @@ class StepRunner:
         return self.step >= self.max_steps
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss / self.settings.accumulation)
+        with compiled.compile_errors(self._fail):  # --torch_compile builds the compiled backward at the first one
+            self.accelerator.backward(loss / self.settings.accumulation)
 
     def train(self, micro_step: Callable[[int], torch.Tensor], *, backward: bool = True) -> None:
         """The loop, to the last step: each optimizer step runs `micro_step(k)` (under autocast) for its
