@@ -5,7 +5,9 @@
 #   PART=compile  --torch_compile: a compiled fp16 smoke run with resume per mode on the tiny model, then eager vs
 #                 compiled (cold and warm inductor cache) on the full SD1.5 architecture at $RES px (default 512),
 #                 for the modes in $COMPILE_MODES (default: default,reduce-overhead)
-# PART is a comma list (default: smoke,bench,compile). The same script runs on a CPU machine for a dry run
+# PART is a comma list (default: smoke,bench,compile). A device command may run 10 minutes at most: the compile part
+# cold-compiles the full UNet 4 times for two modes (2 stages x 2 modes; not yet timed on a GPU), so run it alone,
+# and if it does not fit, once per mode: PART=compile COMPILE_MODES=default, then COMPILE_MODES=reduce-overhead. The same script runs on a CPU machine for a dry run
 # (mixed precision off, reduce-overhead skipped): PART=compile RES=64 ONLY=tiny bash bench/device_check.sh
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
