@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from clif.toyworld.world import COLORS, Obj, Scene, random_scene, render, render_batch
+from clif.toyworld.models import VISION_SHARD
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "pretrained" / "toyworld"
@@ -199,6 +200,21 @@ def test_compact_world_loads_as_float32_with_rounded_weights(tiny_world, tmp_pat
         assert vb.dtype == torch.float32 and torch.equal(va.half().float(), vb), k
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*.safetensors"))  # noqa: E731
     assert size(copy) < 0.6 * size(tiny_world)
+    # the CLIP text tower is stored once (text_encoder/), and both loaders read the same rounded tensors
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    assert not (copy / "paired_clip" / "model.safetensors").exists()
+    assert not any(k.startswith("text_model.") for k in load_file(str(copy / "paired_clip" / VISION_SHARD)))
+    full, shared = CLIPModel.from_pretrained(tiny_world / "paired_clip"), CLIPModel.from_pretrained(copy / "paired_clip")
+    for (k, va), vb in zip(full.state_dict().items(), shared.state_dict().values()):
+        assert torch.equal(va.half().float(), vb), k
+    pipe = StableDiffusionPipeline.from_pretrained(copy, safety_checker=None)
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.equal(v, shared.text_model.state_dict()[k]), k
+    main(["compact", str(copy)])  # a second compact changes nothing
+    assert CLIPModel.from_pretrained(copy / "paired_clip").state_dict()["logit_scale"] == shared.logit_scale
 
 
 def test_gate_command_on_a_tiny_world(tiny_world, tmp_path):
@@ -248,6 +264,11 @@ def test_committed_world_loads_and_its_referee_reads_round_trips():
     pipe = StableDiffusionPipeline.from_pretrained(COMMITTED / "model", safety_checker=None)
     img = pipe("a red ball", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert img.images.shape[1:3] == (32, 32)
+    from transformers import CLIPModel  # paired_clip/ reads its text tower from text_encoder/ (stored once)
+
+    clip = CLIPModel.from_pretrained(COMMITTED / "model" / "paired_clip")
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.equal(v, clip.text_model.state_dict()[k]), k
     referee = Referee.load(COMMITTED / "referee")
     imgs, scenes = render_training_scenes(200, 32, seed=4242)
     acc = score_reads(referee.read(vae_round_trip(pipe.vae, imgs)), scenes)

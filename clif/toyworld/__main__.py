@@ -17,15 +17,23 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser("gate", help="Train the referee (if needed) and measure the base's renderability gate.")
     )
     experiment.add_args(sub.add_parser("experiment", help="CLIF vs TI+LoRA vs TI on a ladder of look-alike pairs."))
-    c = sub.add_parser("compact", help="Rewrite a world's float32 weight files as float16 (what is committed).")
+    c = sub.add_parser(
+        "compact",
+        help="Rewrite a world's float32 weight files as float16 and store the CLIP text tower once "
+        "(what is committed).",
+    )
     c.add_argument("folder", help="The world folder (pretrain --out).")
     args = p.parse_args(argv)
     if args.cmd == "pretrain":
         print(pretrain.run(args))
     elif args.cmd == "compact":
-        from .models import to_fp16_files
+        from pathlib import Path
+
+        from .models import share_text_tower, to_fp16_files
 
         print(f"{to_fp16_files(args.folder)} files rewritten as float16")
+        if share_text_tower(Path(args.folder)):
+            print("paired_clip/ now reads its text tower from text_encoder/")
     elif args.cmd == "gate":
         gate.run(args)
     else:

@@ -205,6 +205,37 @@ def save_world(pipe, clip, cfg: Config, out: Path) -> None:
     (out / "toyworld.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+VISION_SHARD = "model-vision.safetensors"  # paired_clip/'s own weights after share_text_tower
+
+
+def share_text_tower(folder: Path) -> bool:
+    """Store the CLIP text tower once: `text_encoder/model.safetensors` holds it (under the `text_model.` names both
+    loaders accept) and `paired_clip/` becomes a two-shard checkpoint whose index points its text weights at that
+    file and keeps only the vision tower, projections and logit scale itself. `CLIPModel.from_pretrained` and the
+    pipeline load exactly the same tensors as before. Returns False when already done."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    te_file, clip_file = folder / "text_encoder" / "model.safetensors", folder / "paired_clip" / "model.safetensors"
+    if not clip_file.exists():
+        return False
+    clip = load_file(str(clip_file))
+    text = {f"text_model.{k}" if not k.startswith("text_model.") else k: v for k, v in load_file(str(te_file)).items()}
+    if not all(k in clip and torch.equal(clip[k], v) for k, v in text.items()):
+        raise ValueError(f"{folder}: text_encoder/ is not paired_clip/'s text tower")
+    own = {k: v for k, v in clip.items() if k not in text}
+    index = {"metadata": {}, "weight_map": {k: "../text_encoder/model.safetensors" for k in text}}
+    index["weight_map"] |= {k: VISION_SHARD for k in own}
+    for path, tensors in ((te_file, text), (folder / "paired_clip" / VISION_SHARD, own)):
+        save_file(tensors, str(path.with_suffix(".tmp")), {"format": "pt"})
+        os.replace(path.with_suffix(".tmp"), path)
+    (folder / "paired_clip" / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+    clip_file.unlink()
+    return True
+
+
 def to_fp16_files(folder: Path) -> int:
     """Rewrite every float32 tensor of the world's safetensors files as float16, in place (half the bytes to
     commit). diffusers and transformers load them back as float32 models. Returns the files rewritten."""
