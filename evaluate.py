@@ -11,7 +11,6 @@ Detect-and-Compare (D&C, clif/eval/dc.py); `--protocol customconcept101` fixes C
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from clif import cli
@@ -26,6 +25,7 @@ from clif.eval.evaluation import (
     read_folder,
     score_folder,
     summarize,
+    without_confusion,
 )
 from clif.eval.figures import pair_bars
 from clif.eval.report import write_report
@@ -149,38 +149,6 @@ def check_new_flags(args) -> tuple[set[str], dict | None, lookalikes.LookalikeSe
     return metrics, proto, lset
 
 
-def lookalike_concepts(lset: lookalikes.LookalikeSet, root: Path) -> list:
-    """The concepts of the pairs set's subjects found under `root` (tokens <subject>), validated like any set."""
-    with tempfile.TemporaryDirectory() as tmp:
-        lookalikes.write_concepts(lset, lookalikes.present_subjects(lset, root), root, Path(tmp))
-        return load_concept_set(tmp)
-
-
-def add_dc(rows: list[dict], items, concepts, dc_refs, embed, detector, threshold: float) -> None:
-    """D&C per multi-concept image, in place: row["dc"], row["dc_boxes"], row["dc_matrix"]."""
-    by_name = {c.name: c for c in concepts}
-    for row, it in zip(rows, items):
-        if len(row["concepts"]) < 2:
-            continue
-        res = dc.score_image(
-            open_rgb(it.path),
-            row["concepts"],
-            [by_name[n].class_word for n in row["concepts"]],
-            dc_refs,
-            embed,
-            detector,
-            threshold,
-        )
-        row.update(dc=res["dc"], dc_boxes=res["boxes"], dc_box_list=res["box_list"], dc_matrix=res["matrix"])
-
-
-CONFUSION_KEYS = ("found", "confused", "instances", "confusion_sims", "attendance", "confusion_rate", "pair_images")
-
-
-def _drop(d: dict, keys) -> dict:
-    return {k: v for k, v in d.items() if k not in keys}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     with cli.user_errors(PROG):
@@ -199,7 +167,7 @@ def run(args) -> dict:
         concepts = load_concept_set(root.parent if root.name == "concepts.json" else root)
     else:
         root = Path(args.dreambench)
-        concepts = lookalike_concepts(lset, root)
+        concepts = lookalikes.present_concepts(lset, root)
     folders = {label: read_folder(d) for label, d in zip(labels, args.images)}
     out = Path(args.output_dir)
     inputs = [("--images", d) for d in args.images] + [("--concepts" if args.concepts else "--dreambench", root)]
@@ -247,7 +215,7 @@ def run(args) -> dict:
             dino_refs=dino_refs,
         )
         if dc_model is not None:
-            add_dc(
+            dc.add_to_rows(
                 rows, items, concepts, dc_refs, lambda ims: dc_model(ims, args.batch_size), detector, args.dc_threshold
             )
         summary, prompts = summarize(rows), per_prompt(rows)
@@ -258,9 +226,8 @@ def run(args) -> dict:
         if lset is not None:
             pairs = lookalikes.mark_pairs(pairs, lset)
         if "confusion" not in metrics:
-            rows = [_drop(r, CONFUSION_KEYS) for r in rows]
-            summary, prompts = _drop(summary, CONFUSION_KEYS), [_drop(p, CONFUSION_KEYS) for p in prompts]
-            pairs = [_drop(p, CONFUSION_KEYS) for p in pairs]
+            rows, prompts, pairs = (list(map(without_confusion, x)) for x in (rows, prompts, pairs))
+            summary = without_confusion(summary)
         results[label] = {
             "summary": summary,
             "per_prompt": prompts,

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clif.concepts import open_rgb
+
 DEFAULT_THRESHOLD = 0.4  # MuDI demo.ipynb: evalulator.score(..., threshold=0.4)
 DEFAULT_MODEL = "facebook/dinov2-base"  # MuDI owl_dreamsim_utils.eval_with_dinov2
 
@@ -212,3 +214,22 @@ def per_pair(rows: list[dict]) -> list[dict]:
         entry["confusion_rate"] = sum(r["confused"] for r in found) / len(found) if found else None
         out.append(entry)
     return out
+
+
+def add_to_rows(rows: list[dict], items, concepts, refs, embed, detector, threshold: float) -> None:
+    """D&C per multi-concept image of a scored folder, in place: row["dc"], ["dc_boxes"], ["dc_box_list"],
+    ["dc_matrix"]. `items` are the folder's images (paths) in the order of `rows`."""
+    by_name = {c.name: c for c in concepts}
+    for row, it in zip(rows, items):
+        if len(row["concepts"]) < 2:
+            continue
+        res = score_image(
+            open_rgb(it.path),
+            row["concepts"],
+            [by_name[n].class_word for n in row["concepts"]],
+            refs,
+            embed,
+            detector,
+            threshold,
+        )
+        row.update(dc=res["dc"], dc_boxes=res["boxes"], dc_box_list=res["box_list"], dc_matrix=res["matrix"])

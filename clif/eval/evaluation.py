@@ -302,3 +302,11 @@ def per_prompt(rows: list[dict]) -> list[dict]:
         {"prompt": p, **{k: v for k, v in summarize(rs).items() if k != "image_alignment_per_concept"}}
         for p, rs in groups.items()
     ]
+
+
+CONFUSION_KEYS = ("found", "confused", "instances", "confusion_sims", "attendance", "confusion_rate", "pair_images")
+
+
+def without_confusion(entry: dict) -> dict:
+    """A row, summary, per-prompt or per-pair entry without the confusion metric's fields (--metrics without it)."""
+    return {k: v for k, v in entry.items() if k not in CONFUSION_KEYS}

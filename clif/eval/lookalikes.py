@@ -13,9 +13,11 @@ read from a DreamBench checkout (`--dreambench DIR`, DIR/<subject>/*.jpg).
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from clif.concepts import load_concept_set
 from clif.errors import UserError
 
 DATASET = Path(__file__).resolve().parents[2] / "dataset"
@@ -122,6 +124,13 @@ def present_subjects(lset: LookalikeSet, root: Path) -> list[str]:
             if n not in names and (root / n).is_dir():
                 names.append(n)
     return names
+
+
+def present_concepts(lset: LookalikeSet, root: Path) -> list:
+    """The concepts of the pairs set's subjects found under `root` (tokens <subject>), validated like any set."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_concepts(lset, present_subjects(lset, root), root, Path(tmp))
+        return load_concept_set(tmp)
 
 
 def mark_pairs(per_pair: list[dict], lset: LookalikeSet) -> list[dict]:
