@@ -74,6 +74,29 @@ def concept_set(tmp_path_factory) -> Path:
     return write_concept_set(tmp_path_factory.mktemp("data") / "set", n_concepts=2, n_images=3)
 
 
+def colour_histogram(images):
+    """Controlled image features for metric tests: a 4x4x4 colour histogram per image (float64 rows)."""
+    import numpy as np
+    import torch
+
+    out = []
+    for im in images:
+        a = np.asarray(im.convert("RGB").resize((64, 64))) // 64
+        idx = a[..., 0] * 16 + a[..., 1] * 4 + a[..., 2]
+        out.append(torch.tensor(np.bincount(idx.ravel(), minlength=64), dtype=torch.float64))
+    return torch.stack(out)
+
+
+def side_by_side(left: Path, right: Path, size: int = 64):
+    """A two-up test image: `left` and `right` resized to size x size, next to each other."""
+    from PIL import Image
+
+    im = Image.new("RGB", (2 * size, size))
+    im.paste(Image.open(left).convert("RGB").resize((size, size)), (0, 0))
+    im.paste(Image.open(right).convert("RGB").resize((size, size)), (size, 0))
+    return im
+
+
 def ti_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """Flags of a tiny, fast stage-2 run."""
     return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_data
+from conftest import SHARED_DATA, needs_data, side_by_side
 from PIL import Image
 
 import evaluate
@@ -103,10 +103,7 @@ def test_compare_folder_on_a_transformers_clip(tiny_sd15, concept_set, tmp_path)
     folder.mkdir()
     prompts, oracle = {}, []
     for i, (x, y) in enumerate([(a, b), (a, a)]):
-        im = Image.new("RGB", (128, 64))
-        im.paste(Image.open(x.images[0]).convert("RGB").resize((64, 64)), (0, 0))
-        im.paste(Image.open(y.images[1]).convert("RGB").resize((64, 64)), (64, 0))
-        im.save(folder / f"{i}.png")
+        side_by_side(x.images[0], y.images[1]).save(folder / f"{i}.png")
         prompts[f"{i}.png"] = f"a photo of {a.token} on the left and {b.token} on the right"
         oracle.append({"image": f"{i}.png", "confused": x is y})
     (folder / "prompts.json").write_text(json.dumps(prompts))

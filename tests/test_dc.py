@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_data, run_cli
+from conftest import SHARED_DATA, colour_histogram, needs_data, run_cli, side_by_side
 from PIL import Image
 
 import evaluate
@@ -200,9 +200,7 @@ def _pair_images(concept_set, folder):
     folder.mkdir()
     prompts = {}
     for i, (x, y) in enumerate([(a, b), (b, a)]):
-        im = Image.new("RGB", (128, 64))
-        im.paste(Image.open(x.images[0]).convert("RGB").resize((64, 64)), (0, 0))
-        im.paste(Image.open(y.images[0]).convert("RGB").resize((64, 64)), (64, 0))
+        im = side_by_side(x.images[0], y.images[0])
         im.save(folder / f"{i}.png")
         prompts[f"{i}.png"] = f"a photo of {x.token} on the left and {y.token} on the right"
     im.save(folder / "single.png")
@@ -283,14 +281,7 @@ def test_evaluate_dc_flag_errors(tiny_eval_models, concept_set, tmp_path, capsys
 def test_dc_on_real_photos_clean_beats_duplicate(tmp_path):
     """Real DreamBench photos, halves as boxes, a colour-histogram feature: dog | dog2 beats dog2 | dog2."""
 
-    def hist(images):
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB").resize((64, 64))) // 64
-            idx = a[..., 0] * 16 + a[..., 1] * 4 + a[..., 2]
-            out.append(torch.tensor(np.bincount(idx.ravel(), minlength=64), dtype=torch.float64))
-        return torch.stack(out)
-
+    hist = colour_histogram
     refs = [hist([Image.open(p) for p in sorted((DB / n).glob("*.jpg"))]) for n in ("dog", "dog2")]
 
     def pair(a, b):

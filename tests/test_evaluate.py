@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_data, run_cli, ti_args
+from conftest import SHARED_DATA, colour_histogram, needs_data, run_cli, ti_args
 from PIL import Image
 
 import evaluate
@@ -83,20 +82,10 @@ def test_self_reference_alignment_and_batch_invariance(openclip_dir, tmp_path):
     assert Image.open(tmp_path / "e1" / "metrics.png").width > 100
 
 
-def _hist(images):
-    """Controlled features: a 4x4x4 colour histogram (what the test knows separates the two subjects)."""
-    out = []
-    for im in images:
-        a = np.asarray(im.convert("RGB").resize((64, 64))) // 64
-        idx = a[..., 0] * 16 + a[..., 1] * 4 + a[..., 2]
-        out.append(torch.tensor(np.bincount(idx.ravel(), minlength=64), dtype=torch.float64))
-    return torch.stack(out)
-
-
 @needs_db
 def test_confusion_metric_on_composites(openclip_dir, tmp_path):
     concepts = load_concept_set(_set(tmp_path / "set", [("teapot", "teapot"), ("dog2", "dog")]))
-    hist_refs = {c.name: _hist([Image.open(p) for p in c.images]) for c in concepts}
+    hist_refs = {c.name: colour_histogram([Image.open(p) for p in c.images]) for c in concepts}
 
     def side_by_side(a, b):
         im = Image.new("RGB", (256, 128))
@@ -114,7 +103,7 @@ def test_confusion_metric_on_composites(openclip_dir, tmp_path):
     items.append(Item(tmp_path / "right.png", "<teapot> and <dog2> together"))  # no layout words, no detector
     backbone = Backbone(f"local-dir:{openclip_dir}", None, "cpu")
     refs = {c.name: backbone.images([Image.open(p).convert("RGB") for p in c.images], 4) for c in concepts}
-    rows = score_folder(items, concepts, refs, backbone, batch_size=4, margin=0.0, feature_fn=_hist,
+    rows = score_folder(items, concepts, refs, backbone, batch_size=4, margin=0.0, feature_fn=colour_histogram,
                         match_refs=hist_refs)
     assert rows[0]["found"] and not rows[0]["confused"]  # each half matches its own subject
     assert rows[1]["found"] and rows[1]["confused"]  # the same subject twice: confusion
