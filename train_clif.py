@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora, seeds
+from clif import cli, full_text, lora, seeds
 from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
 from clif.contrastive.common_concepts import common_images, generate_common_images
 from clif.contrastive.confusion import ConfusionProbe
@@ -74,13 +74,17 @@ def build_parser():
     add_pair_args(g)
     g.add_argument(
         "--train_text_encoder",
-        choices=["none", "lora"],
+        choices=["none", "lora", "full"],
         default="none",
         help="'lora': also train a LoRA on the text encoders' attention (saved as pytorch_lora_weights."
-        "safetensors; later stages load it, keep it and pass it on).",
+        "safetensors); 'full': also train every text-encoder weight but the vocabulary table (saved as "
+        "text_encoder*/ folders, which no kohya/A1111 LoRA file can carry). Later stages load either, keep it frozen "
+        "and pass it on.",
     )
     g.add_argument("--text_encoder_rank", type=cli.positive(int), default=8, help="Rank (= alpha) of that LoRA.")
-    g.add_argument("--text_encoder_lr", type=cli.positive(float), default=1e-4, help="Learning rate of that LoRA.")
+    g.add_argument(
+        "--text_encoder_lr", type=cli.positive(float), default=1e-4, help="Learning rate of that LoRA or whole encoder."
+    )
     g.add_argument(
         "--num_views",
         type=cli.positive(int),
@@ -157,9 +161,14 @@ def run(args) -> None:
         te = lora.add_text_loras(model, rank=rank, alpha=rank, dropout=0.0, seed=init)
         trainables.update(lora.text_lora_trainables(model.text_encoders))
         groups.append({"params": te, "lr": args.text_encoder_lr})
+    elif args.train_text_encoder == "full":
+        whole = full_text.trainable_params(model)
+        trainables.update(whole)
+        groups.append({"params": list(whole.values()), "lr": args.text_encoder_lr})
 
     def save(out: Path) -> None:
-        write_stage_outputs(out, "clif", inp, modules, args, text_lora=args.train_text_encoder == "lora")
+        kind = args.train_text_encoder
+        write_stage_outputs(out, "clif", inp, modules, args, text_lora=kind == "lora", whole_encoder=kind == "full")
 
     text = TextSide(model, paired, concepts)
     before = probe.measure(text)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, lora
+from clif import cli, full_text, lora
 from clif.errors import UserError
 from clif.train import prior, training
 from clif.train.compiled import training_unet
@@ -93,6 +93,8 @@ def run(args) -> None:
     check_args(args)
     inp = prepare(args, stage_required=True)
     model, concepts = inp.model, inp.concepts
+    if args.export_kohya:
+        full_text.check_exportable(args.stage_dir, model, "--export_kohya")
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     lora.check_targets(model.unet, targets, "UNet")
     alpha = args.lora_alpha or float(args.rank)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clif import lora
+from clif import full_text, lora
 from clif.errors import UserError, loading
 from clif.models import DiffusionModel, detect_family, from_pipeline, pipeline_extras, quiet_loading, read_text_side
 from clif.outputs import artifacts
@@ -50,6 +50,8 @@ def check_stage_files(stage_dir: str | Path, manifest: dict, family: str, widths
     ]
     if (Path(stage_dir) / lora.LORA_FILE).exists():
         artifacts.check_safetensors(Path(stage_dir) / lora.LORA_FILE)
+    for f in manifest.get("files", {}).get("text_encoder", []):  # whole fine-tuned text encoders (stage 1 'full')
+        artifacts.check_safetensors(Path(stage_dir) / f / full_text.WEIGHTS)
     return checked
 
 
@@ -59,6 +61,7 @@ def load_embeddings_into(pipe, stage_dir: str | Path, model: DiffusionModel) -> 
     manifest = artifacts.read_manifest(stage_dir)
     widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders]
     checked = check_stage_files(stage_dir, manifest, model.family, widths)
+    full_text.load(stage_dir, model)  # the whole fine-tuned encoders first: the concept rows go on top of them
     for entry, (rows, _) in zip(manifest["concepts"], checked):
         for r, enc, tok in zip(rows, model.text_encoders, model.tokenizers):
             pipe.load_textual_inversion(r, token=entry["token"], text_encoder=enc, tokenizer=tok)

@@ -58,6 +58,7 @@ def write_model_card(
     """Write out/README.md (atomically)."""
     two = ENCODER_KEYS[family] is not None  # SDXL: one row set per text encoder, loaded per encoder
     lora_file = files.get("lora", [None])[0]
+    encoders = files.get("text_encoder", [])  # whole fine-tuned text encoders (stage 1 --train_text_encoder full)
     kohya = sorted(p.name for p in out.glob("*_kohya.safetensors"))
     chain = " -> ".join(STAGES.get(s, s) for s in stage_chain(stage, inputs))
     lines = [
@@ -96,6 +97,11 @@ def write_model_card(
         + (f" (`{'` and `'.join(ENCODER_KEYS[family])}` rows)" if two else " (`{token: rows}`)"),
         *([f"- `{lora_file}`: the diffusers LoRA file (rank and alpha in its header)"] if lora_file else []),
         *[f"- `{k}`: the same LoRA in kohya keys, embeddings bundled (A1111, ComfyUI)" for k in kohya],
+        *[
+            f"- `{e}/`: the whole fine-tuned text encoder (transformers `save_pretrained` folder, base vocabulary; "
+            "load it before the embeddings)"
+            for e in encoders
+        ],
         f"- `{MANIFEST}`: what this folder holds; later stages and inference.py read it",
         "",
         "## Load it",
@@ -112,22 +118,41 @@ def write_model_card(
         "from diffusers import DiffusionPipeline",
         *(["from safetensors.torch import load_file"] if two else []),
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.float16).to("cuda")',
+        *[_load_encoder(out, e) for e in encoders],
+        f'pipe = DiffusionPipeline.from_pretrained("{base}", dtype=torch.float16'
+        + "".join(f", {e}={e}" for e in encoders)
+        + ').to("cuda")',
         *[_load_embedding(c, ENCODER_KEYS[family]) for c in concepts],
         *(['pipe.load_lora_weights("<this folder>")'] if lora_file else []),
         "```",
         "",
-        "A1111 / ComfyUI: copy `embeddings/<name>.safetensors` into the embeddings folder (the trigger word is the"
-        " file stem, e.g. `"
-        + (concepts[0].name if concepts else "name")
-        + "`)"
-        + (", and the `_kohya.safetensors` file into the LoRA folder (it bundles the embeddings)." if kohya else "."),
+        (
+            "A1111 / ComfyUI / kohya: not supported for this folder: their LoRA and embedding files cannot carry a "
+            "whole fine-tuned text encoder (train stage 1 with `--train_text_encoder none` or `lora` for them)."
+            if encoders
+            else "A1111 / ComfyUI: copy `embeddings/<name>.safetensors` into the embeddings folder (the trigger word "
+            "is the file stem, e.g. `"
+            + (concepts[0].name if concepts else "name")
+            + "`)"
+            + (
+                ", and the `_kohya.safetensors` file into the LoRA folder (it bundles the embeddings)."
+                if kohya
+                else "."
+            )
+        ),
         "",
-        "kohya (sd-scripts): "
-        + (
-            "the `_kohya.safetensors` file is a kohya network file (`networks.lora`, real alpha in its header)."
-            if kohya
-            else "train stage 3 with `--export_kohya` for a kohya-format LoRA file."
+        *(
+            []
+            if encoders
+            else [
+                "",
+                "kohya (sd-scripts): "
+                + (
+                    "the `_kohya.safetensors` file is a kohya network file (`networks.lora`, real alpha in its header)."
+                    if kohya
+                    else "train stage 3 with `--export_kohya` for a kohya-format LoRA file."
+                ),
+            ]
         ),
         "",
         "Formats of every file: `docs/formats.md` of the CLIF repository.",
@@ -136,6 +161,14 @@ def write_model_card(
     if grid:
         lines += ["", "## Last validation grid", "", f"![validation]({grid})"]
     atomic_write_bytes(out / CARD, ("\n".join(lines) + "\n").encode())
+
+
+def _load_encoder(out: Path, name: str) -> str:
+    """The lines that load a whole fine-tuned text encoder folder with its own transformers class."""
+    cls = json.loads((out / name / "config.json").read_text())["architectures"][0]
+    return (
+        f'from transformers import {cls}\n{name} = {cls}.from_pretrained("<this folder>/{name}", dtype=torch.float16)'
+    )
 
 
 def _load_embedding(c: Concept, keys: tuple[str, ...] | None) -> str:

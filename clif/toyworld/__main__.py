@@ -8,6 +8,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
+    from clif.cli import user_errors
+
     from . import experiment, gate, pretrain
 
     p = argparse.ArgumentParser(prog="python -m clif.toyworld", description=__doc__)
@@ -24,6 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     c.add_argument("folder", help="The world folder (pretrain --out).")
     args = p.parse_args(argv)
+    with user_errors(p.prog):
+        _dispatch(args)
+
+
+def _dispatch(args) -> None:
+    from . import experiment, gate, pretrain
+
     if args.cmd == "pretrain":
         print(pretrain.run(args))
     elif args.cmd == "compact":

@@ -15,101 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+from clif.errors import UserError
 from clif.eval.agreement import agreement, folder_rows
 
 from .gate import referee_and_gate
-from .ladder import RUNGS, prompt_set, write_concept_set
+from .ladder import DEFAULT_RUNGS_FILE, load_rungs, prompt_set, write_concept_set
+from .methods import METHODS, chain_dirs, stage_argv
+from .probe import fresh_views, leak_figure, stage_rows, words_row
 from .referee import Referee
-from .report import aggregate, ladder_figure, side_by_side, write_ladder_table
+from .report import aggregate, decision, ladder_figure, side_by_side, write_ladder_table
 from .scoring import read_generated, score_images
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = {  # label -> the stages it runs
-    "ti": ("ti",),
-    "ti_lora": ("ti", "lora"),
-    "clif": ("clif", "ti", "lora"),
-}
-
-
-def stage_argv(
-    stage: str, base: Path, data: Path, out: Path, prev: Path | None, seed: int, steps: dict, common: str
-) -> list[str]:
-    """Command line of one stage, identical across methods but for --stage_dir."""
-    flags = [
-        "--pretrained_model_name_or_path",
-        str(base),
-        "--train_data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--seed",
-        str(seed),
-        "--report_to",
-        "none",
-        "--num_vectors",
-        "2",
-    ]
-    flags += ["--stage_dir", str(prev)] if prev is not None else []
-    if stage == "clif":
-        # common-concept negatives: other instances of the class, rendered with their masks (as the paper does)
-        return [
-            sys.executable,
-            "-m",
-            "train_clif",
-            *flags,
-            "--common_words",
-            common,
-            "--cache_dir",
-            str(out.parent / "stage1-cache"),
-            "--num_pairs",
-            "600",
-            "--train_batch_size",
-            "64",
-            "--learning_rate",
-            "5e-3",
-            "--max_train_steps",
-            str(steps["clif"]),
-            "--lr_scheduler",
-            "constant",
-        ]
-    diff = [
-        "--resolution",
-        str(steps["size"]),
-        "--train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--cache_latents",
-        "--lr_scheduler",
-        "constant",
-    ]
-    if stage == "ti":
-        return [
-            sys.executable,
-            "-m",
-            "train_ti",
-            *flags,
-            *diff,
-            "--learning_rate",
-            "5e-3",
-            "--max_train_steps",
-            str(steps["ti"]),
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "train_lora",
-        *flags,
-        *diff,
-        "--rank",
-        "8",
-        "--learning_rate",
-        "1e-3",
-        "--embedding_learning_rate",
-        "1e-3",
-        "--max_train_steps",
-        str(steps["lora"]),
-    ]
 
 
 def run_cmd(argv: list[str], log: Path) -> float:
@@ -127,24 +44,23 @@ def run_cmd(argv: list[str], log: Path) -> float:
 
 def run_method(
     method: str, base: Path, data: Path, work: Path, seed: int, steps: dict, cache: dict, common: str
-) -> Path:
-    """Train `method`'s stages (reusing identical earlier stages across methods); returns the last stage dir."""
-    prev, key = None, ()
-    for stage in METHODS[method]:
-        key = (*key, stage)
-        out = work / "-".join(key)
-        if key not in cache:
+) -> list[Path]:
+    """Train `method`'s stages (reusing identical earlier stages across methods); returns its stage dirs."""
+    prev, dirs = None, []
+    for stage, out in chain_dirs(method, work):
+        if out not in cache:
             if not (out / "clif_manifest.json").exists():
                 if out.exists():  # a stage this experiment started but did not finish: start it again
                     import shutil
 
                     shutil.rmtree(out)
-                cache.setdefault("_times", {})["-".join(key)] = run_cmd(
+                cache.setdefault("_times", {})[out.name] = run_cmd(
                     stage_argv(stage, base, data, out, prev, seed, steps, common), work / "log.txt"
                 )
-            cache[key] = out
-        prev = cache[key]
-    return prev
+            cache[out] = out
+        prev = out
+        dirs.append(out)
+    return dirs
 
 
 def generate(base: Path, stage: Path, out: Path, prompts_list: list[str], n: int, steps: int, log: Path) -> Path:
@@ -215,17 +131,18 @@ def stage1_diagnostics(stage1: Path) -> dict:
     return next((conf[k] for k in ("held_out", "train_views") if (conf.get(k) or {}).get("views")), conf)
 
 
-def one_run(rung: str, seed: int, args, base: Path, work: Path, steps: dict, referee: Referee) -> dict:
+def one_run(rung: str, concepts: dict, seed: int, args, base: Path, work: Path, steps: dict, referee: Referee) -> dict:
     """Every method for one rung and seed: per-method scores, stage-1 diagnostics, stage times, image folders."""
-    concepts, data = RUNGS[rung], work / rung / "concepts"
+    data = work / rung / "concepts"
     out = work / rung / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    log, cache, rows, folders, agree = out / "log.txt", {}, {}, {}, {}
+    log, cache, rows, folders, agree, stage1 = out / "log.txt", {}, {}, {}, {}, {}
     common = ",".join(sorted({c.cls for c in concepts.values()}))
+    views = fresh_views(concepts, steps["size"], seed)
     for m in args.methods:
-        stage = run_method(m, base, data, out, seed, steps, cache, common)
+        dirs = run_method(m, base, data, out, seed, steps, cache, common)
         folder = generate(
-            base, stage, out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
+            base, dirs[-1], out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
         )
         imgs, prompts, files = read_generated(folder)
         scores = score_images(referee.read(imgs), prompts, concepts)
@@ -239,9 +156,20 @@ def one_run(rung: str, seed: int, args, base: Path, work: Path, steps: dict, ref
         )
         rows[m] = {k: v for k, v in scores.items() if k != "rows"}
         rows[m].update({f"clip_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
+        # the text side after each stage: leak of the first concept into the second, retrieval on fresh renders
+        rows[m].update(stage_rows(base, list(zip(METHODS[m], dirs)), concepts, views))
         folders[m] = folder
-    diag = stage1_diagnostics(cache[("clif",)]) if ("clif",) in cache else {}
-    return {"rows": rows, "stage1": diag, "times": cache.get("_times", {}), "folders": folders, "agree": agree}
+        if METHODS[m][0].script == "clif":
+            stage1[m] = stage1_diagnostics(dirs[0])
+    times = cache.get("_times", {})
+    return {
+        "rows": rows,
+        "stage1": stage1,
+        "times": times,
+        "folders": folders,
+        "agree": agree,
+        "words": words_row(base, concepts),
+    }
 
 
 def qualifies(table: dict) -> bool:
@@ -254,6 +182,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     base, work = Path(args.base), Path(args.out)
+    all_rungs = load_rungs(args.rungs_file)
+    missing = [r for r in args.rungs or [] if r not in all_rungs]
+    if missing:
+        raise UserError(f"--rungs: {missing[0]!r} is not in {args.rungs_file} (it has: {', '.join(all_rungs)})")
+    RUNGS = {r: all_rungs[r] for r in args.rungs or all_rungs}
     work.mkdir(parents=True, exist_ok=True)
     size = json.loads((base / "toyworld.json").read_text())["size"]
     steps = {"size": size, "clif": args.clif_steps, "ti": args.ti_steps, "lora": args.lora_steps}
@@ -265,24 +198,27 @@ def run(args: argparse.Namespace) -> dict:
         n=args.gate_captions,
         referee_kw={"n_train": args.referee_scenes, "steps": args.referee_steps},
     )
-    for rung in args.rungs:
+    for rung, concepts in RUNGS.items():
         if not (work / rung / "concepts" / "concepts.json").exists():
-            write_concept_set(work / rung / "concepts", RUNGS[rung], size)
+            write_concept_set(work / rung / "concepts", concepts, size)
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [(r, s) for r in args.rungs for s in args.seeds]
+    todo = [(r, s) for r in RUNGS for s in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # stages are subprocesses: run side by side
-        done = dict(zip(todo, pool.map(lambda rs: one_run(*rs, args, base, work, steps, referee), todo)))
+        done = dict(
+            zip(todo, pool.map(lambda rs: one_run(rs[0], RUNGS[rs[0]], rs[1], args, base, work, steps, referee), todo))
+        )
     rungs = {}
-    for r in args.rungs:
+    for r, concepts in RUNGS.items():
         per_seed = {m: [done[(r, s)]["rows"][m] for s in args.seeds] for m in args.methods}
         table = aggregate(per_seed)
         rungs[r] = {
-            "concepts": {n: o.phrase() for n, o in RUNGS[r].items()},
+            "concepts": {n: o.phrase() for n, o in concepts.items()},
             "qualifies": qualifies(table),
             "table": table,
             "per_seed": per_seed,
             "stage1": {f"seed{s}": done[(r, s)]["stage1"] for s in args.seeds if done[(r, s)]["stage1"]},
+            "words": aggregate({"words": [done[(r, s)]["words"] for s in args.seeds]})["words"],
         }
         side_by_side(done[(r, args.seeds[0])]["folders"], work / f"side_by_side_{r}.png", per_prompt=4)
     pooled = [row for d in done.values() for rows_ in d["agree"].values() for row in rows_]
@@ -296,9 +232,11 @@ def run(args: argparse.Namespace) -> dict:
         "rungs": rungs,
         "times_s": {f"{r}/seed{s}/{k}": v for (r, s), d in done.items() for k, v in d["times"].items()},
     }
+    result["decision"] = decision(result)
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(write_ladder_table(result, work / "results.md"))
     ladder_figure(result, work / "ladder.png")
+    leak_figure(result, work / "leak.png")
     return result
 
 
@@ -310,14 +248,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Referee folder (loaded if there, else trained on the base VAE's round trips; default OUT/referee).",
     )
-    p.add_argument("--rungs", nargs="+", choices=list(RUNGS), default=list(RUNGS), help="Rungs of the ladder to run.")
+    p.add_argument(
+        "--rungs_file",
+        default=str(DEFAULT_RUNGS_FILE),
+        help="JSON of the ladder's rungs (default: clif/toyworld/rungs.json; format in its _about and the README).",
+    )
+    p.add_argument("--rungs", nargs="+", default=None, help="Rungs of --rungs_file to run (default: all of them).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training/generation seeds.")
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=sorted(METHODS),
-        default=["ti", "ti_lora", "clif"],
-        help="ti = stage 2 only; ti_lora = stages 2+3; clif = stages 1+2+3.",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="Methods (clif/toyworld/methods.py): ti = stage 2 only; ti_lora = stages 2+3; clif = stages 1+2+3 "
+        "(token rows); clif_te / clif_full: stage 1 also trains a text-encoder LoRA / the whole encoder; "
+        "clif_frozen: stage 1, then stage 3 with the rows frozen.",
     )
     p.add_argument("--clif_steps", type=int, default=300, help="Stage-1 steps.")
     p.add_argument("--ti_steps", type=int, default=400, help="Stage-2 steps.")

@@ -4,22 +4,58 @@ masks and common-concept negatives) and the prompt templates every method genera
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .world import Obj, Scene, random_background, random_obj, render
+from clif.errors import UserError
 
-# the ladder: each rung a pair of concepts, from clearly different to near twins
-RUNGS = {
-    # class and colour differ (their mixtures: a red box, a blue ball)
-    "distinct": {"ball_a": Obj("ball", "red"), "box_b": Obj("box", "blue")},
-    # same class and body colour; the mark differs in shape and colour (mixtures: purple spot, black band)
-    "lookalike": {"ball_a": Obj("ball", "yellow", "band", "purple"), "ball_b": Obj("ball", "yellow", "spot", "black")},
-    # near twins: same class, colour and mark colour; only the mark's shape differs
-    "twin": {"ball_a": Obj("ball", "yellow", "band", "purple"), "ball_b": Obj("ball", "yellow", "spot", "purple")},
-}
+from .world import CLASSES, COLORS, PATTERNS, Obj, Scene, random_background, random_obj, render
+
+DEFAULT_RUNGS_FILE = Path(__file__).with_name("rungs.json")  # the ladder: from clearly different to near twins
+FIELDS = {"class": CLASSES, "color": tuple(COLORS), "mark": PATTERNS, "mark_color": tuple(COLORS)}
+
+
+def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj]]:
+    """`{"rungs": {rung: {concept: {"class", "color", "mark"?, "mark_color"?}}}}`, each value checked against the
+    world's vocabulary; any mistake is one UserError line naming the rung, concept and field."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"--rungs_file {path}: cannot read it as JSON ({err})") from None
+    rungs = data.get("rungs") if isinstance(data, dict) else None
+    if not isinstance(rungs, dict) or not rungs:
+        raise UserError(f"--rungs_file {path}: needs a non-empty object 'rungs' ({{rung: {{concept: fields}}}})")
+    out = {}
+    for rung, concepts in rungs.items():
+        where = f"--rungs_file {path}: rung {rung!r}"
+        if not isinstance(concepts, dict) or len(concepts) < 2:
+            raise UserError(f"{where} needs two or more concepts")
+        objs = {}
+        for name, spec in concepts.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
+                raise UserError(f"{where}: concept name {name!r} must be lower-case letters, digits and _")
+            if not isinstance(spec, dict) or "class" not in spec or "color" not in spec:
+                raise UserError(f"{where}, concept {name!r}: needs at least 'class' and 'color'")
+            unknown = sorted(set(spec) - set(FIELDS))
+            if unknown:
+                raise UserError(
+                    f"{where}, concept {name!r}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})"
+                )
+            for field, allowed in FIELDS.items():
+                if field in spec and spec[field] not in allowed:
+                    raise UserError(
+                        f"{where}, concept {name!r}: {field} {spec[field]!r} is not in the world ({', '.join(allowed)})"
+                    )
+            objs[name] = Obj(spec["class"], spec["color"], spec.get("mark", "solid"), spec.get("mark_color", "black"))
+        if len({o.identity() for o in objs.values()}) < len(objs):
+            raise UserError(f"{where}: two concepts are the same object")
+        out[rung] = objs
+    return out
+
+
 SINGLE_PROMPTS = ("a photo of a {0}", "a {0}")
 PAIR_PROMPTS = (
     "a photo of a {0} on the left and a {1} on the right",

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .methods import LABELS
+
 SAMPLE_CAPTIONS = (
     "a red ball on the left and a blue box on the right",
     "a blue box on the left and a red ball on the right",
@@ -108,7 +110,7 @@ def side_by_side(folders: dict[str, Path], path: Path, per_prompt: int = 4, rows
                 if k < len(files):
                     ax.imshow(Image.open(files[k].with_suffix(".png")), interpolation="nearest")
                 if r == 0 and k == 0:
-                    ax.set_title(METHOD_LABELS.get(m, m), fontsize=9, loc="left")
+                    ax.set_title(LABELS.get(m, m), fontsize=9, loc="left")
                 if mi == 0 and k == 0:
                     ax.set_ylabel(
                         prompt.replace(" on the ", "\non the "), rotation=0, ha="right", va="center", fontsize=7
@@ -132,7 +134,6 @@ def aggregate(per_seed: dict) -> dict:
     return table
 
 
-METHOD_LABELS = {"ti": "(c) TI", "ti_lora": "(a) TI+LoRA", "clif": "(b) CLIF"}
 KIND_COLS = ("pair_missing", "pair_swapped", "pair_same", "pair_mixture", "pair_other", "pair_correct")
 
 
@@ -142,6 +143,54 @@ def _num(x) -> str:
 
 def _pm(vals: dict, key: str) -> str:
     return f"{vals[key][0]:.2f} ± {vals[key][1]:.2f}" if key in vals else "–"
+
+
+DECISION_RULE = (
+    "A variant works when, on at least two qualifying rungs, its mean confusion is at most half of TI+LoRA's with "
+    "fidelity no more than 0.05 below TI+LoRA's."
+)
+
+
+def decision(result: dict) -> dict[str, dict]:
+    """Per CLIF variant: on which qualifying rungs it passes the rule, and whether it works."""
+    out = {}
+    rungs = {r: v["table"] for r, v in result["rungs"].items() if v["qualifies"]}
+    variants = sorted({m for t in rungs.values() for m in t if m.startswith("clif")})
+    for m in variants:
+        passed = []
+        for r, t in rungs.items():
+            if m in t and "ti_lora" in t:
+                base, v = t["ti_lora"], t[m]
+                if v["oracle_confusion"][0] <= 0.5 * base["oracle_confusion"][0] and (
+                    v["fidelity"][0] >= base["fidelity"][0] - 0.05
+                ):
+                    passed.append(r)
+        works = len(passed) >= 2
+        text = ("**works**" if works else "does not work") + f": passes on {len(passed)} of {len(rungs)} qualifying"
+        out[m] = {"works": works, "passed": passed, "text": text + f" rungs ({', '.join(passed) or 'none'})"}
+    return out
+
+
+def text_side_table(result: dict) -> list[str]:
+    """The leak probe (fwd: the later concept after the earlier, the order the confusion is seen in; rev: the
+    other order) and retrieval on fresh renders, after each stage, mean ± std over seeds; words = the base's
+    leak on the concepts' plain words."""
+    cols = [f"leak{n}_fwd" for n in (1, 2, 3)] + ["leak3_rev"] + [f"retrieval{n}" for n in (1, 2, 3)]
+    head = ["leak fwd after 1", "after 2", "after 3", "leak rev after 3", "retrieval after 1", "after 2", "after 3"]
+    lines = [
+        "## Text side after each stage (leak probe, retrieval on fresh renders)",
+        "",
+        "| rung | method | " + " | ".join(head) + " |",
+        "|---|---|" + "---|" * len(head),
+    ]
+    for rung, r in result["rungs"].items():
+        w = r.get("words", {})
+        lines.append(
+            f"| {rung} | plain words (base) | – | – | {_pm(w, 'leak_fwd')} | {_pm(w, 'leak_rev')} | – | – | – |"
+        )
+        for m, vals in r["table"].items():
+            lines.append(f"| {rung} | {LABELS.get(m, m)} | " + " | ".join(_pm(vals, c) for c in cols) + " |")
+    return lines
 
 
 def write_ladder_table(result: dict, path: Path) -> str:
@@ -166,18 +215,25 @@ def write_ladder_table(result: dict, path: Path) -> str:
             cells = [_pm(vals, "fidelity"), f"**{_pm(vals, 'oracle_confusion')}**"]
             cells += [_pm(vals, k) for k in KIND_COLS]
             cells += [_pm(vals, f"clip_{k}") for k in ("text_alignment", "image_alignment", "confusion_rate")]
-            lines.append(f"| {rung} | {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {rung} | {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     lines.append("")
     for rung, r in result["rungs"].items():
         pair = " vs ".join(f"<{n}> = {p}" for n, p in r["concepts"].items())
         verdict = "qualifies" if r["qualifies"] else "does not qualify"
         lines.append(f"- **{rung}** ({pair}): {verdict} (TI+LoRA fidelity >= 0.7 and confusion >= 0.3 needed)")
-        for seed, d in r["stage1"].items():
-            if "before" in d and "after" in d:
+        for seed, per_method in r["stage1"].items():
+            done = {m: d for m, d in per_method.items() if "before" in d and "after" in d}
+            if done:
                 lines.append(
-                    f"  - stage-1 retrieval, world CLIP, {seed}: {d['before']['accuracy']:.3f} before -> "
-                    f"{d['after']['accuracy']:.3f} after"
+                    f"  - stage-1 held-out retrieval, world CLIP, {seed}: "
+                    + "; ".join(
+                        f"{m} {d['before']['accuracy']:.2f} -> {d['after']['accuracy']:.2f}" for m, d in done.items()
+                    )
                 )
+    lines += ["", *text_side_table(result)]
+    verdicts = decision(result)
+    lines += ["", "## Decision (fixed before the runs)", "", DECISION_RULE, ""]
+    lines += [f"- {LABELS.get(m, m)}: " + v["text"] for m, v in verdicts.items()]
     agree = result.get("metric_vs_referee")
     if agree:
         lines += [
@@ -230,7 +286,7 @@ def ladder_figure(result: dict, path: Path) -> None:
                 width,
                 yerr=std,
                 capsize=3,
-                label=METHOD_LABELS.get(m, m),
+                label=LABELS.get(m, m),
             )
         ax.set_xticks(x)
         ax.set_xticklabels(rungs)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clif import cli, lora, seeds, tokens, validate
+from clif import cli, full_text, lora, seeds, tokens, validate
 from clif.concepts import Concept, check_tokens, data_fingerprint, load_concept_set
 from clif.errors import UserError
 from clif.models import DiffusionModel, detect_family, load_model, read_text_side
@@ -32,6 +32,7 @@ class StageInputs:
     resume_path: Path | None = None  # checkpoint to continue from (--resume_from_checkpoint)
     text_lora: bool = False  # the earlier stage trained a text-encoder LoRA: loaded here, carried forward
     data_fingerprint: str = ""  # hash of the concept images: a resume must see the same data
+    whole_encoder: bool = False  # the earlier stage left whole fine-tuned text encoders: loaded, carried forward
 
 
 def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
@@ -89,6 +90,12 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     fingerprint = model.fingerprint()
     if manifest is not None:
         artifacts.check_stage_compatible(manifest, stage_dir, model.family, fingerprint, base)
+    whole = manifest is not None and full_text.load(stage_dir, model)  # before any adapter or new token
+    if whole and getattr(args, "train_text_encoder_lora", False):
+        raise UserError(
+            f"--train_text_encoder_lora: {stage_dir} carries a whole fine-tuned text encoder (stage 1 "
+            "--train_text_encoder full); a LoRA on top of it is not supported"
+        )
     text_lora = manifest is not None and lora.load_text_lora(stage_dir, model)
     first_new_id = len(model.tokenizers[0])
     tokens.add_placeholder_tokens(model.tokenizers, concepts)
@@ -98,7 +105,7 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
             start.append([r.float() for r in saved[c.name][1]])
         else:
             start.append([tokens.initializer_rows(t, e, c) for t, e in zip(model.tokenizers, model.text_encoders)])
-    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora, data)
+    return StageInputs(concepts, model, start, fingerprint, first_new_id, manifest, resume_path, text_lora, data, whole)
 
 
 def install_embeddings(inp: StageInputs) -> list[tokens.ConceptEmbedding]:
@@ -153,11 +160,12 @@ def write_stage_outputs(
     *,
     text_lora: bool = False,
     unet_lora: bool = False,
+    whole_encoder: bool = False,
     extra: Callable[[Path], None] | None = None,
 ) -> None:
     """This stage's files into `out` (the final dir or a checkpoint): embeddings, the LoRA file when one trains,
-    `extra` files, the README.md model card, and the manifest last, so that a folder with a manifest is always
-    complete."""
+    the whole text encoders when this or an earlier stage trained them, `extra` files, the README.md model card,
+    and the manifest last, so that a folder with a manifest is always complete."""
     meta = {
         "clif.stage": stage,
         "clif.family": inp.model.family,
@@ -168,6 +176,10 @@ def write_stage_outputs(
     if text_lora or unet_lora:
         lora.save_lora(out, inp.model, text_lora, unet=unet_lora)
         files["lora"] = [lora.LORA_FILE]
+    if whole_encoder:  # trained here (stage 1 --train_text_encoder full)
+        files["text_encoder"] = full_text.save(out, inp.model)
+    elif inp.whole_encoder:  # trained by an earlier stage: passed on unchanged
+        files["text_encoder"] = full_text.copy(args.stage_dir, out, inp.model)
     if extra is not None:
         extra(out)
     inputs = [str(Path(args.stage_dir).resolve())] if getattr(args, "stage_dir", None) else []
