@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
         "(what is committed).",
     )
     c.add_argument("folder", help="The world folder (pretrain --out).")
+    r = sub.add_parser("readme", help="Regenerate the README's toy-world tables from a committed results JSON.")
+    r.add_argument("--results", default="pretrained/toyworld/ladder_results.json", help="experiment's results.json")
+    r.add_argument("--readme", default="README.md", help="The README with the generated block to replace.")
     args = p.parse_args(argv)
     with user_errors(p.prog):
         _dispatch(args)
@@ -43,6 +46,13 @@ def _dispatch(args) -> None:
         print(f"{to_fp16_files(args.folder)} files rewritten as float16")
         if share_text_tower(Path(args.folder)):
             print("paired_clip/ now reads its text tower from text_encoder/")
+    elif args.cmd == "readme":
+        from pathlib import Path
+
+        from .report import update_readme
+
+        update_readme(Path(args.results), Path(args.readme))
+        print(f"{args.readme}: toy-world tables regenerated from {args.results}")
     elif args.cmd == "gate":
         gate.run(args)
     else:

@@ -131,7 +131,17 @@ def stage1_diagnostics(stage1: Path) -> dict:
     return next((conf[k] for k in ("held_out", "train_views") if (conf.get(k) or {}).get("views")), conf)
 
 
-def one_run(rung: str, concepts: dict, seed: int, args, base: Path, work: Path, steps: dict, referee: Referee) -> dict:
+def one_run(
+    rung: str,
+    concepts: dict,
+    seed: int,
+    methods: list[str],
+    args,
+    base: Path,
+    work: Path,
+    steps: dict,
+    referee: Referee,
+) -> dict:
     """Every method for one rung and seed: per-method scores, stage-1 diagnostics, stage times, image folders."""
     data = work / rung / "concepts"
     out = work / rung / f"seed{seed}"
@@ -139,7 +149,7 @@ def one_run(rung: str, concepts: dict, seed: int, args, base: Path, work: Path, 
     log, cache, rows, folders, agree, stage1 = out / "log.txt", {}, {}, {}, {}, {}
     common = ",".join(sorted({c.cls for c in concepts.values()}))
     views = fresh_views(concepts, steps["size"], seed)
-    for m in args.methods:
+    for m in methods:
         dirs = run_method(m, base, data, out, seed, steps, cache, common)
         folder = generate(
             base, dirs[-1], out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
@@ -203,14 +213,25 @@ def run(args: argparse.Namespace) -> dict:
             write_concept_set(work / rung / "concepts", concepts, size)
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [(r, s) for r in RUNGS for s in args.seeds]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # stages are subprocesses: run side by side
-        done = dict(
-            zip(todo, pool.map(lambda rs: one_run(rs[0], RUNGS[rs[0]], rs[1], args, base, work, steps, referee), todo))
-        )
+    def runs(rungs: list[str], methods: list[str]) -> dict:
+        todo = [(r, s) for r in rungs for s in args.seeds]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # stages are subprocesses: side by side
+            return dict(zip(todo, pool.map(lambda rs: one_run(rs[0], RUNGS[rs[0]], rs[1], methods, *common), todo)))
+
+    common = (args, base, work, steps, referee)
+    # phase 1: the baseline on every rung decides which rungs qualify; phase 2: every method where it matters
+    first = [m for m in ("ti_lora",) if m in args.methods and args.variants_on == "qualifying"]
+    done = runs(list(RUNGS), first) if first else {}
+    pick = [
+        r
+        for r in RUNGS
+        if not first or qualifies(aggregate({"ti_lora": [done[(r, s)]["rows"]["ti_lora"] for s in args.seeds]}))
+    ]
+    done.update(runs(pick, args.methods))
     rungs = {}
     for r, concepts in RUNGS.items():
-        per_seed = {m: [done[(r, s)]["rows"][m] for s in args.seeds] for m in args.methods}
+        methods = args.methods if r in pick else first
+        per_seed = {m: [done[(r, s)]["rows"][m] for s in args.seeds] for m in methods}
         table = aggregate(per_seed)
         rungs[r] = {
             "concepts": {n: o.phrase() for n, o in concepts.items()},
@@ -277,5 +298,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="CPU threads of each stage (sets OMP_NUM_THREADS; 1 is fastest on a shared machine).",
+    )
+    p.add_argument(
+        "--variants_on",
+        choices=["qualifying", "all"],
+        default="qualifying",
+        help="Rungs every method runs on: 'qualifying' (TI+LoRA runs first on every rung; the rest only where it "
+        "qualifies) or 'all'.",
     )
     p.add_argument("--jobs", type=int, default=1, help="(rung, seed) runs side by side (one core each is best).")

@@ -193,7 +193,7 @@ def text_side_table(result: dict) -> list[str]:
     return lines
 
 
-def write_ladder_table(result: dict, path: Path) -> str:
+def write_ladder_table(result: dict, path: Path | None) -> str:
     """results.md: the gate, then per rung and method fidelity, confusion and its kinds, the CLIP metrics."""
     from .gate import gate_table
 
@@ -257,7 +257,8 @@ def write_ladder_table(result: dict, path: Path) -> str:
     if times:
         lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(times.items()))]
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    if path is not None:
+        path.write_text(text)
     return text
 
 
@@ -269,7 +270,7 @@ def ladder_figure(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rungs = list(result["rungs"])
-    methods = list(next(iter(result["rungs"].values()))["table"])
+    methods = list(dict.fromkeys(m for r in result["rungs"].values() for m in r["table"]))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     x = np.arange(len(rungs))
     width = 0.8 / max(1, len(methods))
@@ -278,8 +279,8 @@ def ladder_figure(result: dict, path: Path) -> None:
         (axes[1], "fidelity", "single-concept fidelity (referee)"),
     ):
         for i, m in enumerate(methods):
-            mean = [result["rungs"][r]["table"][m][key][0] for r in rungs]
-            std = [result["rungs"][r]["table"][m][key][1] for r in rungs]
+            vals = [result["rungs"][r]["table"].get(m, {}).get(key, (np.nan, 0.0)) for r in rungs]
+            mean, std = [v[0] for v in vals], [v[1] for v in vals]
             ax.bar(
                 x + (i - (len(methods) - 1) / 2) * width,
                 mean,
@@ -300,3 +301,24 @@ def ladder_figure(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+BEGIN, END = (
+    "<!-- toyworld-results:begin (generated: python -m clif.toyworld readme) -->",
+    "<!-- toyworld-results:end -->",
+)
+
+
+def update_readme(results: Path, readme: Path) -> str:
+    """Replace the README's generated block (between BEGIN and END) with the tables of a committed results JSON,
+    its headings one level down; returns the block."""
+    result = json.loads(results.read_text())
+    text = write_ladder_table(result, None)
+    block = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
+    block = f"{BEGIN}\n\n_Generated from `{results.as_posix()}`._\n\n{block}\n\n{END}"
+    doc = readme.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{readme}: no generated block ({BEGIN} ... {END}) to replace")
+    head, rest = doc.split(BEGIN, 1)
+    readme.write_text(head + block + rest.split(END, 1)[1])
+    return block
