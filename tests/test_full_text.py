@@ -66,6 +66,12 @@ def test_full_text_encoder_chain(family, tiny_models, concept_set, segmenter_dir
     # stage 2 loads it frozen and passes it on unchanged; stage 3 too
     train_ti.main(ti_args(model, concept_set, s2, "--stage_dir", str(s1), "--max_train_steps", "2"))
     train_lora.main(lora_args(model, concept_set, s2, s3, "--max_train_steps", "2"))
+    # stage 2 trains against it: the same run on the stage-1 dir without its encoders sees other losses
+    bare = tmp_path / "s1-without-encoder"
+    _without_encoders(s1, bare, family)
+    train_ti.main(ti_args(model, concept_set, tmp_path / "s2-bare", "--stage_dir", str(bare), "--max_train_steps", "2"))
+    losses = [json.loads((d / "run_stats.json").read_text())["losses"] for d in (s2, tmp_path / "s2-bare")]
+    assert losses[0] != losses[1]
     for stage in (s2, s3):
         for name in ENCODERS[family]:
             assert (stage / name / "model.safetensors").read_bytes() == (s1 / name / "model.safetensors").read_bytes()
@@ -129,6 +135,16 @@ def test_full_text_encoder_chain(family, tiny_models, concept_set, segmenter_dir
         code, err = run_cli(train_lora.main, lora_args(model, concept_set, s2, out, flag), capsys)
         assert code == 2 and "whole fine-tuned text encoder" in err and len(err.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def _without_encoders(stage, out, family):
+    """A copy of a stage dir without its whole encoders (folders and manifest entry)."""
+    shutil.copytree(stage, out)
+    for name in ENCODERS[family]:
+        shutil.rmtree(out / name)
+    manifest = json.loads((out / "clif_manifest.json").read_text())
+    del manifest["files"]["text_encoder"]
+    (out / "clif_manifest.json").write_text(json.dumps(manifest))
 
 
 def _with_stage(pipe, family, stage):
