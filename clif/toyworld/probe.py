@@ -4,6 +4,7 @@ method's row carries (so the ladder's mean ± std covers them), and the leak fig
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from .methods import LABELS
 from .world import Obj
 
 STAGE_NUMBER = {"clif": 1, "ti": 2, "lora": 3}
+# the experiment runs (rung, seed)s in threads; model loading is not thread-safe (transformers switches torch's
+# default dtype while it loads, so a resize in another thread builds tensors of the wrong type): one at a time
+_LOADING = threading.Lock()
 
 
 def directions(names: list[str]) -> dict[str, list[str]]:
@@ -38,19 +42,23 @@ def words_row(base: Path, concepts: dict[str, Obj]) -> dict[str, float]:
     """The reference: the leak on the concepts' plain words ("red ball"), which the base binds correctly."""
     names = list(concepts)
     texts = {n: o.phrase()[2:] for n, o in concepts.items()}  # without the leading "a "
-    return {f"leak_{d}": v for d, v in _summary(TextProbe(str(base)).leaks(texts), names).items()}
+    with _LOADING:
+        leaks = TextProbe(str(base)).leaks(texts)
+    return {f"leak_{d}": v for d, v in _summary(leaks, names).items()}
 
 
 def stage_rows(base: Path, chain: list[tuple], concepts: dict[str, Obj], views: dict) -> dict[str, float]:
     """leak{n}_fwd / leak{n}_rev / retrieval{n} after each stage n of one method's chain [(Stage, dir), ...]."""
     names, out = list(concepts), {}
+    tokens = {c: f"<{c}>" for c in names}
     for stage, folder in chain:
         n = STAGE_NUMBER[stage.script]
-        probe = TextProbe(str(base), str(folder))
-        tokens = {c: f"<{c}>" for c in names}
-        for d, v in _summary(probe.leaks(tokens), names).items():
+        with _LOADING:
+            probe = TextProbe(str(base), str(folder))
+            leaks = probe.leaks(tokens)
+            out[f"retrieval{n}"] = probe.retrieval(str(base / "paired_clip"), views, tokens)
+        for d, v in _summary(leaks, names).items():
             out[f"leak{n}_{d}"] = v
-        out[f"retrieval{n}"] = probe.retrieval(str(base / "paired_clip"), views, tokens)
     return out
 
 
