@@ -317,3 +317,19 @@ def test_unet_stop_at_keeps_the_full_schedule_and_resumes_to_its_end(tmp_path):
     assert ck_a["sched"]["_last_lr"] != ck_b["sched"]["_last_lr"]  # 4 of 10 steps is not the end of a 4-step schedule
     log_full, ck_full = run(tmp_path / "a", 10, None)  # resumes at 4, runs to 10
     assert ck_full["step"] == 10 and len(log_full) == 10 and log_full[:4] == log_a
+
+
+def test_readme_toyworld_block_is_generated_from_the_committed_results(tmp_path, monkeypatch):
+    """The README's toy-world tables are exactly what `python -m clif.toyworld readme` writes from the committed
+    ladder_results.json: no hand-typed numbers."""
+    import shutil
+
+    from clif.toyworld.report import BEGIN, END, update_readme
+
+    copy = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", copy)
+    before = copy.read_text()
+    assert before.count(BEGIN) == 1 and before.count(END) == 1
+    monkeypatch.chdir(REPO)  # the block names the JSON by its path in the repository
+    update_readme(Path("pretrained/toyworld/ladder_results.json"), copy)
+    assert copy.read_text() == before
