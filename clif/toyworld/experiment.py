@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .report import aggregate, decision, ladder_figure, side_by_side, write_ladd
 from .scoring import read_generated, score_images
 
 REPO = Path(__file__).resolve().parents[2]
+IN_PROCESS = threading.Lock()
 
 
 def run_cmd(argv: list[str], log: Path) -> float:
@@ -149,25 +151,30 @@ def one_run(
     log, cache, rows, folders, agree, stage1 = out / "log.txt", {}, {}, {}, {}, {}
     common = ",".join(sorted({c.cls for c in concepts.values()}))
     views = fresh_views(concepts, steps["size"], seed)
+    with IN_PROCESS:
+        words = words_row(base, concepts)
     for m in methods:
         dirs = run_method(m, base, data, out, seed, steps, cache, common)
         folder = generate(
             base, dirs[-1], out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
         )
-        imgs, prompts, files = read_generated(folder)
-        scores = score_images(referee.read(imgs), prompts, concepts)
-        for row, f in zip(scores["rows"], files):
-            row["image"] = f
-        (folder / "referee.json").write_text(json.dumps(scores, indent=2) + "\n")
         ev = evaluate_folder(base, data, folder, out / f"eval-{m}", log)
-        # is evaluate.py's confusion right? its per-image decisions (and D&C on halves) against the referee's
-        agree[m] = folder_rows(
-            folder, folder / "referee.json", out / f"eval-{m}" / "metrics.json", data, str(base / "paired_clip")
-        )
-        rows[m] = {k: v for k, v in scores.items() if k != "rows"}
-        rows[m].update({f"clip_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
-        # the text side after each stage: leak of the first concept into the second, retrieval on fresh renders
-        rows[m].update(stage_rows(base, list(zip(METHODS[m], dirs)), concepts, views))
+        # in this process, one (rung, seed) at a time: model loading is not thread-safe (transformers switches
+        # torch's default dtype and builds modules on the meta device while it loads)
+        with IN_PROCESS:
+            imgs, prompts, files = read_generated(folder)
+            scores = score_images(referee.read(imgs), prompts, concepts)
+            for row, f in zip(scores["rows"], files):
+                row["image"] = f
+            (folder / "referee.json").write_text(json.dumps(scores, indent=2) + "\n")
+            # is evaluate.py's confusion right? its per-image decisions (and D&C on halves) against the referee's
+            agree[m] = folder_rows(
+                folder, folder / "referee.json", out / f"eval-{m}" / "metrics.json", data, str(base / "paired_clip")
+            )
+            rows[m] = {k: v for k, v in scores.items() if k != "rows"}
+            rows[m].update({f"clip_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
+            # the text side after each stage: leak of the first concept into the second, retrieval on fresh renders
+            rows[m].update(stage_rows(base, list(zip(METHODS[m], dirs)), concepts, views))
         folders[m] = folder
         if METHODS[m][0].script == "clif":
             stage1[m] = stage1_diagnostics(dirs[0])
@@ -178,7 +185,7 @@ def one_run(
         "times": times,
         "folders": folders,
         "agree": agree,
-        "words": words_row(base, concepts),
+        "words": words,
     }
 
 

@@ -4,7 +4,6 @@ method's row carries (so the ladder's mean ± std covers them), and the leak fig
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,6 @@ from .methods import LABELS
 from .world import Obj
 
 STAGE_NUMBER = {"clif": 1, "ti": 2, "lora": 3}
-# the experiment runs (rung, seed)s in threads; model loading is not thread-safe (transformers switches torch's
-# default dtype while it loads, so a resize in another thread builds tensors of the wrong type): one at a time
-_LOADING = threading.Lock()
 
 
 def directions(names: list[str]) -> dict[str, list[str]]:
@@ -42,8 +38,7 @@ def words_row(base: Path, concepts: dict[str, Obj]) -> dict[str, float]:
     """The reference: the leak on the concepts' plain words ("red ball"), which the base binds correctly."""
     names = list(concepts)
     texts = {n: o.phrase()[2:] for n, o in concepts.items()}  # without the leading "a "
-    with _LOADING:
-        leaks = TextProbe(str(base)).leaks(texts)
+    leaks = TextProbe(str(base)).leaks(texts)
     return {f"leak_{d}": v for d, v in _summary(leaks, names).items()}
 
 
@@ -53,10 +48,9 @@ def stage_rows(base: Path, chain: list[tuple], concepts: dict[str, Obj], views: 
     tokens = {c: f"<{c}>" for c in names}
     for stage, folder in chain:
         n = STAGE_NUMBER[stage.script]
-        with _LOADING:
-            probe = TextProbe(str(base), str(folder))
-            leaks = probe.leaks(tokens)
-            out[f"retrieval{n}"] = probe.retrieval(str(base / "paired_clip"), views, tokens)
+        probe = TextProbe(str(base), str(folder))
+        leaks = probe.leaks(tokens)
+        out[f"retrieval{n}"] = probe.retrieval(str(base / "paired_clip"), views, tokens)
         for d, v in _summary(leaks, names).items():
             out[f"leak{n}_{d}"] = v
     return out
