@@ -84,6 +84,8 @@ def test_rungs_file_default_and_bad_inputs(tmp_path, capsys):
         "one concept": ({"a_a": good["a_a"]}, "two or more concepts"),
         "unknown field": ({**good, "a_a": {"class": "ball", "color": "red", "size": 3}}, "unknown field 'size'"),
         "same object": ({"a_a": good["a_a"], "b_b": good["a_a"]}, "the same object"),
+        "images 0": ({**good, "a_a": {"class": "ball", "color": "red", "images": 0}}, "images must be an integer"),
+        "images 2.5": ({**good, "a_a": {"class": "ball", "color": "red", "images": 2.5}}, "images must be an integer"),
     }
     for what, (rung, message) in cases.items():
         f = tmp_path / f"{what}.json"
@@ -96,6 +98,14 @@ def test_rungs_file_default_and_bad_inputs(tmp_path, capsys):
     f = tmp_path / "good.json"
     f.write_text(json.dumps({"rungs": {"r": good}}))
     assert load_rungs(f)["r"]["b_b"].pattern_color == "yellow"
+    # per-concept training renders: what write_concept_set draws
+    from clif.toyworld.ladder import write_concept_set
+
+    f.write_text(json.dumps({"rungs": {"r": {**good, "a_a": {**good["a_a"], "images": 3}}}}))
+    rung = load_rungs(f)["r"]
+    assert rung.images == {"a_a": 3, "b_b": 5}
+    root = write_concept_set(tmp_path / "set", rung, 32, n_common=1)
+    assert [len(list((root / "images" / n).glob("*.png"))) for n in ("a_a", "b_b")] == [3, 5]
     code, err = run_cli(
         main,
         [

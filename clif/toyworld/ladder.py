@@ -16,6 +16,13 @@ from .world import CLASSES, COLORS, PATTERNS, Obj, Scene, random_background, ran
 
 DEFAULT_RUNGS_FILE = Path(__file__).with_name("rungs.json")  # the ladder: from clearly different to near twins
 FIELDS = {"class": CLASSES, "color": tuple(COLORS), "mark": PATTERNS, "mark_color": tuple(COLORS)}
+N_TRAIN = 5  # training renders per concept unless its "images" says otherwise
+
+
+class Rung(dict):
+    """{concept name: Obj}, plus `images`: {concept name: training renders} where a rung sets them."""
+
+    images: dict[str, int]
 
 
 def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj]]:
@@ -33,16 +40,17 @@ def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj
         where = f"--rungs_file {path}: rung {rung!r}"
         if not isinstance(concepts, dict) or len(concepts) < 2:
             raise UserError(f"{where} needs two or more concepts")
-        objs = {}
+        objs = Rung()
+        objs.images = {}
         for name, spec in concepts.items():
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
                 raise UserError(f"{where}: concept name {name!r} must be lower-case letters, digits and _")
             if not isinstance(spec, dict) or "class" not in spec or "color" not in spec:
                 raise UserError(f"{where}, concept {name!r}: needs at least 'class' and 'color'")
-            unknown = sorted(set(spec) - set(FIELDS))
+            unknown = sorted(set(spec) - set(FIELDS) - {"images"})
             if unknown:
                 raise UserError(
-                    f"{where}, concept {name!r}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})"
+                    f"{where}, concept {name!r}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)}, images)"
                 )
             for field, allowed in FIELDS.items():
                 if field in spec and spec[field] not in allowed:
@@ -50,6 +58,10 @@ def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj
                         f"{where}, concept {name!r}: {field} {spec[field]!r} is not in the world ({', '.join(allowed)})"
                     )
             objs[name] = Obj(spec["class"], spec["color"], spec.get("mark", "solid"), spec.get("mark_color", "black"))
+            n = spec.get("images", N_TRAIN)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise UserError(f"{where}, concept {name!r}: images must be an integer >= 1 (training renders)")
+            objs.images[name] = n
         if len({o.identity() for o in objs.values()}) < len(objs):
             raise UserError(f"{where}: two concepts are the same object")
         out[rung] = objs
@@ -72,17 +84,16 @@ def render_concept(obj: Obj, rng: np.random.Generator, size: int, slot: str = "c
     return img, masks[0]
 
 
-def write_concept_set(
-    root: Path, concepts: dict[str, Obj], size: int, n_train: int = 5, n_common: int = 8, seed: int = 0
-) -> Path:
-    """The custom concepts (n_train renders each, masks from the generator) and, as stage-1 common-concept
-    negatives, `n_common` other instances of each concept's class (random colour and mark), with their masks."""
+def write_concept_set(root: Path, concepts: dict[str, Obj], size: int, n_common: int = 8, seed: int = 0) -> Path:
+    """The custom concepts (N_TRAIN renders each, or a Rung's `images`; masks from the generator) and, as stage-1
+    common-concept negatives, `n_common` other instances of each concept's class (random colour and mark), with
+    their masks."""
     rng = np.random.default_rng([seed, 11])
     entries = []
     for name, obj in concepts.items():
         for sub in ("images", "masks"):
             (root / sub / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n_train):
+        for i in range(getattr(concepts, "images", {}).get(name, N_TRAIN)):
             img, mask = render_concept(obj, rng, size, ("center", "left", "right")[i % 3] if i >= 3 else "center")
             img.save(root / "images" / name / f"{i:02d}.png")
             mask.save(root / "masks" / name / f"{i:02d}.png")
