@@ -78,45 +78,21 @@ def test_full_text_encoder_chain(family, tiny_models, concept_set, segmenter_dir
     card = (s3 / "README.md").read_text()
     assert 'from_pretrained("<this folder>/text_encoder"' in card and "A1111 / ComfyUI / kohya: not supported" in card
     # inference.py uses it: the same stage dir without its encoder folders draws something else
+    def gen(stage, out):
+        return ["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt", PROMPT,
+                "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--output_dir", str(out)]
+
     no_te = tmp_path / "s3-without-encoder"
-    shutil.copytree(s3, no_te)
-    for name in ENCODERS[family]:
-        shutil.rmtree(no_te / name)
-    gen = [
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--stage_dir",
-        str(no_te),
-        "--prompt",
-        PROMPT,
-        "--num_images_per_prompt",
-        "1",
-        "--num_inference_steps",
-        "3",
-    ]
-    code, err = run_cli(inference.main, [*gen, "--output_dir", str(tmp_path / "refused")], capsys)
-    assert code == 2 and "text_encoder/model.safetensors is missing" in err  # the manifest names it
-    manifest = json.loads((no_te / "clif_manifest.json").read_text())
-    del manifest["files"]["text_encoder"]
-    (no_te / "clif_manifest.json").write_text(json.dumps(manifest))
+    _without_encoders(s3, no_te, family)
+    half = json.loads((no_te / "clif_manifest.json").read_text())
+    half["files"]["text_encoder"] = ENCODERS[family]  # a manifest that names folders no longer there
+    (no_te / "clif_manifest.json").write_text(json.dumps(half))
+    code, err = run_cli(inference.main, gen(no_te, tmp_path / "refused"), capsys)
+    assert code == 2 and "text_encoder/model.safetensors is missing" in err
+    _without_encoders(s3, no_te, family, replace=True)
     images = {}
     for stage in (s3, no_te):
-        paths = inference.main(
-            [
-                "--pretrained_model_name_or_path",
-                str(model),
-                "--stage_dir",
-                str(stage),
-                "--prompt",
-                PROMPT,
-                "--num_images_per_prompt",
-                "1",
-                "--num_inference_steps",
-                "3",
-                "--output_dir",
-                str(tmp_path / f"gen-{stage.name}"),
-            ]
-        )
+        paths = inference.main(gen(stage, tmp_path / f"gen-{stage.name}"))
         images[stage] = np.asarray(Image.open(paths[0]))
     assert not np.array_equal(images[s3], images[no_te])
     # stock diffusers (the model card's recipe): the encoders as pipeline components, the embeddings, the LoRA
@@ -137,8 +113,10 @@ def test_full_text_encoder_chain(family, tiny_models, concept_set, segmenter_dir
         assert not out.exists()
 
 
-def _without_encoders(stage, out, family):
+def _without_encoders(stage, out, family, replace=False):
     """A copy of a stage dir without its whole encoders (folders and manifest entry)."""
+    if replace:
+        shutil.rmtree(out)
     shutil.copytree(stage, out)
     for name in ENCODERS[family]:
         shutil.rmtree(out / name)
