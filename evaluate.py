@@ -15,7 +15,8 @@ from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set, open_rgb
-from clif.eval import dc, lookalikes, protocols
+from clif.contrastive.common_concepts import common_images
+from clif.eval import dc, kinds, lookalikes, protocols
 from clif.eval.evaluation import (
     Backbone,
     Detector,
@@ -71,10 +72,19 @@ def build_parser():
     )
     p.add_argument("--detector_threshold", type=cli.non_negative(float), default=0.1, help="Detector score threshold.")
     p.add_argument(
+        "--confusion_decision",
+        choices=["kinds", "margin"],
+        default="kinds",
+        help="What 'confused' means: kinds = each instance read against both concepts and their classes' common "
+        "images with margins calibrated on the references (clif/eval/kinds.py; the kind is reported too); margin = "
+        "the earlier fixed-margin rule (always reported as confused_margin / confusion_rate_margin).",
+    )
+    p.add_argument(
         "--confusion_margin",
         type=cli.non_negative(float),
         default=0.02,
-        help="An instance must be this much more similar to one concept than the other to count as matched.",
+        help="The margin rule's margin (--confusion_decision margin, and confused_margin): an instance must be this "
+        "much more similar to one concept than the other to count as matched.",
     )
     p.add_argument(
         "--batch_size", type=cli.positive(int), default=32, help="Images per forward pass (no effect on results)."
@@ -186,6 +196,10 @@ def run(args) -> dict:
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
 
     refs, dino_refs, dc_refs = {}, {}, {}
+    # the concept set's common/<class>/ images of the concepts' classes (clif/eval/kinds.py), where it has them
+    set_root = root.parent if root.name == "concepts.json" else root
+    found_common = common_images(set_root, sorted({c.class_word for c in concepts}), set_root)
+    common_refs = {w: backbone.images([open_rgb(p) for p in ps], args.batch_size) for w, ps in found_common.items()}
     for c in concepts:
         ims = [open_rgb(p) for p in c.images]
         refs[c.name] = backbone.images(ims, args.batch_size)
@@ -200,6 +214,12 @@ def run(args) -> dict:
         "dino": args.dino,
         "dc": {"model": args.dc_model, "threshold": args.dc_threshold} if dc_model is not None else None,
         "pairs": str(lset.source) if lset else None,
+        "confusion": {
+            "decision": args.confusion_decision,
+            "margin": args.confusion_margin,
+            "kind_settings": kinds.SETTINGS.as_dict(),
+            "common_classes": sorted(common_refs),
+        },
     }
     results = {}
     for label, items in folders.items():
@@ -210,6 +230,8 @@ def run(args) -> dict:
             backbone,
             batch_size=args.batch_size,
             margin=args.confusion_margin,
+            common_refs=common_refs,
+            decision=args.confusion_decision,
             detector=detector,
             dino=dino,
             dino_refs=dino_refs,

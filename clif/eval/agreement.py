@@ -89,6 +89,8 @@ def agreement(rows: list[dict], dc_cut: float = 0.5) -> dict:
     out = {"images": len(rows), "oracle_confusion": float(np.mean([r["oracle"] for r in rows])) if rows else None}
     metrics: dict[str, tuple[Callable, Callable]] = {
         "clip_confusion": (lambda r: r.get("clip"), lambda r: r.get("clip_score")),
+        # the fixed-margin rule (evaluate.py --confusion_decision margin), kept beside the default decision
+        "clip_confusion_margin": (lambda r: r.get("clip_margin"), lambda r: r.get("clip_score")),
         "dc": (
             lambda r: None if r.get("dc") is None else r["dc"] < dc_cut,
             lambda r: None if r.get("dc") is None else 1.0 - r["dc"],
@@ -96,6 +98,8 @@ def agreement(rows: list[dict], dc_cut: float = 0.5) -> dict:
     }
     for name, (decide, score) in metrics.items():
         dec = [(r["oracle"], decide(r)) for r in rows if decide(r) is not None]
+        if name == "clip_confusion_margin" and not dec:
+            continue  # metrics.json written before the margin rule got its own field
         sco = [(float(r["oracle"]), score(r)) for r in rows if score(r) is not None]
         entry = {"images": len(dec)}
         if dec:
@@ -133,11 +137,28 @@ def join_rows(oracle_rows: list[dict], eval_rows: list[dict], dc: dict[str, floa
             {
                 "image": o["image"],
                 "oracle": bool(o["confused"]),
+                "oracle_kind": o.get("kind"),
                 "clip": e["confused"] if e.get("found") else None,
+                "clip_margin": e.get("confused_margin") if e.get("found") else None,
+                "kind": e.get("kind") if e.get("found") else None,
                 "clip_score": clip_confusion_score(sims) if sims is not None else None,
                 "dc": (dc or {}).get(o["image"]),
             }
         )
+    return out
+
+
+def kind_matrix(rows: list[dict], ours: str = "kind") -> dict[str, dict[str, int]]:
+    """Counts of (ground-truth kind, our `ours` field) over rows that have both: {oracle kind: {ours: n}}; a boolean
+    field is written "confused" / "not confused"."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        o, x = r.get("oracle_kind"), r.get(ours)
+        if o is None or x is None:
+            continue
+        x = ("confused" if x else "not confused") if isinstance(x, bool) else x
+        out.setdefault(o, {}).setdefault(x, 0)
+        out[o][x] += 1
     return out
 
 

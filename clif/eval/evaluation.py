@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from clif.concepts import Concept, check_image, list_images, open_rgb
 from clif.errors import UserError, loading
-from clif.eval import metrics
+from clif.eval import kinds, metrics
+from clif.eval.dc import pad_to_white_square
 from clif.validate import existing_folder, get_field, read_json
 
 
@@ -212,13 +213,20 @@ def score_folder(
     dino_refs: dict[str, torch.Tensor] | None = None,
     feature_fn=None,
     match_refs: dict[str, torch.Tensor] | None = None,
+    common_refs: dict[str, torch.Tensor] | None = None,
+    decision: str = "kinds",
+    kind_settings: kinds.Settings = kinds.SETTINGS,
 ) -> list[dict]:
-    """One row per image: text/image alignment, and for two-concept prompts found/confused.
+    """One row per image: text/image alignment, and for two-concept prompts found / confused / kind.
 
     Instances are matched to concepts with `feature_fn` against `match_refs` (default: the CLIP backbone
-    and `refs`); tests pass controlled features there.
+    and `refs`); tests pass controlled features there. `common_refs` (class word -> features in the same space)
+    are the concept set's common images of each class (clif/eval/kinds.py); `decision` picks what `confused`
+    says: "kinds" (clif/eval/kinds.py) or "margin" (the fixed-margin rule, always kept as `confused_margin`).
     """
     match_refs = match_refs if match_refs is not None else refs
+    common_refs = common_refs or {}
+    gaps: dict[tuple[str, str], list] = {}  # the references' leave-one-out gaps, per ordered pair
     by_token = {c.token: c for c in concepts}
     class_of = {c.token: c.class_word for c in concepts}
     images = [open_rgb(it.path) for it in items]
@@ -227,6 +235,24 @@ def score_folder(
     score, cos = metrics.clip_score(feats, texts)
     dino_feats = dino.images(images, batch_size) if dino is not None else None
     embed = feature_fn or (lambda ims: backbone.images(ims, batch_size))
+
+    def kind_of(inst: torch.Tensor, pair: list[Concept], positional: bool) -> dict:
+        """clif/eval/kinds.py's reading of one image's two (padded) instances; the prompt's concept order."""
+        refs_ = [match_refs[c.name] for c in pair]
+        key = (pair[0].name, pair[1].name)
+        if key not in gaps:
+            gaps[key] = kinds.calibrate(refs_)
+        s, k = kinds.instance_sims(inst, refs_, [common_refs.get(c.class_word) for c in pair])
+        same_class = pair[0].class_word == pair[1].class_word
+        d = kinds.decide(s, k, gaps[key], positional, same_class, kind_settings)
+        return {
+            "kind": d["kind"],
+            "kind_labels": [pair[x].name if isinstance(x, int) else x for x in d["labels"]],
+            "kind_sims": s,
+            "kind_common": k,
+            "kind_gap": gaps[key],
+        }
+
     rows = []
     for k, (it, im) in enumerate(tqdm(list(zip(items, images)), desc="scoring", leave=False)):
         named = metrics.tokens_in(it.prompt, list(by_token))
@@ -253,13 +279,18 @@ def score_folder(
                     crops, method = [im.crop(b) for b in boxes], "detector"
             if not crops and metrics.says_left_right(it.prompt):
                 crops, method = _halves(im), "halves"
-            sims = None
+            sims, kind = None, None
             if crops:
+                pair = [by_token[t] for t in named]
                 cf = embed(crops)
-                sims = torch.stack([metrics.mean_cosine(cf, match_refs[by_token[t].name]) for t in named], dim=1)
-            found, confused = metrics.confusion_decision(sims, margin)
-            row.update(found=found, confused=confused, instances=method)
+                sims = torch.stack([metrics.mean_cosine(cf, match_refs[c.name]) for c in pair], dim=1)
+                padded = [pad_to_white_square(c, (0, 0, *c.size)) for c in crops]  # scale kept (kinds.py)
+                kind = kind_of(embed(padded), pair, metrics.says_left_right(it.prompt))
+            found, confused_margin = metrics.confusion_decision(sims, margin)
+            row.update(found=found, confused_margin=confused_margin, instances=method)
             row["confusion_sims"] = sims.tolist() if sims is not None else None  # clif.eval.agreement's CLIP score
+            row.update(kind or dict.fromkeys(("kind", "kind_labels", "kind_sims", "kind_common", "kind_gap")))
+            row["confused"] = confused_margin if decision == "margin" else row["kind"] in kinds.CONFUSED
         rows.append(row)
     return rows
 
@@ -286,7 +317,12 @@ def summarize(rows: list[dict]) -> dict:
         "pair_images": len(pairs),
         "attendance": len(found) / len(pairs) if pairs else None,
         "confusion_rate": sum(r["confused"] for r in found) / len(found) if found else None,
+        "confusion_rate_margin": (
+            sum(r["confused_margin"] for r in found) / len(found) if found and "confused_margin" in found[0] else None
+        ),
     }
+    if any(r.get("kind") for r in found):
+        out.update({f"kind_{k}": v for k, v in kinds.kind_shares(found).items()})
     dino = [v for r in rows for v in r.get("dino_alignment", {}).values()]
     if dino:
         out["dino_alignment"] = mean(dino)
@@ -304,7 +340,23 @@ def per_prompt(rows: list[dict]) -> list[dict]:
     ]
 
 
-CONFUSION_KEYS = ("found", "confused", "instances", "confusion_sims", "attendance", "confusion_rate", "pair_images")
+CONFUSION_KEYS = (
+    "found",
+    "confused",
+    "confused_margin",
+    "instances",
+    "confusion_sims",
+    "attendance",
+    "confusion_rate",
+    "confusion_rate_margin",
+    "pair_images",
+    "kind",
+    "kind_labels",
+    "kind_sims",
+    "kind_common",
+    "kind_gap",
+    *(f"kind_{k}" for k in kinds.KINDS),
+)
 
 
 def without_confusion(entry: dict) -> dict:

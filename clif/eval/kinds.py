@@ -1,0 +1,148 @@
+"""Which confusion a two-concept image shows, from image similarities alone (evaluate.py's default decision).
+
+A metric for real photos: nothing here knows how the images were made. Its inputs, all in one image-feature space
+(CLIP's image tower in evaluate.py):
+
+- the two *instances* of a two-concept image (the detector's two boxes, or the image halves for "on the left ... on
+  the right" prompts), each pasted on a white square (`dc.pad_to_white_square`, scale kept: a zoomed half is not
+  what the references look like);
+- the references of the prompt's two concepts;
+- optionally the concept set's `common/<class>/` images of the two concepts' classes: other members of the classes,
+  i.e. what "a dog, but neither of these two dogs" looks like.
+
+**Calibration** (from the references alone, leave-one-out): for each reference of concept c, its mean similarity to
+c's *other* references minus its mean similarity to the other concept's references. Their mean is c's `gap`: how
+far genuine photos of c sit from the other concept, in this feature space, for this pair. A margin in units of the
+gap adapts to the backbone and to how alike the two concepts are, where a fixed margin (0.02 before) cannot.
+
+**Instances.** s_c = mean cosine of an instance to c's references, s_k = its mean cosine to common images, the
+largest over the pair's classes. An instance *is* concept c when it is clearly more like c than like the other
+concept (s_c - s_other >= `margin` x gap_c) and more like c than like a common member of the classes
+(s_c - s_k >= `common_margin` x gap_c). An instance that is neither is a *mixture* of the two when it is like both
+concepts more than like the common images (min(s_A, s_B) - s_k >= `mixture_margin` x the mean gap), else *other*
+(like neither: a fidelity failure, not confusion). Without common images the class tests are skipped.
+
+**Image kind** from the two labels, in the prompt's order (left first for a left/right prompt, whose instances are
+ordered left to right): `correct` (each its own concept), `swapped` (both concepts, sides exchanged; only for
+left/right prompts -- otherwise this is `correct`), `same` (one concept twice), `mixture` (an instance mixes the
+two), `other` (an instance like neither). **Confused = swapped, same or mixture.** A missing instance (fewer than two
+found) is counted by attendance, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("correct", "swapped", "same", "mixture", "other")
+CONFUSED = ("swapped", "same", "mixture")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The decision's three margins, each in units of the references' leave-one-out gap (see the module doc)."""
+
+    margin: float = 0.2
+    common_margin: float = 0.0
+    mixture_margin: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# evaluate.py's settings, chosen on the toy world's tuning rungs (README, "Is our confusion metric right?")
+SETTINGS = Settings()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.double(), dim=-1)
+
+
+def loo_gap(own: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over `own`'s rows of (mean cosine to the other rows of `own`) - (mean cosine to the rows of `other`).
+
+    A single reference has nothing to leave out: its own similarity counts as 1 (an optimistic gap, said in the
+    README)."""
+    n = own.shape[0]
+    a, b = _unit(own), _unit(other)
+    g = a @ a.T
+    loo = (g.sum(dim=1) - g.diagonal()) / (n - 1) if n > 1 else torch.ones(1, dtype=torch.float64)
+    return float((loo - (a @ b.T).mean(dim=1)).mean())
+
+
+def calibrate(refs: Sequence[torch.Tensor]) -> list[float]:
+    """The leave-one-out gap of each of the two concepts against the other (refs in the prompt's order)."""
+    return [loo_gap(refs[0], refs[1]), loo_gap(refs[1], refs[0])]
+
+
+def instance_sims(
+    feats: torch.Tensor, refs: Sequence[torch.Tensor], common: Sequence[torch.Tensor | None] = (None, None)
+) -> tuple[list[list[float]], list[list[float]] | None]:
+    """Per instance, [s_A, s_B]: the mean cosines to each concept's references; and [k_A, k_B]: the mean cosines to
+    the common images of each concept's class (`common` in the prompt's order; None without common images)."""
+    f = _unit(feats)
+
+    def mean_cos(sets):
+        return torch.stack([(f @ _unit(r).T).mean(dim=1) for r in sets], dim=1).tolist()
+
+    have = all(c is not None and c.shape[0] > 0 for c in common)
+    return mean_cos(refs), (mean_cos(common) if have else None)
+
+
+def concept_label(s: Sequence[float], k: Sequence[float] | None, gap: Sequence[float], settings: Settings):
+    """0 or 1 when the instance is that concept (see the module doc), else None."""
+    for c in (0, 1):
+        clear = s[c] - s[1 - c] >= settings.margin * gap[c]
+        if clear and (k is None or s[c] - max(k) >= settings.common_margin * gap[c]):
+            return c
+    return None
+
+
+def neither_label(s, k, gap, partner, same_class: bool, settings: Settings) -> str:
+    """'mix' or 'other' for an instance that is neither concept; `partner` = the other instance's concept label."""
+    if k is None:
+        return "mix"  # it sits between the two concepts: nothing tells "like neither" apart without common images
+    if not same_class and partner is not None and k[partner] > k[1 - partner]:
+        return "mix"  # a second object of the partner's class that is not the partner: the class leaked
+    return "mix" if min(s) - max(k) >= settings.mixture_margin * (gap[0] + gap[1]) / 2 else "other"
+
+
+def image_kind(labels: Sequence, positional: bool) -> str:
+    """The kind of one image from its two instances' labels (in the prompt's order; see the module doc)."""
+    a, b = labels
+    if a in (0, 1) and b in (0, 1):
+        if a == b:
+            return "same"
+        return "correct" if (a, b) == (0, 1) or not positional else "swapped"
+    if "mix" in (a, b):
+        return "mixture"
+    return "other"
+
+
+def decide(
+    sims: Sequence[Sequence[float]],
+    common: Sequence[Sequence[float]] | None,
+    gap: Sequence[float],
+    positional: bool,
+    same_class: bool,
+    settings: Settings,
+) -> dict:
+    """{"kind", "confused", "labels"} of one image from its instances' similarities (as `instance_sims` gives them)
+    and the pair's gaps (`calibrate`)."""
+    ks = [None, None] if common is None else common
+    first = [concept_label(s, ks[i], gap, settings) for i, s in enumerate(sims)]
+    labels = [
+        x if x is not None else neither_label(sims[i], ks[i], gap, first[1 - i], same_class, settings)
+        for i, x in enumerate(first)
+    ]
+    kind = image_kind(labels, positional)
+    return {"kind": kind, "confused": kind in CONFUSED, "labels": labels}
+
+
+def kind_shares(rows: list[dict]) -> dict:
+    """The share of each kind among rows with a kind (the images where two instances were found)."""
+    kinds = [r["kind"] for r in rows if r.get("kind") is not None]
+    return {k: (sum(x == k for x in kinds) / len(kinds) if kinds else None) for k in KINDS}

@@ -1,0 +1,317 @@
+"""Is evaluate.py's confusion decision right? Per image, against the toy world's referee, rung by rung (issue 22).
+
+For every folder of generated toy-world images that has the referee's reading (`<root>/<rung>/seed*/images-<method>/
+referee.json`), evaluate.py scores the folder with the world's CLIP (halves, no detector) into `--work`, and
+`clif.eval.agreement.folder_rows` joins its rows with the referee's (plus D&C on halves, MuDI's definition). Then:
+
+1. **diagnosis** of the fixed-margin rule (`confused_margin`): referee kind x decision, per rung; the correct images it
+   calls confused, and why; the distribution of the margin it compares with 0.02;
+2. **tuning** of clif/eval/kinds.py's three margins on the `--tune` rungs only (a grid; pooled Cohen's kappa);
+3. **held-out** report on the `--held_out` rungs with those settings: agreement, kappa, rate, referee kind x our kind.
+
+    python scripts/confusion_metric_study.py --roots outputs/evidence outputs/metric22 \
+        --json pretrained/toyworld/confusion_metric_study.json --readme README.md
+
+`--readme` rewrites the README's generated block (between the two markers below) from the JSON; `--from_json` does
+only that, from a committed JSON, without images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from clif.eval import kinds
+from clif.eval.agreement import agreement, cohen_kappa, folder_rows, kind_matrix
+from clif.eval.metrics import says_left_right
+
+TUNE = ("distinct", "lookalike", "twin")
+HELD_OUT = ("star_box", "box_ball", "ball_star", "ball_ball", "box_star")
+GRID = {
+    "margin": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
+    "common_margin": (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
+    "mixture_margin": (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
+}
+REFEREE_KINDS = ("correct", "missing", "swapped", "same", "mixture", "other")  # clif/toyworld/scoring.py
+BEGIN = "<!-- confusion-metric-study:begin (generated: python scripts/confusion_metric_study.py --from_json) -->"
+END = "<!-- confusion-metric-study:end -->"
+
+
+def folders(roots: list[Path], rungs: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
+    """(rung, image folder, concept set) for every referee-read folder of `rungs` under `roots`."""
+    out = []
+    for root in roots:
+        for rung in rungs:
+            for ref in sorted((root / rung).glob("seed*/images-*/referee.json")):
+                out.append((rung, ref.parent, root / rung / "concepts"))
+    return out
+
+
+def collect(rung: str, folder: Path, concepts: Path, clip: str, work: Path) -> list[dict]:
+    """evaluate.py on one folder (into `work`), joined with the referee's rows; each row keeps what kinds.decide
+    needs to decide again under other settings."""
+    import evaluate
+
+    out = work / folder.parent.parent.parent.name / rung / folder.parent.name / folder.name
+    if not (out / "metrics.json").is_file():
+        evaluate.main(
+            ["--images", str(folder), "--concepts", str(concepts), "--output_dir", str(out), "--overwrite"]
+            + ["--clip_model", clip, "--detector", "none"]
+        )
+    ev = {r["file"]: r for r in next(iter(json.loads((out / "metrics.json").read_text()).values()))["rows"]}
+    classes = {c["name"]: c["class"] for c in json.loads((concepts / "concepts.json").read_text())["concepts"]}
+    rows = folder_rows(folder, folder / "referee.json", out / "metrics.json", concepts, clip)
+    for r in rows:
+        e = ev[r["image"]]
+        r.update(
+            rung=rung,
+            folder=str(folder),
+            kind_sims=e["kind_sims"],
+            kind_common=e["kind_common"],
+            kind_gap=e["kind_gap"],
+            positional=says_left_right(e["prompt"]),
+            same_class=classes[e["concepts"][0]] == classes[e["concepts"][1]],
+            min_gap=min(abs(a - b) for a, b in e["confusion_sims"]) if e["confusion_sims"] else None,
+            margin_reason=_reason(e["confusion_sims"]),
+        )
+    return rows
+
+
+def _reason(sims) -> str | None:
+    """Why the margin rule calls an image confused: 'same best' (both instances nearest one concept) or 'gap'."""
+    if not sims:
+        return None
+    best = [int(np.argmax(s)) for s in sims]
+    if best[0] == best[1]:
+        return "same best"
+    return "gap < margin" if min(abs(a - b) for a, b in sims) < 0.02 else None
+
+
+def redecide(rows: list[dict], settings: kinds.Settings) -> list[dict]:
+    """Rows with `kind` and `clip` (confused) from kinds.decide under `settings` (the stored similarities)."""
+    out = []
+    for r in rows:
+        if r["kind_sims"] is None:
+            out.append({**r, "kind": None, "clip": None})
+            continue
+        d = kinds.decide(r["kind_sims"], r["kind_common"], r["kind_gap"], r["positional"], r["same_class"], settings)
+        out.append({**r, "kind": d["kind"], "clip": d["confused"]})
+    return out
+
+
+def _kappa(rows: list[dict], field: str = "clip") -> float | None:
+    pairs = [(r["oracle"], r[field]) for r in rows if r.get(field) is not None]
+    return cohen_kappa(*zip(*pairs)) if pairs else None
+
+
+def tune(rows: list[dict]) -> tuple[kinds.Settings, list[dict]]:
+    """The grid's setting with the highest pooled kappa on `rows` (ties: the higher mean per-rung kappa, then the
+    earlier grid point = the smaller margins); the grid table, best first."""
+    rungs = sorted({r["rung"] for r in rows})
+    table = []
+    for values in itertools.product(*GRID.values()):
+        s = kinds.Settings(*values)
+        got = redecide(rows, s)
+        per = {g: _kappa([r for r in got if r["rung"] == g]) for g in rungs}
+        pooled = _kappa(got)
+        mean = statistics.mean(v if v is not None else 0.0 for v in per.values())
+        table.append({"settings": s.as_dict(), "kappa": pooled, "mean_rung_kappa": mean, "per_rung": per})
+    order = sorted(range(len(table)), key=lambda i: (-(table[i]["kappa"] or -9), -table[i]["mean_rung_kappa"], i))
+    table = [table[i] for i in order]
+    return kinds.Settings(**table[0]["settings"]), table
+
+
+def quantiles(xs: list[float]) -> dict | None:
+    if not xs:
+        return None
+    q = np.quantile(xs, [0, 0.25, 0.5, 0.75, 1])
+    return {
+        "n": len(xs),
+        "min": q[0],
+        "q25": q[1],
+        "median": q[2],
+        "q75": q[3],
+        "max": q[4],
+        "below_0.02": float(np.mean(np.asarray(xs) < 0.02)),
+    }
+
+
+def rung_report(rows: list[dict]) -> dict:
+    """One rung (or a pool): counts, the margin rule's diagnosis, the kinds decision, D&C, as agreement() does."""
+    table = agreement(rows)
+    flagged = [r for r in rows if r["oracle_kind"] == "correct" and r.get("clip_margin")]
+    return {
+        "images": len(rows),
+        "folders": sorted({r["folder"] for r in rows}),
+        "referee_kinds": {k: sum(r["oracle_kind"] == k for r in rows) for k in REFEREE_KINDS},
+        "kinds": table["clip_confusion"],
+        "margin_rule": table.get("clip_confusion_margin"),
+        "dc_halves": table["dc"],
+        "referee_confusion": table["oracle_confusion"],
+        "matrix_kinds": kind_matrix(rows, "kind"),
+        "matrix_margin_rule": kind_matrix(rows, "clip_margin"),
+        "margin_rule_flags_correct": {
+            "count": len(flagged),
+            "why": {w: sum(r["margin_reason"] == w for r in flagged) for w in ("same best", "gap < margin")},
+        },
+        "margin_distribution": {
+            k: quantiles([r["min_gap"] for r in rows if r["oracle_kind"] == k and r["min_gap"] is not None])
+            for k in REFEREE_KINDS
+            if any(r["oracle_kind"] == k for r in rows)
+        },
+        "loo_gap": quantiles([g for r in rows for g in r["kind_gap"] or [] if g is not None]),
+    }
+
+
+def report(rows: list[dict], settings: kinds.Settings, grid: list[dict], tune_rungs, held_rungs) -> dict:
+    got = redecide(rows, settings)
+    by = {g: [r for r in got if r["rung"] == g] for g in list(tune_rungs) + list(held_rungs)}
+    return {
+        "settings": settings.as_dict(),
+        "settings_in_code": kinds.SETTINGS.as_dict(),
+        "tune_rungs": list(tune_rungs),
+        "held_out_rungs": list(held_rungs),
+        "grid_top": grid[:10],
+        "grid_points": len(grid),
+        "pooled": {
+            "tuning": rung_report([r for g in tune_rungs for r in by[g]]),
+            "held_out": rung_report([r for g in held_rungs for r in by[g]]) if any(by[g] for g in held_rungs) else None,
+        },
+        "rungs": {g: rung_report(rs) for g, rs in by.items() if rs},
+    }
+
+
+def _f(x, nd: int = 2) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(result: dict, source: str) -> str:
+    """The README block: per rung (tuning, then held-out) the two decisions' agreement with the referee, D&C beside,
+    the kinds matrix, the margin rule's diagnosis."""
+    s = result["settings"]
+    lines = [
+        f"_Generated from `{source}` by `scripts/confusion_metric_study.py`._",
+        "",
+        (
+            f"Settings chosen on the tuning rungs ({', '.join(result['tune_rungs'])}; {result['grid_points']} grid "
+            f"points, pooled kappa): margin {s['margin']}, common_margin {s['common_margin']}, mixture_margin "
+            f"{s['mixture_margin']} (units of the references' leave-one-out gap). Held-out rungs: "
+            f"{', '.join(result['held_out_rungs'])}."
+        ),
+        "",
+        (
+            "| rung | set | images | referee confusion | kinds: agreement | **kinds: kappa** | kinds: rate | "
+            "margin rule: agreement | margin rule: kappa | margin rule: rate | D&C halves: kappa |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name, part, r):
+        k, m, d = r["kinds"], r["margin_rule"] or {}, r["dc_halves"]
+        return (
+            f"| {name} | {part} | {r['images']} | {_f(r['referee_confusion'])} | {_f(k.get('agreement'))} | "
+            f"**{_f(k.get('kappa'))}** | {_f(k.get('rate'))} | {_f(m.get('agreement'))} | {_f(m.get('kappa'))} | "
+            f"{_f(m.get('rate'))} | {_f(d.get('kappa'))} |"
+        )
+
+    for part, rungs in (("tuning", result["tune_rungs"]), ("held-out", result["held_out_rungs"])):
+        for g in rungs:
+            if g in result["rungs"]:
+                lines.append(row(g, part, result["rungs"][g]))
+        pooled = result["pooled"]["tuning" if part == "tuning" else "held_out"]
+        if pooled:
+            lines.append(row(f"**all {part}**", part, pooled))
+    ours = kinds.KINDS
+    for part in ("tuning", "held_out"):
+        pooled = result["pooled"][part]
+        if not pooled:
+            continue
+        lines += [
+            "",
+            (
+                f"Referee kind (rows) x decision (columns), {part.replace('_', '-')} rungs pooled ({pooled['images']} "
+                "images): the kinds decision's kind, then the margin rule's confused / not confused."
+            ),
+            "",
+            "| referee \\ ours | " + " | ".join(ours) + " | margin rule: confused | not confused |",
+            "|---" * (len(ours) + 3) + "|",
+        ]
+        for k in REFEREE_KINDS:
+            mk, mm = pooled["matrix_kinds"].get(k, {}), pooled["matrix_margin_rule"].get(k, {})
+            if not mk and not mm:
+                continue
+            cells = [str(mk.get(o, 0)) for o in ours] + [str(mm.get("confused", 0)), str(mm.get("not confused", 0))]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    t = result["pooled"]["tuning"]
+    lines += [
+        "",
+        (
+            "The margin rule's margin (per image, the smaller |s_A - s_B| of its two instances) by referee kind, "
+            "tuning rungs; the references' leave-one-out gap for scale:"
+        ),
+        "",
+        "| referee kind | images | min | median | max | share < 0.02 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, q in t["margin_distribution"].items():
+        lines.append(
+            f"| {k} | {q['n']} | {_f(q['min'], 3)} | {_f(q['median'], 3)} | {_f(q['max'], 3)} | {_f(q['below_0.02'])} |"
+        )
+    g = t["loo_gap"]
+    lines.append(
+        f"| (references' LOO gap) | {g['n']} | {_f(g['min'], 3)} | {_f(g['median'], 3)} | {_f(g['max'], 3)} | |"
+    )
+    flags = t["margin_rule_flags_correct"]
+    lines += [
+        "",
+        (
+            f"Correct images (tuning rungs) the margin rule calls confused: {flags['count']} "
+            f"({flags['why']['same best']} with both instances nearest one concept, {flags['why']['gap < margin']} "
+            "with a gap below 0.02)."
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, block: str) -> None:
+    doc = readme.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{readme}: no generated block ({BEGIN} ... {END}) to replace")
+    head, rest = doc.split(BEGIN, 1)
+    readme.write_text(f"{head}{BEGIN}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--roots", nargs="+", default=["outputs/evidence", "outputs/metric22"])
+    p.add_argument("--tune", nargs="+", default=list(TUNE), help="Rungs the settings are chosen on.")
+    p.add_argument("--held_out", nargs="*", default=list(HELD_OUT), help="Rungs only reported.")
+    p.add_argument("--clip_model", default="pretrained/toyworld/model/paired_clip")
+    p.add_argument("--work", default="outputs/metric22/eval", help="Where evaluate.py writes (never into --roots).")
+    p.add_argument("--json", required=True, help="The study's numbers (written, or read with --from_json).")
+    p.add_argument("--readme", default=None, help="Rewrite this README's generated block from the JSON.")
+    p.add_argument("--from_json", action="store_true", help="Only the README block, from an existing --json.")
+    args = p.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.json).read_text())
+    else:
+        rows = []
+        for rung, folder, concepts in folders([Path(r) for r in args.roots], tuple(args.tune + args.held_out)):
+            rows += collect(rung, folder, concepts, args.clip_model, Path(args.work))
+        tune_rows = [r for r in rows if r["rung"] in args.tune]
+        settings, grid = tune(tune_rows)
+        result = report(rows, settings, grid, args.tune, args.held_out)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
+    if args.readme:
+        write_readme(Path(args.readme), markdown(result, args.json))
+    print(markdown(result, args.json))
+    return result
+
+
+if __name__ == "__main__":
+    main()
