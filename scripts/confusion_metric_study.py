@@ -190,6 +190,13 @@ def _f(x, nd: int = 2) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _tuned_line(run: dict) -> str:
+    return (
+        f"Tuned on {run['images']} images (`{run['json']}` lists them; pooled kappa there {_f(run['kappa'])}); "
+        "tuning-rung images made later are reported below, not tuned on."
+    )
+
+
 def markdown(result: dict, source: str) -> str:
     """The README block: per rung (tuning, then held-out) the two decisions' agreement with the referee, D&C beside,
     the kinds matrix, the margin rule's diagnosis."""
@@ -204,6 +211,14 @@ def markdown(result: dict, source: str) -> str:
             f"{', '.join(result['held_out_rungs'])}."
         ),
         "",
+        *(
+            [
+                _tuned_line(result["tuning_run"]),
+                "",
+            ]
+            if "tuning_run" in result
+            else []
+        ),
         (
             "| rung | set | images | referee confusion | kinds: agreement | **kinds: kappa** | kinds: rate | "
             "margin rule: agreement | margin rule: kappa | margin rule: rate | D&C halves: kappa |"
@@ -295,6 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="outputs/metric22/eval", help="Where evaluate.py writes (never into --roots).")
     p.add_argument("--json", required=True, help="The study's numbers (written, or read with --from_json).")
     p.add_argument("--readme", default=None, help="Rewrite this README's generated block from the JSON.")
+    p.add_argument(
+        "--settings_from",
+        default=None,
+        help="A tuning run's JSON (this script with --held_out and nothing after it): use its settings, tune nothing.",
+    )
     p.add_argument("--from_json", action="store_true", help="Only the README block, from an existing --json.")
     args = p.parse_args(argv)
     if args.from_json:
@@ -303,9 +323,21 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for rung, folder, concepts in folders([Path(r) for r in args.roots], tuple(args.tune + args.held_out)):
             rows += collect(rung, folder, concepts, args.clip_model, Path(args.work))
-        tune_rows = [r for r in rows if r["rung"] in args.tune]
-        settings, grid = tune(tune_rows)
+        if args.settings_from:  # the settings of an earlier tuning run, fixed before the held-out rungs were read
+            tuned = json.loads(Path(args.settings_from).read_text())
+            settings, grid = kinds.Settings(**tuned["settings"]), tuned["grid_top"]
+        else:
+            settings, grid = tune([r for r in rows if r["rung"] in args.tune])
         result = report(rows, settings, grid, args.tune, args.held_out)
+        if args.settings_from:
+            result["tuning_run"] = {
+                "json": args.settings_from,
+                "grid_points": tuned["grid_points"],
+                "images": tuned["pooled"]["tuning"]["images"],
+                "folders": tuned["pooled"]["tuning"]["folders"],
+                "kappa": tuned["pooled"]["tuning"]["kinds"]["kappa"],
+            }
+            result["grid_points"] = tuned["grid_points"]
         Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
     if args.readme:
         write_readme(Path(args.readme), markdown(result, args.json))

@@ -112,6 +112,8 @@ def test_known_pairs_correct_swapped_same_mixture_other(tmp_path):
     assert rows["correct"]["kind_gap"] == [pytest.approx(1.0)] * 2
     # the fixed-margin rule, kept beside: blind to sides, and calls "like neither" confused
     assert rows["swapped"]["confused_margin"] is False and rows["other"]["confused_margin"] is True
+    margin = score(tmp_path, {"swapped": two_up(square(BLUE), square(RED))}, decision="margin")["swapped"]
+    assert margin["confused"] is False and margin["kind"] == "swapped"  # the flag picks what `confused` says
     s = summarize(list(rows.values()))
     assert s["confusion_rate"] == pytest.approx(3 / 5) and s["confusion_rate_margin"] == pytest.approx(3 / 5)
     assert {k: s[f"kind_{k}"] for k in kinds.KINDS} == {k: pytest.approx(0.2) for k in kinds.KINDS}
