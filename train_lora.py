@@ -142,10 +142,11 @@ def run(args) -> None:
         groups=groups,
         trainables=trainables,
         write_artifacts=save,
-        num_samples=len(data),
+        num_samples=data.epoch_length,
         default_steps=DEFAULT_STEPS,
         desc="lora",
         resume=inp.resume_path,
+        samples_per_concept=data.samples_per_concept,
         extra_noise=[prior_term.noise] if prior_term else [],
     )
     logger.info(

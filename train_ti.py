@@ -70,10 +70,11 @@ def run(args) -> None:
         groups=[{"params": params, "lr": lr}],
         trainables={f"embedding.{i}": p for i, p in enumerate(params)},
         write_artifacts=save,
-        num_samples=len(data),
+        num_samples=data.epoch_length,
         default_steps=DEFAULT_STEPS,
         desc="ti",
         resume=inp.resume_path,
+        samples_per_concept=data.samples_per_concept,
     )
     logger.info(
         f"{len(concepts)} concepts, {len(data)} images, {runner.max_steps} steps (from {runner.step}), global batch "

@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Iterator
 
+from clif.concepts import BALANCES
 from clif.errors import RunFailed, UserError
 from clif.outputs.outdir import held_locks, release_locks
 
@@ -20,6 +21,9 @@ SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + 
 # memory/speed trades that compute the same numbers, and the run's length (a resume may continue a run further).
 # A new flag is result-changing until someone says otherwise.
 HARMLESS: set[str] = set()
+# Result-changing flags added after runs were made: the value in effect for a checkpoint whose manifest predates
+# the flag, so that resuming such a checkpoint with another value is refused as well.
+BEFORE_FLAG: dict[str, object] = {"concept_balance": "images"}
 
 
 def harmless(action: argparse.Action) -> argparse.Action:
@@ -171,6 +175,7 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
             "ComfyUI and kohya take the embedding file's name as its trigger word (dataset/README.md).",
         )
     )
+    add_balance_arg(g)
     if not images:
         return
     g.add_argument(
@@ -198,6 +203,18 @@ def add_data_args(p: argparse.ArgumentParser, *, images: bool = True) -> None:
         "--cache_latents",
         action="store_true",
         help="VAE-encode every training image and its flipped copy once, then free the VAE.",
+    )
+
+
+def add_balance_arg(p) -> None:
+    """--concept_balance: how the samples are shared among concepts (stages 1-3 and the pair preview)."""
+    p.add_argument(
+        "--concept_balance",
+        choices=BALANCES,
+        default="concepts",
+        help="'concepts': every concept gets the same share of the training samples (stage 1: of the Global and "
+        "Region pairs) whatever its image count, times its 'repeats' (concepts.json); 'images': every image "
+        "counts once, times its concept's repeats (kohya's num_repeats), so a concept with more images trains more.",
     )
 
 

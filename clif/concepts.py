@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SIDE = 16  # pixels; smaller images cannot be segmented, cropped or encoded meaningfully
 # CLIP reads 77 tokens (75 between start and end): two concepts and a caption of ~16 words must fit
 MAX_VECTORS = 29
+# how the samples of a run are shared among concepts (--concept_balance): equally per concept, or per image
+BALANCES = ("concepts", "images")
+# a concept's weight (kohya's num_repeats); the bound keeps one epoch of the sample stream in memory
+MAX_REPEATS = 1000
+REPEATS_FILE = "repeats.json"  # plain folders: {"<sub-folder>": repeats}
 
 
 @dataclass
@@ -30,6 +37,7 @@ class Concept:
     num_vectors: int = 2
     masks_dir: Path | None = None
     parts: list[str] = field(default_factory=list)
+    repeats: int = 1  # weight of the concept in the sample stream (dataset/README.md, "repeats")
 
     @property
     def tokens(self) -> list[str]:
@@ -45,6 +53,7 @@ class Concept:
             "class": self.class_word,
             "images": [str(p) for p in self.images],
             "parts": self.parts,
+            "repeats": self.repeats,
         }
 
 
@@ -90,6 +99,8 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
         img_dir = root / get_field(e, "images", str, at, default=f"images/{name}")
         masks = root / get_field(e, "masks", str, at, default=f"masks/{name}")
         nv = get_field(e, "num_vectors", int, at, default=default_vectors)
+        if "num_repeats" in e:  # kohya's name: ignoring it would silently train unweighted
+            raise UserError(f"{at}: field 'num_repeats' is kohya's name; write 'repeats' (dataset/README.md)")
         concepts.append(
             Concept(
                 name=name,
@@ -100,9 +111,20 @@ def _from_json(root: Path, default_vectors: int) -> list[Concept]:
                 num_vectors=nv,
                 masks_dir=masks if masks.is_dir() else None,
                 parts=string_list(e, "parts", at),
+                repeats=repeats_field(e, "repeats", at),
             )
         )
     return concepts
+
+
+def repeats_field(obj: dict, key: str, where: str) -> int:
+    """obj[key] as a concept's repeats (default 1): a JSON integer in 1..MAX_REPEATS; 2.0, true, "2" and null are
+    refused like 0 and -1, so that a typo never silently changes the weighting."""
+    value = obj.get(key, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPEATS:
+        shown = json.dumps(value)[:40]
+        raise UserError(f"{where}: repeats must be an integer from 1 to {MAX_REPEATS}, got {shown}")
+    return value
 
 
 def _images_of(folder: Path, name: str) -> list[Path]:
@@ -120,6 +142,12 @@ def _from_folders(root: Path, initializer: str | None, class_word: str | None, n
     subdirs = sorted(p for p in entries(root, "data dir") if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise UserError(f"{root} holds neither concepts.json nor concept sub-folders of images")
+    where = root / REPEATS_FILE
+    repeats = read_json(where) if where.exists() else {}
+    unknown = sorted(set(repeats) - {d.name for d in subdirs})
+    if unknown:
+        names = ", ".join(d.name for d in subdirs)
+        raise UserError(f"{where}: no concept named {unknown[0]!r} (the concepts are the sub-folders: {names})")
     concepts = []
     for d in subdirs:
         cls = class_word or get_field(classes, d.name, str, str(root / "classes.json"), default=None)
@@ -134,9 +162,24 @@ def _from_folders(root: Path, initializer: str | None, class_word: str | None, n
                 class_word=cls,
                 images=_images_of(d, d.name),
                 num_vectors=nv,
+                repeats=repeats_field(repeats, d.name, f"{where}: concept {d.name!r}"),
             )
         )
     return concepts
+
+
+def concept_slots(counts: list[int], repeats: list[int], balance: str) -> list[int]:
+    """Samples each concept gets in one epoch of a sample stream, from its number of items (images; stage 1: its
+    pieces) and its repeats. `images`: items x repeats (kohya's num_repeats: each item `repeats` times).
+    `concepts`: the same share for every concept, times its repeats (relative: repeats 2, 2 act as 1, 1), in units
+    of the largest concept's item count, so that every item appears at least once. No items, no samples."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance {balance!r} is not one of {BALANCES}")
+    if balance == "images":
+        return [n * r for n, r in zip(counts, repeats)]
+    g = math.gcd(*[r for n, r in zip(counts, repeats) if n])
+    unit = max(counts, default=0)
+    return [unit * r // g if n else 0 for n, r in zip(counts, repeats)]
 
 
 def data_fingerprint(concepts: list[Concept]) -> str:
@@ -188,6 +231,8 @@ def load_concept_set(
     if not entries(root, "data dir"):
         raise UserError(f"data dir {root} is empty")
     if (root / "concepts.json").exists():
+        if (root / REPEATS_FILE).exists():
+            raise UserError(f"{root} holds concepts.json and {REPEATS_FILE}: set 'repeats' in concepts.json instead")
         concepts = _from_json(root, num_vectors)
     else:
         concepts = _from_folders(root, initializer, class_word, num_vectors)

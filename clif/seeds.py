@@ -4,13 +4,15 @@ A run draws from these streams and from nothing else; the same `--seed` gives th
 run continues the streams from the checkpoint (`rng.safetensors` holds the generators marked "saved").
 
 stream         seed                       drives                                                      where
-data_order     seed, per sample element()  flip and caption template of sample e                      train/data.py
+data_order     seed, per epoch element()  stages 2-3, epoch e: the images filling the                 train/data.py
+                                          concepts' shares (--concept_balance), their order,
+                                          flips and caption templates
 noise          seed                       stages 2-3: latent sample, noise, offset, timesteps;        train/training.py
                                           stage 1: the pair order of every batch (saved)
 dropout        seed                       torch's global generator: LoRA dropout (saved)              train/stage.py
 lora_init      seed                       down-weights of every new LoRA (stage-1 text, stage 3)      lora.py
-augmentation   seed                       stage 1: held-out photos, regions, kinds, crops, captions   contrastive/
-                                                                                                        augment.py
+augmentation   seed                       stage 1: held-out photos, regions, kinds, pieces            contrastive/
+                                          (--concept_balance), crops, captions                        augment.py
 probe          seed + 10000               stage 1: views of the before/after confusion probe          contrastive/
                                                                                                         confusion.py
 prior_data     seed + 1, per sample       stage 3: class-image flip and caption template              train/prior.py

@@ -174,12 +174,20 @@ def _image_edit(c: Ctx, how) -> Path:
     return root
 
 
-def _plain(c: Ctx, classes: bytes | None) -> Path:
+def _plain(c: Ctx, classes: bytes | None, repeats: bytes | None = None) -> Path:
     root = c.tmp / "plain"
     (root / "thing").mkdir(parents=True)
     (root / "thing" / "a.png").write_bytes(_png())
     if classes is not None:
         (root / "classes.json").write_bytes(classes)
+    if repeats is not None:
+        (root / "repeats.json").write_bytes(repeats)
+    return root
+
+
+def _with_repeats_json(c: Ctx) -> Path:
+    root = c.copy(c.data, "set")
+    (root / "repeats.json").write_text('{"redball": 2}')
     return root
 
 
@@ -333,6 +341,10 @@ CONCEPT_EDITS = {
     "vectors-float": (lambda s: s["concepts"][0].update(num_vectors=2.5), "'num_vectors'"),
     "vectors-zero": (lambda s: s["concepts"][0].update(num_vectors=0), "num_vectors"),
     "vectors-1000": (lambda s: s["concepts"][0].update(num_vectors=1000), "77 tokens"),
+    **{f"repeats-{k}": (lambda s, v=v: s["concepts"][1].update(repeats=v), "repeats must be an integer from 1 to")
+       for k, v in {"zero": 0, "negative": -2, "float": 2.0, "fraction": 2.5, "bool": True, "string": "3",
+                    "null": None, "1001": 1001, "list": [2]}.items()},
+    "num-repeats": (lambda s: s["concepts"][0].update(num_repeats=3), "write 'repeats'"),
     "concepts-object": (lambda s: s.update(concepts={"a": 1}), "'concepts'"),
     "concepts-empty": (lambda s: s.update(concepts=[]), "non-empty"),
     "concepts-number-entry": (lambda s: s.update(concepts=[5]), "not an object"),
@@ -359,6 +371,20 @@ case("plain-no-class", "ti", lambda c: _ti(c, data=_plain(c, None)), "class word
 case("plain-classes-number", "ti", lambda c: _ti(c, data=_plain(c, b'{"thing": 5}')), "'thing'")
 case("plain-classes-list", "ti", lambda c: _ti(c, data=_plain(c, b'["dog"]')), "top level")
 case("plain-classes-latin1", "ti", lambda c: _ti(c, data=_plain(c, '{"thing": "é"}'.encode("latin-1"))), "UTF-8")
+case("plain-repeats-unknown-concept", "ti", lambda c: _ti(c, data=_plain(c, b'{"thing": "dog"}', b'{"thng": 2}')),
+     "no concept named 'thng'")
+case("plain-repeats-zero", "ti", lambda c: _ti(c, data=_plain(c, b'{"thing": "dog"}', b'{"thing": 0}')),
+     "repeats must be an integer")
+case("plain-repeats-float", "ti", lambda c: _ti(c, data=_plain(c, b'{"thing": "dog"}', b'{"thing": 2.0}')),
+     "repeats must be an integer")
+case("plain-repeats-list", "ti", lambda c: _ti(c, data=_plain(c, b'{"thing": "dog"}', b"[2]")), "top level")
+case("repeats-json-beside-concepts-json", "ti", lambda c: _ti(c, data=_with_repeats_json(c)),
+     "set 'repeats' in concepts.json")
+case("clif-repeats-zero", "clif", lambda c: _clif(c, data=c.concepts(lambda s: s["concepts"][0].update(repeats=0))),
+     "repeats must be an integer")
+for script, build in (("ti", _ti), ("lora", _lora), ("clif", _clif)):
+    case(f"{script}-concept-balance-unknown", script, lambda c, b=build: b(c, "--concept_balance", "equal"),
+         "--concept_balance: invalid choice")
 
 
 def _json_folder(c: Ctx) -> Path:
@@ -391,6 +417,12 @@ case("resume-other-concepts", "ti", lambda c: _ti(c, "--resume_from_checkpoint",
                                                   data=c.concepts(lambda s: s["concepts"].pop())), "cannot resume")
 case("resume-other-images", "ti",
      lambda c: _ti(c, "--resume_from_checkpoint", "latest", out=_ckpt_run(c), data=_other_images(c)), "images differ")
+case("resume-other-repeats", "ti",
+     lambda c: _ti(c, "--resume_from_checkpoint", "latest", out=_ckpt_run(c),
+                   data=c.concepts(lambda s: s["concepts"][1].update(repeats=2))), "repeats 1, this run has 2")
+case("resume-other-balance", "ti",
+     lambda c: _ti(c, "--resume_from_checkpoint", "latest", "--concept_balance", "images", out=_ckpt_run(c)),
+     "--concept_balance concepts, this run has images")
 case("resume-other-lr", "ti",
      lambda c: _ti(c, "--resume_from_checkpoint", "latest", "--learning_rate", "0.5", out=_ckpt_run(c)),
      "--learning_rate")

@@ -10,14 +10,15 @@ import argparse
 import json
 import random
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from clif import seeds
-from clif.cli import non_negative, positive
-from clif.concepts import Concept, open_rgb
+from clif.cli import add_balance_arg, non_negative, positive
+from clif.concepts import Concept, concept_slots, open_rgb
 from clif.contrastive.captions import Templates, load_templates
 from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
 from clif.contrastive.regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
@@ -88,10 +89,13 @@ class PairBuilder:
         holdout: int = 0,
         templates: Templates | None = None,
         seed: int = 0,
+        balance: str = "concepts",
     ):
         """`regions`: over-segment the masks of concepts without part names (None: only user parts);
-        `holdout`: photos per concept kept out of every pair (only for concepts that keep >= 2 for training)."""
-        self.concepts, self.size, self.segmenter = concepts, size, segmenter
+        `holdout`: photos per concept kept out of every pair (only for concepts that keep >= 2 for training);
+        `balance`: how Global and Region pairs are shared among the concepts by their photo counts
+        (--concept_balance, with their repeats; piece_weights); Mix pairs draw two concepts uniformly either way."""
+        self.concepts, self.size, self.segmenter, self.balance = concepts, size, segmenter, balance
         self.templates = templates or Templates()
         self.holdout = holdout
         rng = random.Random(seed)
@@ -185,13 +189,34 @@ class PairBuilder:
         counts["global"] += n - sum(counts.values())
         return counts
 
-    def _one(self, kind: str, rng: random.Random) -> Pair:
+    def piece_weights(self, kind: str) -> tuple[list[Piece], list[Fraction] | None]:
+        """The pieces a Global or Region pair picks its concept piece from, and their weights: each concept's
+        share (`concept_slots` over its training photos and repeats) spread evenly over its photos, every piece
+        weighing what its photo weighs. Global pairs (one piece a photo) follow the share exactly; a concept whose
+        photos split into more regions keeps its extra Region pairs, as without balance. None when all weights
+        are equal (equal photo counts and repeats): a uniform choice, the draw the builder always made."""
+        photos = [len(w) for w in self.wholes]
+        slots = concept_slots(photos, [c.repeats for c in self.concepts], self.balance)
+        per_concept = self.wholes if kind == "global" else self.parts
+        pool = [p for ps in per_concept for p in ps]
+        weights = [Fraction(s, n) for s, n, ps in zip(slots, photos, per_concept) for _ in ps]
+        return pool, None if len(set(weights)) <= 1 else weights
+
+    def samples_per_concept(self, pairs: list[Pair]) -> dict[str, int]:
+        """How many of `pairs` show each concept (a Mix pair counts for both of its concepts)."""
+        counts = dict.fromkeys((c.name for c in self.concepts), 0)
+        for pair in pairs:
+            for i in pair.concepts:
+                counts[self.concepts[i].name] += 1
+        return counts
+
+    def _one(self, kind: str, rng: random.Random, weighted: dict) -> Pair:
         if kind == "mix":
             a, b = rng.sample(range(len(self.concepts)), 2)
             pieces = [rng.choice(self.wholes[a]), rng.choice(self.wholes[b])]
         else:
-            pool = [p for ps in (self.wholes if kind == "global" else self.parts) for p in ps]
-            main = rng.choice(pool)
+            pool, weights = weighted[kind]
+            main = rng.choice(pool) if weights is None else rng.choices(pool, weights)[0]
             pieces = [main]
             if self.common and rng.random() < 0.5:
                 pieces.insert(rng.randint(0, 1), rng.choice(self.common))
@@ -212,7 +237,8 @@ class PairBuilder:
         rng = random.Random(seed)
         kinds = [k for k, c in self.counts(n, ratios).items() for _ in range(c)]
         rng.shuffle(kinds)
-        return [self._one(k, rng) for k in kinds]
+        weighted = {k: self.piece_weights(k) for k in ("global", "region") if k in kinds}
+        return [self._one(k, rng, weighted) for k in kinds]
 
     def views(self, per_concept: int, seed: int, *, held_out: bool) -> list[Pair]:
         """Single-concept views on fresh backgrounds, scales and flips for the confusion matrix: of the held-out
@@ -271,6 +297,7 @@ def builder_from_args(a, concepts: list[Concept], *, size: int, segmenter, regio
         holdout=a.holdout_images,
         templates=templates,
         seed=seeds.stream(a.seed, "augmentation"),
+        balance=a.concept_balance,
     )
 
 
@@ -294,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="CLIPSeg model for concepts without masks.")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "clif"), help="Mask/common-image cache.")
     p.add_argument("--seed", type=int, default=0, help="Same seed, same pairs.")
+    add_balance_arg(p)
     add_pair_args(p)
     a = p.parse_args(argv)
     with user_errors("clif.contrastive.augment"):
@@ -329,7 +357,11 @@ def main(argv: list[str] | None = None) -> None:
                 (out / "regions" / c.name).mkdir(parents=True, exist_ok=True)
                 with Image.open(path) as im:
                     boundaries(im, masks).save(out / "regions" / c.name / f"{path.stem}.png")
-        print(f"wrote {len(pairs)} pairs to {out} (regions of concepts without part names in {out / 'regions'})")
+        shown = ", ".join(f"{k} {v}" for k, v in builder.samples_per_concept(pairs).items())
+        print(
+            f"wrote {len(pairs)} pairs to {out} (regions of concepts without part names in {out / 'regions'}); "
+            f"pairs per concept: {shown}"
+        )
 
 
 if __name__ == "__main__":

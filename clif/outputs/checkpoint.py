@@ -43,17 +43,26 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def check_resumable(path: Path, concepts: list, args: dict, data: str, *, harmless: set[str]) -> None:
-    """UserError when checkpoint `path` was made with other concepts, images or flags: every flag counts except
-    the `harmless` ones (cli.harmless marks them where they are declared)."""
+def check_resumable(
+    path: Path, concepts: list, args: dict, data: str, *, harmless: set[str], before: dict | None = None
+) -> None:
+    """UserError when checkpoint `path` was made with other concepts, images, repeats or flags: every flag counts
+    except the `harmless` ones (cli.harmless marks them where they are declared). `before`: the value a flag
+    added later had in effect for a checkpoint whose manifest predates it (cli.BEFORE_FLAG)."""
     saved = read_manifest(path)
     mine = [(c.name, c.token, c.num_vectors) for c in concepts]
     theirs = [(e.get("name"), e.get("token"), e.get("num_vectors")) for e in saved.get("concepts", [])]
     if mine != theirs:
         raise UserError(f"cannot resume from {path}: it was trained on concepts {theirs}, this run has {mine}")
+    for c, e in zip(concepts, saved.get("concepts", [])):
+        if e.get("repeats", 1) != c.repeats:  # concepts.json's weights; older manifests: 1, as they trained
+            raise UserError(
+                f"cannot resume from {path}: concept {c.name!r} was trained with repeats {e.get('repeats', 1)}, "
+                f"this run has {c.repeats}"
+            )
     if saved.get("data_fingerprint", data) != data:
         raise UserError(f"cannot resume from {path}: the concept images differ from the ones it was trained on")
-    old = saved.get("args", {})
+    old = {**(before or {}), **saved.get("args", {})}
     for k in sorted(set(old) & set(args) - harmless):
         now = json.loads(json.dumps(args[k], default=str))
         if old[k] != now:

@@ -18,7 +18,9 @@ KEY_ARGS = (
     "seed", "resolution", "max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler", "mixed_precision", "num_pairs", "train_text_encoder", "rank", "lora_alpha",
     "lora_targets", "embedding_learning_rate", "train_text_encoder_lora", "with_prior_preservation", "snr_gamma",
+    "concept_balance",
 )  # fmt: skip
+STATS = "run_stats.json"
 
 
 def stage_chain(stage: str, inputs: list[str]) -> list[str]:
@@ -42,6 +44,27 @@ def last_grid(out: Path) -> str | None:
         if grids:
             return prefix + grids[-1].name
     return None
+
+
+def samples_section(out: Path, concepts: list[Concept], args: dict) -> list[str]:
+    """The card's table of samples per concept, from the run's run_stats.json (absent in checkpoints: none)."""
+    try:
+        counts = json.loads((out / STATS).read_text())["samples_per_concept"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [
+        "",
+        "## Samples per concept",
+        "",
+        (
+            "How many training samples showed each concept (`--concept_balance "
+            f"{args.get('concept_balance')}`; `repeats` weights a concept; `{STATS}`)."
+        ),
+        "",
+        "| concept | images | repeats | samples |",
+        "|---|---|---|---|",
+        *[f"| {c.name} | {len(c.images)} | {c.repeats} | {counts.get(c.name, 0)} |" for c in concepts],
+    ]
 
 
 def write_model_card(
@@ -90,6 +113,7 @@ def write_model_card(
         ],
         "",
         f"All arguments: `{MANIFEST}` (`args`) and `run_args.json`.",
+        *samples_section(out, concepts, args),
         "",
         "## Files",
         "",

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from clif import seeds
-from clif.concepts import Concept, open_rgb
+from clif.concepts import Concept, concept_slots, open_rgb
 from clif.tokens import expand_prompt
 
 OBJECT_TEMPLATES = [
@@ -105,9 +105,13 @@ class Sample:
 class ConceptImages:
     """Every image of the concepts, decoded and preprocessed once (few-shot sets fit in memory).
 
-    The sample stream is random-access: item j of the stream is image perm_e[j mod N] of epoch e = j // N,
-    with its flip and caption template drawn from a generator seeded by (seed, e). So micro-batch k of a
-    run is a pure function of (seed, k), which makes resume and multi-process sharding exact.
+    The sample stream is random-access. Epoch e holds each concept's share of samples (`concept_slots`: equal per
+    concept under `concepts` balance, per image under `images`, weighted by the concepts' repeats): each of its
+    images as often as the share allows and the remainder drawn without replacement, all in one order; item j of
+    the stream is item j mod L of epoch j // L, with its flip and caption template. Everything epoch e draws comes
+    from a generator seeded by (seed, e), so micro-batch k of a run is a pure function of (seed, k), which makes
+    resume and multi-process sharding exact. With equal image counts and repeats both balances give the stream
+    one epoch per pass over the images, as before they existed.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class ConceptImages:
         random_flip: bool = False,
         seed: int = 0,
         num_workers: int = 0,
+        balance: str = "concepts",
     ):
         self.concepts, self.resolution, self.seed, self.random_flip = concepts, resolution, seed, random_flip
         # "fixed": the caption is the concept's token itself (class images of prior preservation)
@@ -136,17 +141,36 @@ class ConceptImages:
         meta = torch.cat(metas)
         self.time_ids = torch.cat([meta, torch.tensor([[resolution, resolution]] * len(paths))], dim=1).float()
         self.owner = torch.tensor(owners)
+        self.counts = [len(c.images) for c in concepts]
+        self.slots = concept_slots(self.counts, [c.repeats for c in concepts], balance)  # per concept and epoch
+        self.first = [sum(self.counts[:ci]) for ci in range(len(concepts))]  # index of each concept's first image
         self._epochs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.owner)
 
+    @property
+    def epoch_length(self) -> int:
+        """Samples in one epoch of the stream (what --num_train_epochs counts)."""
+        return sum(self.slots)
+
     def _epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Epoch e: image index, flip and template of each of its items, in stream order."""
         if e not in self._epochs:
             g = torch.Generator().manual_seed(seeds.element(self.seed, e))
-            perm = torch.randperm(len(self), generator=g)
-            flip = (torch.rand(len(self), generator=g) < 0.5) & self.random_flip
-            tmpl = torch.randint(len(self.templates), (len(self),), generator=g)
+            items = []
+            for ci, n in enumerate(self.counts):
+                whole, extra = divmod(self.slots[ci], n)
+                own = torch.arange(n).repeat(whole)
+                if extra:  # the rest of the share: distinct images, drawn anew each epoch
+                    own = torch.cat([own, torch.randperm(n, generator=g)[:extra]])
+                items.append(own + self.first[ci])
+            pool = torch.cat(items)
+            n = len(pool)
+            perm = pool[torch.randperm(n, generator=g)]
+            flip = (torch.rand(n, generator=g) < 0.5) & self.random_flip
+            tmpl = torch.randint(len(self.templates), (n,), generator=g)
             self._epochs = {e: (perm, flip, tmpl)}  # keep one epoch: the stream is read in order
         return self._epochs[e]
 
@@ -156,20 +180,30 @@ class ConceptImages:
         """Micro-batch k of the stream, the slice of process `rank`."""
         local_batch = local_batch or global_batch
         start = k * global_batch + rank * local_batch
+        size = self.epoch_length
         idx, flips, caps = [], [], []
         for j in range(start, start + local_batch):
-            perm, flip, tmpl = self._epoch(j // len(self))
-            i = int(perm[j % len(self)])
+            perm, flip, tmpl = self._epoch(j // size)
+            i = int(perm[j % size])
             c = self.concepts[int(self.owner[i])]
             idx.append(i)
-            flips.append(bool(flip[j % len(self)]))
-            caps.append(expand_prompt(self.templates[int(tmpl[j % len(self)])].format(c.token), self.concepts))
+            flips.append(bool(flip[j % size]))
+            caps.append(expand_prompt(self.templates[int(tmpl[j % size])].format(c.token), self.concepts))
         index, flip_t = torch.tensor(idx), torch.tensor(flips)
         pixels = None
         if with_pixels:
             pixels = self.pixels[index]
             pixels = torch.where(flip_t[:, None, None, None], pixels.flip(-1), pixels)
         return Sample(pixels, index, flip_t, caps, self.time_ids[index])
+
+    def samples_per_concept(self, n: int) -> dict[str, int]:
+        """How many of the first `n` samples of the stream show each concept (run_stats.json)."""
+        size = self.epoch_length
+        full, rest = divmod(n, size)
+        counts = torch.tensor(self.slots) * full
+        if rest:
+            counts += torch.bincount(self.owner[self._epoch(full)[0][:rest]], minlength=len(self.concepts))
+        return {c.name: int(k) for c, k in zip(self.concepts, counts)}
 
 
 class LatentCache:
@@ -224,5 +258,6 @@ def image_stream(
         random_flip=args.random_flip,
         seed=seeds.stream(args.seed, "data_order") if seed is None else seed,
         num_workers=args.dataloader_num_workers,
+        balance=args.concept_balance,
     )
     return data, LatentCache(vae, data, device, vae.dtype) if args.cache_latents else None

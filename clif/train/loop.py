@@ -77,14 +77,18 @@ def start_loop(
     desc: str,
     resume: Path | None,
     extra_noise: list[training.NoiseSource] = (),
+    samples_per_concept: Callable[[int], dict[str, int]] | None = None,
 ) -> StepRunner:
     """The training skeleton of every stage: the number of steps, the optimizer over `groups`, the lr schedule,
-    the noise stream, the step runner, and the resume from `resume` (a checkpoint folder) when given."""
+    the noise stream, the step runner, and the resume from `resume` (a checkpoint folder) when given.
+    `num_samples`: one epoch of the sample stream; `samples_per_concept(n)`: what the first n samples show, for
+    run_stats.json."""
     shard = Shard.of(accelerator, args.train_batch_size)
+    per_step = shard.global_batch * args.gradient_accumulation_steps
     max_steps = training.resolve_steps(
         max_train_steps=args.max_train_steps,
         num_train_epochs=args.num_train_epochs,
-        samples_per_step=shard.global_batch * args.gradient_accumulation_steps,
+        samples_per_step=per_step,
         num_samples=num_samples,
         default=default_steps,
     )
@@ -115,6 +119,9 @@ def start_loop(
         max_steps=max_steps,
         desc=desc,
         extra_noise=extra_noise,
+        stats=(lambda step: {"samples_per_concept": samples_per_concept(step * per_step)})
+        if samples_per_concept
+        else None,
     )
     runner.resume(resume)
     return runner
@@ -138,6 +145,7 @@ class StepRunner:
         max_steps: int,
         desc: str,
         extra_noise: list[training.NoiseSource] = (),
+        stats: Callable[[int], dict] | None = None,
     ):
         self.settings, self.accelerator, self.model = settings, accelerator, model
         self.params, self.optimizer, self.lr_scheduler, self.noise = params, optimizer, lr_scheduler, noise
@@ -149,6 +157,7 @@ class StepRunner:
         self.desc = desc
         self.bar = None
         self.losses: list[float] = []  # per optimizer step (global mean), kept in run_stats.json
+        self.stats = stats  # more run_stats.json entries, from the number of steps trained
 
     def resume(self, path: Path | None) -> None:
         if path is not None:
@@ -273,7 +282,9 @@ class StepRunner:
         acc = self.accelerator
         if acc.is_main_process:  # the manifest (inside write_artifacts) goes last: its presence means complete
             with self._disk_errors():
-                artifacts.atomic_write_json(self.out / "run_stats.json", {**self.timer.stats(), "losses": self.losses})
+                extra = self.stats(self.step) if self.stats else {}
+                stats = {**self.timer.stats(), "losses": self.losses, **extra}
+                artifacts.atomic_write_json(self.out / "run_stats.json", stats)
                 self.write_artifacts(self.out)
         # Freeing before end_training avoids a rare gloo abort at exit of multi-process runs.
         self.optimizer = self.params = self.trainables = None

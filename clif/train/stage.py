@@ -85,7 +85,9 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
     tokens.check_word_names(toks[0], concepts, allow=getattr(args, "allow_word_names", False))
     data = data_fingerprint(concepts)
     if resume_path is not None:  # before run_args.json or anything else is rewritten
-        checkpoint.check_resumable(resume_path, concepts, vars(args), data, harmless=cli.HARMLESS)
+        checkpoint.check_resumable(
+            resume_path, concepts, vars(args), data, harmless=cli.HARMLESS, before=cli.BEFORE_FLAG
+        )
     model = load_model(base, revision=args.revision, variant=args.variant, text_only=text_only)
     fingerprint = model.fingerprint()
     if manifest is not None:
