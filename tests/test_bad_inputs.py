@@ -299,7 +299,7 @@ case("lora-stage-lora-garbage", "lora",
 # ---- stage 1 flags
 for flag, value in [("--num_pairs", "0"), ("--global_ratio", "nan"), ("--mix_ratio", "-1"), ("--num_views", "0"),
                     ("--text_encoder_rank", "0"), ("--text_encoder_lr", "nan"), ("--num_common_images", "0"),
-                    ("--train_text_encoder", "full")]:
+                    ("--train_text_encoder", "whole")]:
     case(f"clif{flag}={value}", "clif", lambda c, f=flag, v=value: _clif(c, f, v), _number_needle(flag, value))
 case("clif-clip-model-missing", "clif", lambda c: _clif(c, "--clip_model", str(c.tmp / "noclip")), "CLIP model")
 case("clif-cache-is-file", "clif", lambda c: [*_clif(c), "--cache_dir", str(_text(c, "cache", b"x"))], "is a file")

@@ -268,6 +268,12 @@ def test_ladder_experiment_end_to_end(tiny_world, tmp_path):
     assert "Text side after each stage" in md and "Decision (fixed before the runs)" in md
     for f in ("ladder.png", "leak.png", "side_by_side_distinct.png"):
         assert (out / f).is_file()
+    # --aggregate_only trains nothing: a method never run (clif) is left out, the finished ones are scored again
+    main(["experiment", *flags.split(" "), "--methods", "ti_lora", "clif", "clif_full", "--variants_on", "all",
+          "--aggregate_only", "--base", str(tiny_world), "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rungs"]["distinct"]["table"]) == {"ti_lora", "clif_full"}
+    assert not (seed0 / "clif-ti").exists()
     # by default the variants run only where TI+LoRA qualifies (fidelity >= 0.7, confusion >= 0.3)
     main(["experiment", *flags.split(" "), *methods, "--base", str(tiny_world), "--out", str(out)])
     res = json.loads((out / "results.json").read_text())

@@ -154,6 +154,8 @@ def one_run(
     with IN_PROCESS:
         words = words_row(base, concepts)
     for m in methods:
+        if args.aggregate_only and not (out / f"images-{m}" / "contact_sheet.png").is_file():
+            continue  # not run (yet) for this (rung, seed): left out of the rung's table
         dirs = run_method(m, base, data, out, seed, steps, cache, common)
         folder = generate(
             base, dirs[-1], out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
@@ -237,7 +239,10 @@ def run(args: argparse.Namespace) -> dict:
     done.update(runs(pick, args.methods))
     rungs = {}
     for r, concepts in RUNGS.items():
-        methods = args.methods if r in pick else first
+        # a method is in a rung's table when every seed has it (--aggregate_only may find some unfinished)
+        methods = [
+            m for m in (args.methods if r in pick else first) if all(m in done[(r, s)]["rows"] for s in args.seeds)
+        ]
         per_seed = {m: [done[(r, s)]["rows"][m] for s in args.seeds] for m in methods}
         table = aggregate(per_seed)
         rungs[r] = {
@@ -312,5 +317,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="qualifying",
         help="Rungs every method runs on: 'qualifying' (TI+LoRA runs first on every rung; the rest only where it "
         "qualifies) or 'all'.",
+    )
+    p.add_argument(
+        "--aggregate_only",
+        action="store_true",
+        help="Train and generate nothing: score what earlier runs finished (a method missing for a seed is left out "
+        "of that rung's table).",
     )
     p.add_argument("--jobs", type=int, default=1, help="(rung, seed) runs side by side (one core each is best).")
