@@ -21,7 +21,7 @@ from clif.eval.agreement import agreement, folder_rows
 
 from .gate import referee_and_gate
 from .ladder import DEFAULT_RUNGS_FILE, load_rungs, prompt_set, write_concept_set
-from .methods import METHODS, chain_dirs, stage_argv
+from .methods import LADDER, METHODS, chain_dirs, stage_argv
 from .probe import fresh_views, leak_figure, stage_rows, words_row
 from .referee import Referee
 from .report import aggregate, decision, ladder_figure, side_by_side, write_ladder_table
@@ -292,10 +292,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=list(METHODS),
+        default=list(LADDER),
         help="Methods (clif/toyworld/methods.py): ti = stage 2 only; ti_lora = stages 2+3; clif = stages 1+2+3 "
         "(token rows); clif_te / clif_full: stage 1 also trains a text-encoder LoRA / the whole encoder; "
-        "clif_frozen: stage 1, then stage 3 with the rows frozen.",
+        "clif_frozen: stage 1, then stage 3 with the rows frozen; ti_lora_by_images: ti_lora sampling uniformly over "
+        "images (--concept_balance images; not in the default ladder).",
     )
     p.add_argument("--clif_steps", type=int, default=300, help="Stage-1 steps.")
     p.add_argument("--ti_steps", type=int, default=400, help="Stage-2 steps.")

@@ -22,6 +22,9 @@ TI, LORA = Stage("ti", "ti"), Stage("lora", "lora")
 CLIF = Stage("clif", "clif")  # the concept-token rows only
 CLIF_TE = Stage("clif_te", "clif", ("--train_text_encoder", "lora", "--text_encoder_lr", "1e-3"))
 CLIF_FULL = Stage("clif_full", "clif", ("--train_text_encoder", "full", "--text_encoder_lr", "1e-4"))
+# issue 23: today's sampling (uniform over images) against the default (each concept the same share)
+TI_BY_IMAGES = Stage("ti_by_images", "ti", ("--concept_balance", "images"))
+LORA_BY_IMAGES = Stage("lora_by_images", "lora", ("--concept_balance", "images"))
 # stage 2 skipped and stage 3's concept rows frozen: the rows the UNet sees are exactly stage 1's
 LORA_FROZEN_ROWS = Stage("lora_frozen", "lora", ("--embedding_learning_rate", "0"))
 
@@ -32,7 +35,9 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     "clif_te": (CLIF_TE, TI, LORA),
     "clif_full": (CLIF_FULL, TI, LORA),
     "clif_frozen": (CLIF, LORA_FROZEN_ROWS),
+    "ti_lora_by_images": (TI_BY_IMAGES, LORA_BY_IMAGES),
 }
+LADDER = ("ti", "ti_lora", "clif", "clif_te", "clif_full", "clif_frozen")  # the ladder's default methods
 LABELS = {
     "ti": "(c) TI",
     "ti_lora": "(a) TI+LoRA",
@@ -40,6 +45,7 @@ LABELS = {
     "clif_te": "CLIF + text-encoder LoRA",
     "clif_full": "CLIF + whole text encoder",
     "clif_frozen": "CLIF rows frozen after stage 1",
+    "ti_lora_by_images": "TI+LoRA, --concept_balance images",
 }
 
 
