@@ -34,8 +34,9 @@ TUNE = ("distinct", "lookalike", "twin")
 HELD_OUT = ("star_box", "box_ball", "ball_star", "ball_ball", "box_star")
 GRID = {
     "margin": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
-    "common_margin": (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
+    "common_margin": (-0.5, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
     "mixture_margin": (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
+    "class_margin": (0.0, 0.1, 0.2, 0.3, 0.5, 99.0),  # 99: the class words never decide (v1: the commons do)
 }
 REFEREE_KINDS = ("correct", "missing", "swapped", "same", "mixture", "other")  # clif/toyworld/scoring.py
 BEGIN = "<!-- confusion-metric-study:begin (generated: python scripts/confusion_metric_study.py --from_json) -->"
@@ -73,6 +74,8 @@ def collect(rung: str, folder: Path, concepts: Path, clip: str, work: Path) -> l
             folder=str(folder),
             kind_sims=e["kind_sims"],
             kind_common=e["kind_common"],
+            kind_class=e.get("kind_class"),
+            kind_class_gap=e.get("kind_class_gap"),
             kind_gap=e["kind_gap"],
             positional=says_left_right(e["prompt"]),
             same_class=classes[e["concepts"][0]] == classes[e["concepts"][1]],
@@ -99,7 +102,16 @@ def redecide(rows: list[dict], settings: kinds.Settings) -> list[dict]:
         if r["kind_sims"] is None:
             out.append({**r, "kind": None, "clip": None})
             continue
-        d = kinds.decide(r["kind_sims"], r["kind_common"], r["kind_gap"], r["positional"], r["same_class"], settings)
+        d = kinds.decide(
+            r["kind_sims"],
+            r["kind_common"],
+            r["kind_gap"],
+            r["positional"],
+            r["same_class"],
+            settings,
+            r["kind_class"],
+            r["kind_class_gap"],
+        )
         out.append({**r, "kind": d["kind"], "clip": d["confused"]})
     return out
 
@@ -206,8 +218,8 @@ def markdown(result: dict, source: str) -> str:
         "",
         (
             f"Settings chosen on the tuning rungs ({', '.join(result['tune_rungs'])}; {result['grid_points']} grid "
-            f"points, pooled kappa): margin {s['margin']}, common_margin {s['common_margin']}, mixture_margin "
-            f"{s['mixture_margin']} (units of the references' leave-one-out gap). Held-out rungs: "
+            f"points, pooled kappa): {', '.join(f'{k} {v}' for k, v in s.items())} (the class margin in units of the "
+            "references' class-word gap, the others of their leave-one-out gap). Held-out rungs: "
             f"{', '.join(result['held_out_rungs'])}."
         ),
         "",

@@ -72,6 +72,7 @@ def score(tmp_path, images: dict[str, Image.Image], prompt: str = LR, cs=None, c
         im.save(tmp_path / f"{name}.png")
         items.append(Item(tmp_path / f"{name}.png", prompt))
     kw.setdefault("kind_settings", SETTINGS)
+    kw.setdefault("class_texts", {})  # no class words unless a test gives them (the stand-in has no text tower)
     rows = score_folder(items, cs, refs, Histograms(), batch_size=4, margin=0.02, common_refs=common, **kw)
     return {r["file"][:-4]: r for r in rows}
 
@@ -141,6 +142,24 @@ def test_class_leak_is_a_mixture_and_the_own_class_is_other(tmp_path):
     rows = score(tmp_path, {"leak": two_up(square(RED), square(ORANGE))}, cs=concepts("ball", "ball"),
                  common={"ball": common["ball"]})
     assert rows["leak"]["kind"] == "other"
+
+
+def test_class_words_decide_the_class(tmp_path):
+    """<a> a red ball, <b> a blue box; "a photo of a ball" / "... box" stand in as red-orange / cyan histograms. An
+    object half blue, half orange is most like <b> by its references, but its class is ball: it cannot be the box
+    <b>, and beside the ball <a> it is <a>'s class leaking (mixture). Without class words it passes as <b>."""
+    cs = concepts("ball", "box")
+    common = {"ball": colour_histogram([square(GREEN)]), "box": colour_histogram([square(YELLOW)])}
+    texts = {"ball": colour_histogram([split(RED, ORANGE)])[0], "box": colour_histogram([square(CYAN)])[0]}
+    im = {"x": two_up(square(RED), split(BLUE, ORANGE))}
+    with_words = score(tmp_path, im, cs=cs, common=common, class_texts=texts)["x"]
+    assert with_words["kind"] == "mixture" and with_words["kind_labels"] == ["a", "mix"]
+    assert with_words["kind_class"] == [pytest.approx([1 / math.sqrt(2), 0.0]), pytest.approx([0.5, 0.0])]
+    without = score(tmp_path, im, cs=cs, common=common)["x"]
+    assert without["kind"] == "correct" and without["kind_class"] is None
+    # a box that is not <b> beside <a>: its own class, so a fidelity failure, not a leak
+    own = score(tmp_path, {"y": two_up(square(RED), square(CYAN))}, cs=cs, common=common, class_texts=texts)["y"]
+    assert own["kind"] == "other"
 
 
 def test_without_common_images_an_unclear_instance_is_a_mixture(tmp_path):

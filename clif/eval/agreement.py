@@ -3,7 +3,8 @@
 In the toy world the oracle knows what each half of a generated image shows, so it gives a ground-truth
 "confused" per image. This module compares any per-image metric with it:
 
-- binary decisions (CLIF's CLIP confusion, or D&C below a cut): agreement rate and Cohen's kappa;
+- binary decisions (CLIF's CLIP confusion: the kinds decision and, beside it, the fixed-margin rule; or D&C below
+  a cut): agreement rate and Cohen's kappa; `kind_matrix` counts ground-truth kind x our kind;
 - scores (higher = more confused: `clip_confusion_score`, `1 - D&C`): Spearman rank correlation with the oracle
   (average ranks for ties, so a 0/1 oracle is fine) -- plain numpy, no scipy.
 

@@ -214,6 +214,7 @@ def score_folder(
     feature_fn=None,
     match_refs: dict[str, torch.Tensor] | None = None,
     common_refs: dict[str, torch.Tensor] | None = None,
+    class_texts: dict[str, torch.Tensor] | None = None,
     decision: str = "kinds",
     kind_settings: kinds.Settings = kinds.SETTINGS,
 ) -> list[dict]:
@@ -221,7 +222,9 @@ def score_folder(
 
     Instances are matched to concepts with `feature_fn` against `match_refs` (default: the CLIP backbone
     and `refs`); tests pass controlled features there. `common_refs` (class word -> features in the same space)
-    are the concept set's common images of each class (clif/eval/kinds.py); `decision` picks what `confused`
+    are the concept set's common images of each class, `class_texts` (class word -> the text feature of "a photo of a
+    <class>"; default: the backbone's, unless `feature_fn` is given) the class words (clif/eval/kinds.py);
+    `decision` picks what `confused`
     says: "kinds" (clif/eval/kinds.py) or "margin" (the fixed-margin rule, always kept as `confused_margin`).
     """
     match_refs = match_refs if match_refs is not None else refs
@@ -235,6 +238,9 @@ def score_folder(
     score, cos = metrics.clip_score(feats, texts)
     dino_feats = dino.images(images, batch_size) if dino is not None else None
     embed = feature_fn or (lambda ims: backbone.images(ims, batch_size))
+    if class_texts is None and feature_fn is None:
+        words = sorted({c.class_word for c in concepts})
+        class_texts = dict(zip(words, backbone.texts([f"a photo of a {w}" for w in words], batch_size)))
 
     def kind_of(inst: torch.Tensor, pair: list[Concept], positional: bool) -> dict:
         """clif/eval/kinds.py's reading of one image's two (padded) instances; the prompt's concept order."""
@@ -244,12 +250,18 @@ def score_folder(
             gaps[key] = kinds.calibrate(refs_)
         s, k = kinds.instance_sims(inst, refs_, [common_refs.get(c.class_word) for c in pair])
         same_class = pair[0].class_word == pair[1].class_word
-        d = kinds.decide(s, k, gaps[key], positional, same_class, kind_settings)
+        cls, cgap = None, None
+        if not same_class and class_texts:
+            texts = [class_texts[c.class_word] for c in pair]
+            cls, cgap = kinds.class_sims(inst, texts), kinds.class_gap(refs_, texts)
+        d = kinds.decide(s, k, gaps[key], positional, same_class, kind_settings, cls, cgap)
         return {
             "kind": d["kind"],
             "kind_labels": [pair[x].name if isinstance(x, int) else x for x in d["labels"]],
             "kind_sims": s,
             "kind_common": k,
+            "kind_class": cls,
+            "kind_class_gap": cgap,
             "kind_gap": gaps[key],
         }
 
@@ -289,7 +301,12 @@ def score_folder(
             found, confused_margin = metrics.confusion_decision(sims, margin)
             row.update(found=found, confused_margin=confused_margin, instances=method)
             row["confusion_sims"] = sims.tolist() if sims is not None else None  # clif.eval.agreement's CLIP score
-            row.update(kind or dict.fromkeys(("kind", "kind_labels", "kind_sims", "kind_common", "kind_gap")))
+            row.update(
+                kind
+                or dict.fromkeys(
+                    ("kind", "kind_labels", "kind_sims", "kind_common", "kind_class", "kind_class_gap", "kind_gap")
+                )
+            )
             row["confused"] = confused_margin if decision == "margin" else row["kind"] in kinds.CONFUSED
         rows.append(row)
     return rows
@@ -354,6 +371,8 @@ CONFUSION_KEYS = (
     "kind_labels",
     "kind_sims",
     "kind_common",
+    "kind_class",
+    "kind_class_gap",
     "kind_gap",
     *(f"kind_{k}" for k in kinds.KINDS),
 )

@@ -1,26 +1,31 @@
-"""Which confusion a two-concept image shows, from image similarities alone (evaluate.py's default decision).
+"""Which confusion a two-concept image shows, from CLIP similarities alone (evaluate.py's default decision).
 
-A metric for real photos: nothing here knows how the images were made. Its inputs, all in one image-feature space
-(CLIP's image tower in evaluate.py):
+A metric for real photos: nothing here knows how the images were made. Its inputs, all in one CLIP space:
 
 - the two *instances* of a two-concept image (the detector's two boxes, or the image halves for "on the left ... on
   the right" prompts), each pasted on a white square (`dc.pad_to_white_square`, scale kept: a zoomed half is not
   what the references look like);
 - the references of the prompt's two concepts;
 - optionally the concept set's `common/<class>/` images of the two concepts' classes: other members of the classes,
-  i.e. what "a dog, but neither of these two dogs" looks like.
+  i.e. what "a dog, but neither of these two dogs" looks like;
+- for two concepts of different classes, the texts "a photo of a <class>" of their class words (zero-shot class).
 
 **Calibration** (from the references alone, leave-one-out): for each reference of concept c, its mean similarity to
 c's *other* references minus its mean similarity to the other concept's references. Their mean is c's `gap`: how
 far genuine photos of c sit from the other concept, in this feature space, for this pair. A margin in units of the
-gap adapts to the backbone and to how alike the two concepts are, where a fixed margin (0.02 before) cannot.
+gap adapts to the backbone and to how alike the two concepts are, where a fixed margin (0.02 before) cannot. The
+class words get the same treatment: `class_gap` = how much more the references match their own class word than the
+other concept's.
 
 **Instances.** s_c = mean cosine of an instance to c's references, s_k = its mean cosine to common images, the
-largest over the pair's classes. An instance *is* concept c when it is clearly more like c than like the other
-concept (s_c - s_other >= `margin` x gap_c) and more like c than like a common member of the classes
-(s_c - s_k >= `common_margin` x gap_c). An instance that is neither is a *mixture* of the two when it is like both
-concepts more than like the common images (min(s_A, s_B) - s_k >= `mixture_margin` x the mean gap), else *other*
-(like neither: a fidelity failure, not confusion). Without common images the class tests are skipped.
+largest over the pair's classes. For concepts of different classes, an instance's *class* is read from the class
+words when they differ by at least `class_margin` x the references' class gap (else it stays unread). An instance
+*is* concept c when its class (if read) is c's, it is more like c than like the other concept (s_c - s_other >=
+`margin` x gap_c) and more like c than like a common member of the classes (s_c - s_k >= `common_margin` x gap_c).
+An instance that is neither is a *mixture* when it is a second object of its partner's class (read from the class
+words, else from the common images: the partner's class leaked) or when it is like both concepts about as much as
+like the common images (min(s_A, s_B) - s_k >= `mixture_margin` x the mean gap), else *other* (like neither: a
+fidelity failure, not confusion). Without common images an instance that is neither concept is a mixture.
 
 **Image kind** from the two labels, in the prompt's order (left first for a left/right prompt, whose instances are
 ordered left to right): `correct` (each its own concept), `swapped` (both concepts, sides exchanged; only for
@@ -43,11 +48,13 @@ CONFUSED = ("swapped", "same", "mixture")
 
 @dataclass(frozen=True)
 class Settings:
-    """The decision's three margins, each in units of the references' leave-one-out gap (see the module doc)."""
+    """The decision's margins: three in units of the references' leave-one-out gap, the class margin in units of their
+    class-word gap (see the module doc)."""
 
     margin: float
     common_margin: float
     mixture_margin: float
+    class_margin: float = 0.0  # units of the references' own class-word gap (`class_gap`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +62,7 @@ class Settings:
 
 # evaluate.py's settings, chosen on the toy world's tuning rungs (README, "Is our confusion metric right?")
 # (pretrained/toyworld/confusion_metric_tuning.json: the grid, the images, the tuning rungs' kappas)
-SETTINGS = Settings(margin=0.0, common_margin=0.1, mixture_margin=-0.2)
+SETTINGS = Settings(margin=0.0, common_margin=-0.3, mixture_margin=-0.2, class_margin=0.5)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -93,21 +100,41 @@ def instance_sims(
     return mean_cos(refs), (mean_cos(common) if have else None)
 
 
-def concept_label(s: Sequence[float], k: Sequence[float] | None, gap: Sequence[float], settings: Settings):
-    """0 or 1 when the instance is that concept (see the module doc), else None."""
+def class_sims(feats: torch.Tensor, texts: Sequence[torch.Tensor]) -> list[list[float]]:
+    """Per instance, [t_A, t_B]: the cosine to the text "a photo of a <class>" of each concept's class (zero-shot)."""
+    return (_unit(feats) @ _unit(torch.stack([t.reshape(-1) for t in texts])).T).tolist()
+
+
+def class_gap(refs: Sequence[torch.Tensor], texts: Sequence[torch.Tensor]) -> list[float]:
+    """Per concept, the mean over its references of (cosine to its own class word - to the other concept's): how
+    clearly the class words tell genuine photos of the two classes apart."""
+    out = []
     for c in (0, 1):
+        t = class_sims(refs[c], texts)
+        out.append(sum(row[c] - row[1 - c] for row in t) / len(t))
+    return out
+
+
+def concept_label(s, k, gap, settings: Settings, cls: Sequence[float] | None = None):
+    """0 or 1 when the instance is that concept (see the module doc), else None. With `cls` (two concepts of
+    different classes) only the concept of the instance's class qualifies."""
+    for c in (0, 1):
+        if cls is not None and cls[c] <= cls[1 - c]:
+            continue
         clear = s[c] - s[1 - c] >= settings.margin * gap[c]
         if clear and (k is None or s[c] - max(k) >= settings.common_margin * gap[c]):
             return c
     return None
 
 
-def neither_label(s, k, gap, partner, same_class: bool, settings: Settings) -> str:
-    """'mix' or 'other' for an instance that is neither concept; `partner` = the other instance's concept label."""
+def neither_label(s, k, gap, partner, same_class: bool, settings: Settings, cls=None) -> str:
+    """'mix' or 'other' for an instance that is neither concept; `partner` = the other instance's concept label;
+    `cls` as in `concept_label` (its class, by the class words), else the common images tell the class."""
+    leaked = cls if cls is not None else k
+    if not same_class and partner is not None and leaked is not None and leaked[partner] > leaked[1 - partner]:
+        return "mix"  # a second object of the partner's class that is not the partner: the class leaked
     if k is None:
         return "mix"  # it sits between the two concepts: nothing tells "like neither" apart without common images
-    if not same_class and partner is not None and k[partner] > k[1 - partner]:
-        return "mix"  # a second object of the partner's class that is not the partner: the class leaked
     return "mix" if min(s) - max(k) >= settings.mixture_margin * (gap[0] + gap[1]) / 2 else "other"
 
 
@@ -130,13 +157,21 @@ def decide(
     positional: bool,
     same_class: bool,
     settings: Settings,
+    classes: Sequence[Sequence[float]] | None = None,
+    classes_gap: Sequence[float] | None = None,
 ) -> dict:
-    """{"kind", "confused", "labels"} of one image from its instances' similarities (as `instance_sims` gives them)
-    and the pair's gaps (`calibrate`)."""
+    """{"kind", "confused", "labels"} of one image from its instances' similarities (as `instance_sims` gives them),
+    the pair's gaps (`calibrate`) and, for concepts of different classes, the class-word cosines (`class_sims`) and
+    the references' class-word gaps (`class_gap`)."""
     ks = [None, None] if common is None else common
-    first = [concept_label(s, ks[i], gap, settings) for i, s in enumerate(sims)]
+    cs = [None, None]
+    if classes is not None and not same_class:
+        # an instance's class is read only where its class words differ by `class_margin` x the references' gap
+        need = settings.class_margin * sum(classes_gap) / 2 if classes_gap else 0.0
+        cs = [c if abs(c[0] - c[1]) >= need and c[0] != c[1] else None for c in classes]
+    first = [concept_label(s, ks[i], gap, settings, cs[i]) for i, s in enumerate(sims)]
     labels = [
-        x if x is not None else neither_label(sims[i], ks[i], gap, first[1 - i], same_class, settings)
+        x if x is not None else neither_label(sims[i], ks[i], gap, first[1 - i], same_class, settings, cs[i])
         for i, x in enumerate(first)
     ]
     kind = image_kind(labels, positional)
