@@ -162,6 +162,20 @@ def test_class_words_decide_the_class(tmp_path):
     assert own["kind"] == "other"
 
 
+def test_class_words_count_only_beyond_the_class_margin():
+    """Instance 0 is <a> by its references; its class words lean to <b>'s class by 0.05. Read (class_margin 0), that
+    rules <a> out; with class_margin 0.5 x the references' class gap 0.4 = 0.2, a 0.05 lean is not read."""
+    s, classes = [[0.9, 0.1], [0.1, 0.9]], [[0.45, 0.5], [0.1, 0.9]]
+    read = kinds.Settings(0.2, 0.3, 0.1, class_margin=0.0)
+    unread = kinds.Settings(0.2, 0.3, 0.1, class_margin=0.5)
+    assert kinds.decide(s, None, [1.0, 1.0], True, False, read, classes, [0.4, 0.4])["labels"] == ["mix", 1]
+    assert kinds.decide(s, None, [1.0, 1.0], True, False, unread, classes, [0.4, 0.4])["labels"] == [0, 1]
+    # one class for both concepts: the class words are never read
+    assert kinds.decide(s, None, [1.0, 1.0], True, True, read, classes, [0.4, 0.4])["labels"] == [0, 1]
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    assert kinds.class_gap([torch.stack([e1, e1]), torch.stack([e2])], [e1, e2]) == [1.0, 1.0]
+
+
 def test_without_common_images_an_unclear_instance_is_a_mixture(tmp_path):
     rows = score(tmp_path, {"m": two_up(square(RED), split(RED, BLUE)), "c": two_up(square(RED), square(BLUE))},
                  common=None)
