@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rung", default="distinct")
     p.add_argument("--seed", type=int, default=100, help="Not one of the comparison's seeds.")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--variants", nargs="+", choices=list(GRID), default=list(GRID), help="Which rows of the grid.")
     args = p.parse_args(argv)
     base, work = Path(args.base), Path(args.out) / args.rung
     concepts = load_rungs()[args.rung]
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     views = fresh_views(concepts, size, args.seed)
     common = ",".join(sorted({c.cls for c in concepts.values()}))
     result = {"rung": args.rung, "seed": args.seed, "steps": args.steps, "words": words_row(base, concepts), "runs": {}}
-    for variant, (kind, rates) in GRID.items():
+    for variant, (kind, rates) in ((v, GRID[v]) for v in args.variants):
         for rate in rates:
             flags = ("--train_text_encoder", kind, "--text_encoder_lr", rate) if kind else ()
             stage = Stage(f"{variant}_{rate}" if rate else variant, "clif", flags) if kind else CLIF
