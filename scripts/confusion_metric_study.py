@@ -7,7 +7,8 @@ referee.json`), evaluate.py scores the folder with the world's CLIP (halves, no 
 1. **diagnosis** of the fixed-margin rule (`confused_margin`): referee kind x decision, per rung; the correct images it
    calls confused, and why; the distribution of the margin it compares with 0.02;
 2. **tuning** of clif/eval/kinds.py's three margins on the `--tune` rungs only (a grid; pooled Cohen's kappa);
-3. **held-out** report on the `--held_out` rungs with those settings: agreement, kappa, rate, referee kind x our kind.
+3. **held-out** report on the `--held_out` rungs with those settings: agreement, kappa, rate, referee kind x our kind;
+   `--seen` rungs are reported apart: held out for an earlier version, then read while designing this one.
 
     python scripts/confusion_metric_study.py --roots outputs/evidence outputs/metric22 \
         --json pretrained/toyworld/confusion_metric_study.json --readme README.md
@@ -31,7 +32,8 @@ from clif.eval.agreement import agreement, cohen_kappa, folder_rows, kind_matrix
 from clif.eval.metrics import says_left_right
 
 TUNE = ("distinct", "lookalike", "twin")
-HELD_OUT = ("star_box", "box_ball", "ball_star", "ball_ball", "box_star")
+SEEN = ("star_box", "box_ball", "ball_star", "ball_ball", "box_star")  # held out for v1, read before v2
+HELD_OUT = ("star_ball", "ball_box", "box_box")  # scripts/confusion_study_rungs2.json: generated after v2 was fixed
 GRID = {
     "margin": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
     "common_margin": (-0.5, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
@@ -180,18 +182,20 @@ def rung_report(rows: list[dict]) -> dict:
     }
 
 
-def report(rows: list[dict], settings: kinds.Settings, grid: list[dict], tune_rungs, held_rungs) -> dict:
+def report(rows: list[dict], settings: kinds.Settings, grid: list[dict], tune_rungs, held_rungs, seen=()) -> dict:
     got = redecide(rows, settings)
-    by = {g: [r for r in got if r["rung"] == g] for g in list(tune_rungs) + list(held_rungs)}
+    by = {g: [r for r in got if r["rung"] == g] for g in list(tune_rungs) + list(seen) + list(held_rungs)}
     return {
         "settings": settings.as_dict(),
         "settings_in_code": kinds.SETTINGS.as_dict(),
         "tune_rungs": list(tune_rungs),
         "held_out_rungs": list(held_rungs),
+        "seen_rungs": list(seen),
         "grid_top": grid[:10],
         "grid_points": len(grid),
         "pooled": {
             "tuning": rung_report([r for g in tune_rungs for r in by[g]]),
+            "seen": rung_report([r for g in seen for r in by[g]]) if any(by[g] for g in seen) else None,
             "held_out": rung_report([r for g in held_rungs for r in by[g]]) if any(by[g] for g in held_rungs) else None,
         },
         "rungs": {g: rung_report(rs) for g, rs in by.items() if rs},
@@ -209,6 +213,15 @@ def _tuned_line(run: dict) -> str:
     )
 
 
+def _previous_line(prev: dict) -> str:
+    per = ", ".join(f"{g} {_f(v['kappa'])} ({v['images']})" for g, v in prev["rungs"].items())
+    return (
+        f"The earlier version (`{prev['json']}`: no class words, settings {prev['settings']}) on what were then its "
+        f"held-out rungs: pooled kappa **{_f(prev['kappa'])}** over {prev['images']} images ({per}). Reading those "
+        "rungs' failures led to the class words, so they are only *seen* rungs for this version."
+    )
+
+
 def markdown(result: dict, source: str) -> str:
     """The README block: per rung (tuning, then held-out) the two decisions' agreement with the referee, D&C beside,
     the kinds matrix, the margin rule's diagnosis."""
@@ -220,7 +233,8 @@ def markdown(result: dict, source: str) -> str:
             f"Settings chosen on the tuning rungs ({', '.join(result['tune_rungs'])}; {result['grid_points']} grid "
             f"points, pooled kappa): {', '.join(f'{k} {v}' for k, v in s.items())} (the class margin in units of the "
             "references' class-word gap, the others of their leave-one-out gap). Held-out rungs: "
-            f"{', '.join(result['held_out_rungs'])}."
+            f"{', '.join(result['held_out_rungs'])}; seen rungs (held out for the earlier version, read before this "
+            f"one was made): {', '.join(result.get('seen_rungs', []))}."
         ),
         "",
         *(
@@ -231,6 +245,7 @@ def markdown(result: dict, source: str) -> str:
             if "tuning_run" in result
             else []
         ),
+        *([_previous_line(result["previous"]), ""] if "previous" in result else []),
         (
             "| rung | set | images | referee confusion | kinds: agreement | **kinds: kappa** | kinds: rate | "
             "margin rule: agreement | margin rule: kappa | margin rule: rate | D&C halves: kappa |"
@@ -246,16 +261,22 @@ def markdown(result: dict, source: str) -> str:
             f"{_f(m.get('rate'))} | {_f(d.get('kappa'))} |"
         )
 
-    for part, rungs in (("tuning", result["tune_rungs"]), ("held-out", result["held_out_rungs"])):
+    parts = (
+        ("tuning", "tune_rungs", "tuning"),
+        ("seen", "seen_rungs", "seen"),
+        ("held-out", "held_out_rungs", "held_out"),
+    )
+    for part, key, pool in parts:
+        rungs = result.get(key, [])
         for g in rungs:
             if g in result["rungs"]:
                 lines.append(row(g, part, result["rungs"][g]))
-        pooled = result["pooled"]["tuning" if part == "tuning" else "held_out"]
+        pooled = result["pooled"].get(pool)
         if pooled:
             lines.append(row(f"**all {part}**", part, pooled))
     ours = kinds.KINDS
-    for part in ("tuning", "held_out"):
-        pooled = result["pooled"][part]
+    for part in ("tuning", "seen", "held_out"):
+        pooled = result["pooled"].get(part)
         if not pooled:
             continue
         lines += [
@@ -315,9 +336,10 @@ def write_readme(readme: Path, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--roots", nargs="+", default=["outputs/evidence", "outputs/metric22"])
+    p.add_argument("--roots", nargs="+", default=["outputs/evidence", "outputs/metric22", "outputs/metric22b"])
     p.add_argument("--tune", nargs="+", default=list(TUNE), help="Rungs the settings are chosen on.")
     p.add_argument("--held_out", nargs="*", default=list(HELD_OUT), help="Rungs only reported.")
+    p.add_argument("--seen", nargs="*", default=list(SEEN), help="Rungs reported apart (read before the settings).")
     p.add_argument("--clip_model", default="pretrained/toyworld/model/paired_clip")
     p.add_argument("--work", default="outputs/metric22/eval", help="Where evaluate.py writes (never into --roots).")
     p.add_argument("--json", required=True, help="The study's numbers (written, or read with --from_json).")
@@ -327,20 +349,37 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="A tuning run's JSON (this script with --held_out and nothing after it): use its settings, tune nothing.",
     )
+    p.add_argument("--previous", default=None, help="An earlier version's study JSON, summarised beside.")
     p.add_argument("--from_json", action="store_true", help="Only the README block, from an existing --json.")
     args = p.parse_args(argv)
     if args.from_json:
         result = json.loads(Path(args.json).read_text())
     else:
         rows = []
-        for rung, folder, concepts in folders([Path(r) for r in args.roots], tuple(args.tune + args.held_out)):
+        for rung, folder, concepts in folders(
+            [Path(r) for r in args.roots], tuple(args.tune + args.seen + args.held_out)
+        ):
             rows += collect(rung, folder, concepts, args.clip_model, Path(args.work))
         if args.settings_from:  # the settings of an earlier tuning run, fixed before the held-out rungs were read
             tuned = json.loads(Path(args.settings_from).read_text())
             settings, grid = kinds.Settings(**tuned["settings"]), tuned["grid_top"]
         else:
             settings, grid = tune([r for r in rows if r["rung"] in args.tune])
-        result = report(rows, settings, grid, args.tune, args.held_out)
+        result = report(rows, settings, grid, args.tune, args.held_out, args.seen)
+        if args.previous:
+            prev = json.loads(Path(args.previous).read_text())
+            held = prev["pooled"]["held_out"]
+            result["previous"] = {
+                "json": args.previous,
+                "settings": prev["settings"],
+                "kappa": held["kinds"]["kappa"],
+                "images": held["images"],
+                "rungs": {
+                    g: {"kappa": prev["rungs"][g]["kinds"]["kappa"], "images": prev["rungs"][g]["images"]}
+                    for g in prev["held_out_rungs"]
+                    if g in prev["rungs"]
+                },
+            }
         if args.settings_from:
             result["tuning_run"] = {
                 "json": args.settings_from,
