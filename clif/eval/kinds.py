@@ -22,7 +22,8 @@ largest over the pair's classes. For concepts of different classes, an instance'
 words when they differ by at least `class_margin` x the references' class gap (else it stays unread). An instance
 *is* concept c when its class (if read) is c's, it is more like c than like the other concept (s_c - s_other >=
 `margin` x gap_c) and more like c than like a common member of the classes (s_c - s_k >= `common_margin` x gap_c).
-An instance that is neither is a *mixture* when it is a second object of its partner's class (read from the class
+An instance that is neither is a *mixture* when it looks like one concept but its class (read) is the other's
+(`class_mix`), when it is a second object of its partner's class (read from the class
 words, else from the common images: the partner's class leaked) or when it is like both concepts about as much as
 like the common images (min(s_A, s_B) - s_k >= `mixture_margin` x the mean gap), else *other* (like neither: a
 fidelity failure, not confusion). Without common images an instance that is neither concept is a mixture.
@@ -55,6 +56,7 @@ class Settings:
     common_margin: float
     mixture_margin: float
     class_margin: float = 0.0  # units of the references' own class-word gap (`class_gap`)
+    class_mix: bool = True  # an instance like one concept but of the other's class is a mixture (v3; v2: False)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +64,7 @@ class Settings:
 
 # evaluate.py's settings, chosen on the toy world's tuning rungs (README, "Is our confusion metric right?")
 # (pretrained/toyworld/confusion_metric_tuning.json: the grid, the images, the tuning rungs' kappas)
-SETTINGS = Settings(margin=0.0, common_margin=-0.3, mixture_margin=-0.2, class_margin=0.5)
+SETTINGS = Settings(margin=0.0, common_margin=-0.3, mixture_margin=-0.2, class_margin=0.1)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -115,14 +117,19 @@ def class_gap(refs: Sequence[torch.Tensor], texts: Sequence[torch.Tensor]) -> li
     return out
 
 
+def like(s, k, gap, settings: Settings, c: int) -> bool:
+    """The instance looks like concept c: more than like the other concept and than like the common images."""
+    clear = s[c] - s[1 - c] >= settings.margin * gap[c]
+    return clear and (k is None or s[c] - max(k) >= settings.common_margin * gap[c])
+
+
 def concept_label(s, k, gap, settings: Settings, cls: Sequence[float] | None = None):
     """0 or 1 when the instance is that concept (see the module doc), else None. With `cls` (two concepts of
     different classes) only the concept of the instance's class qualifies."""
     for c in (0, 1):
         if cls is not None and cls[c] <= cls[1 - c]:
             continue
-        clear = s[c] - s[1 - c] >= settings.margin * gap[c]
-        if clear and (k is None or s[c] - max(k) >= settings.common_margin * gap[c]):
+        if like(s, k, gap, settings, c):
             return c
     return None
 
@@ -130,6 +137,8 @@ def concept_label(s, k, gap, settings: Settings, cls: Sequence[float] | None = N
 def neither_label(s, k, gap, partner, same_class: bool, settings: Settings, cls=None) -> str:
     """'mix' or 'other' for an instance that is neither concept; `partner` = the other instance's concept label;
     `cls` as in `concept_label` (its class, by the class words), else the common images tell the class."""
+    if cls is not None and settings.class_mix and any(like(s, k, gap, settings, c) for c in (0, 1)):
+        return "mix"  # it looks like one concept but has the other's class: the two are mixed in one object
     leaked = cls if cls is not None else k
     if not same_class and partner is not None and leaked is not None and leaked[partner] > leaked[1 - partner]:
         return "mix"  # a second object of the partner's class that is not the partner: the class leaked
