@@ -32,8 +32,10 @@ from clif.eval.agreement import agreement, cohen_kappa, folder_rows, kind_matrix
 from clif.eval.metrics import says_left_right
 
 TUNE = ("distinct", "lookalike", "twin")
-SEEN = ("star_box", "box_ball", "ball_star", "ball_ball", "box_star")  # held out for v1, read before v2
-HELD_OUT = ("star_ball", "ball_box", "box_box")  # scripts/confusion_study_rungs2.json: generated after v2 was fixed
+# held out for v1 (the evidence rungs, scripts/confusion_study_rungs.json) and v2 (confusion_study_rungs2.json), read
+# before the current version was made
+SEEN = ("star_box", "box_ball", "ball_star", "ball_ball", "box_star", "star_ball", "ball_box", "box_box")
+HELD_OUT = ("star_box3", "box_ball3", "ball_star3")  # scripts/confusion_study_rungs3.json: made after v3 was fixed
 GRID = {
     "margin": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
     "common_margin": (-0.5, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3),
@@ -41,6 +43,12 @@ GRID = {
     "class_margin": (0.0, 0.1, 0.2, 0.3, 0.5, 99.0),  # 99: the class words never decide (v1: the commons do)
 }
 REFEREE_KINDS = ("correct", "missing", "swapped", "same", "mixture", "other")  # clif/toyworld/scoring.py
+# the earlier versions, as clif/eval/kinds.py's current code reproduces them (v1: class words never read; v2: no
+# class_mix), compared on the same images in the report
+VERSIONS = {
+    "v1": kinds.Settings(margin=0.0, common_margin=0.1, mixture_margin=-0.2, class_margin=1e9),
+    "v2": kinds.Settings(margin=0.0, common_margin=-0.3, mixture_margin=-0.2, class_margin=0.5, class_mix=False),
+}
 BEGIN = "<!-- confusion-metric-study:begin (generated: python scripts/confusion_metric_study.py --from_json) -->"
 END = "<!-- confusion-metric-study:end -->"
 
@@ -95,6 +103,50 @@ def _reason(sims) -> str | None:
     if best[0] == best[1]:
         return "same best"
     return "gap < margin" if min(abs(a - b) for a, b in sims) < 0.02 else None
+
+
+RUNG_FILES = (
+    "clif/toyworld/rungs.json",
+    "scripts/confusion_study_rungs.json",
+    "scripts/confusion_study_rungs2.json",
+    "scripts/confusion_study_rungs3.json",
+)
+
+
+def _parse(phrase: str):
+    """'a red box with a blue top' -> the world's Obj (the referee's own wording, clif/toyworld/world.py)."""
+    from clif.toyworld.world import Obj
+
+    w = phrase.split()
+    return Obj(w[2], w[1], w[6], w[5]) if len(w) == 7 else Obj(w[2], w[1])
+
+
+def solid_only_mixtures(rung: str, rows: list[dict]) -> int | None:
+    """How many of the referee's mixtures are mixtures only because a solid body counts as something the solid
+    concept has and the marked one lacks (scoring.features lists ("mark", "solid")): a marked concept drawn without
+    its mark, beside a solid one, is a 'mixture'. A toy-world diagnostic of the referee, not part of the metric."""
+    from clif.toyworld import scoring
+    from clif.toyworld.ladder import load_rungs
+
+    concepts = next((load_rungs(f)[rung] for f in RUNG_FILES if rung in load_rungs(f)), None)
+    if concepts is None:
+        return None
+    a, b = (scoring.features(c) - {("mark", "solid")} for c in concepts.values())
+    count = 0
+    for r in rows:
+        if r["oracle_kind"] != "mixture":
+            continue
+        read = json.loads((Path(r["folder"]) / "referee.json").read_text())
+        slots = [s.split(": ", 1)[1] for o in read["rows"] if o["image"] == r["image"] for s in o["read"]]
+        objs = [_parse(s) for s in slots]
+        names = [scoring.name_of(o, concepts) for o in objs]
+        still = [
+            o
+            for o, n in zip(objs, names)
+            if n == "mix" and (f := scoring.features(o) - {("mark", "solid")}) & (a - b) and f & (b - a)
+        ]
+        count += not still
+    return count
 
 
 def redecide(rows: list[dict], settings: kinds.Settings) -> list[dict]:
@@ -163,6 +215,9 @@ def rung_report(rows: list[dict]) -> dict:
         "images": len(rows),
         "folders": sorted({r["folder"] for r in rows}),
         "referee_kinds": {k: sum(r["oracle_kind"] == k for r in rows) for k in REFEREE_KINDS},
+        "referee_solid_only_mixtures": (
+            solid_only_mixtures(rows[0]["rung"], rows) if len({r["rung"] for r in rows}) == 1 else None
+        ),
         "kinds": table["clip_confusion"],
         "margin_rule": table.get("clip_confusion_margin"),
         "dc_halves": table["dc"],
@@ -182,9 +237,20 @@ def rung_report(rows: list[dict]) -> dict:
     }
 
 
+def versions(rows: list[dict]) -> dict:
+    """Agreement of every earlier version (and the margin rule) on `rows`, as agreement() reports a decision."""
+    out = {"margin rule": agreement(rows).get("clip_confusion_margin")}
+    for name, s in VERSIONS.items():
+        out[name] = agreement(redecide(rows, s))["clip_confusion"]
+    return out
+
+
 def report(rows: list[dict], settings: kinds.Settings, grid: list[dict], tune_rungs, held_rungs, seen=()) -> dict:
     got = redecide(rows, settings)
-    by = {g: [r for r in got if r["rung"] == g] for g in list(tune_rungs) + list(seen) + list(held_rungs)}
+    order = list(tune_rungs) + list(seen) + list(held_rungs)
+    by = {g: [r for r in got if r["rung"] == g] for g in order}
+    raw = {g: [r for r in rows if r["rung"] == g] for g in order}
+    sets = {"tuning": tune_rungs, "seen": seen, "held_out": held_rungs}
     return {
         "settings": settings.as_dict(),
         "settings_in_code": kinds.SETTINGS.as_dict(),
@@ -199,6 +265,10 @@ def report(rows: list[dict], settings: kinds.Settings, grid: list[dict], tune_ru
             "held_out": rung_report([r for g in held_rungs for r in by[g]]) if any(by[g] for g in held_rungs) else None,
         },
         "rungs": {g: rung_report(rs) for g, rs in by.items() if rs},
+        "versions": {
+            **{g: versions(rs) for g, rs in raw.items() if rs},
+            **{f"all {k}": versions([r for g in v for r in raw[g]]) for k, v in sets.items() if any(raw[g] for g in v)},
+        },
     }
 
 
@@ -213,12 +283,17 @@ def _tuned_line(run: dict) -> str:
     )
 
 
+def _solid(r: dict) -> str:
+    n = r.get("referee_solid_only_mixtures")
+    return "" if n is None else f"{n} of {r['referee_kinds']['mixture']}"
+
+
 def _previous_line(prev: dict) -> str:
     per = ", ".join(f"{g} {_f(v['kappa'])} ({v['images']})" for g, v in prev["rungs"].items())
     return (
-        f"The earlier version (`{prev['json']}`: no class words, settings {prev['settings']}) on what were then its "
-        f"held-out rungs: pooled kappa **{_f(prev['kappa'])}** over {prev['images']} images ({per}). Reading those "
-        "rungs' failures led to the class words, so they are only *seen* rungs for this version."
+        f"An earlier version (`{prev['json']}`, settings {prev['settings']}) on what were then its held-out rungs: "
+        f"pooled kappa **{_f(prev['kappa'])}** over {prev['images']} images ({per}). Its failures there shaped the "
+        "next version, so those rungs are only *seen* rungs now."
     )
 
 
@@ -245,12 +320,13 @@ def markdown(result: dict, source: str) -> str:
             if "tuning_run" in result
             else []
         ),
-        *([_previous_line(result["previous"]), ""] if "previous" in result else []),
+        *[x for prev in result.get("previous", []) for x in (_previous_line(prev), "")],
         (
             "| rung | set | images | referee confusion | kinds: agreement | **kinds: kappa** | kinds: rate | "
-            "margin rule: agreement | margin rule: kappa | margin rule: rate | D&C halves: kappa |"
+            "margin rule: agreement | margin rule: kappa | margin rule: rate | D&C halves: kappa | referee "
+            "mixtures only by 'solid' |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(name, part, r):
@@ -258,7 +334,7 @@ def markdown(result: dict, source: str) -> str:
         return (
             f"| {name} | {part} | {r['images']} | {_f(r['referee_confusion'])} | {_f(k.get('agreement'))} | "
             f"**{_f(k.get('kappa'))}** | {_f(k.get('rate'))} | {_f(m.get('agreement'))} | {_f(m.get('kappa'))} | "
-            f"{_f(m.get('rate'))} | {_f(d.get('kappa'))} |"
+            f"{_f(m.get('rate'))} | {_f(d.get('kappa'))} | {_solid(r)} |"
         )
 
     parts = (
@@ -274,6 +350,19 @@ def markdown(result: dict, source: str) -> str:
         pooled = result["pooled"].get(pool)
         if pooled:
             lines.append(row(f"**all {part}**", part, pooled))
+    if "versions" in result:
+        names = ["margin rule", *VERSIONS, "current"]
+        lines += [
+            "",
+            "Cohen's kappa of each version of the decision on the same images (the current one is the table above):",
+            "",
+            "| rung | images | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
+        for g, v in result["versions"].items():
+            cur = result["rungs"][g] if g in result["rungs"] else result["pooled"][g[4:].replace("-", "_")]
+            cells = [_f((v.get(n) or {}).get("kappa")) for n in names[:-1]] + [_f(cur["kinds"].get("kappa"))]
+            lines.append(f"| {g} | {cur['images']} | " + " | ".join(cells) + " |")
     ours = kinds.KINDS
     for part in ("tuning", "seen", "held_out"):
         pooled = result["pooled"].get(part)
@@ -336,7 +425,9 @@ def write_readme(readme: Path, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--roots", nargs="+", default=["outputs/evidence", "outputs/metric22", "outputs/metric22b"])
+    p.add_argument(
+        "--roots", nargs="+", default=["outputs/evidence", "outputs/metric22", "outputs/metric22b", "outputs/metric22c"]
+    )
     p.add_argument("--tune", nargs="+", default=list(TUNE), help="Rungs the settings are chosen on.")
     p.add_argument("--held_out", nargs="*", default=list(HELD_OUT), help="Rungs only reported.")
     p.add_argument("--seen", nargs="*", default=list(SEEN), help="Rungs reported apart (read before the settings).")
@@ -349,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="A tuning run's JSON (this script with --held_out and nothing after it): use its settings, tune nothing.",
     )
-    p.add_argument("--previous", default=None, help="An earlier version's study JSON, summarised beside.")
+    p.add_argument("--previous", nargs="*", default=[], help="Earlier versions' study JSONs, summarised beside.")
     p.add_argument("--from_json", action="store_true", help="Only the README block, from an existing --json.")
     args = p.parse_args(argv)
     if args.from_json:
@@ -366,20 +457,23 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             settings, grid = tune([r for r in rows if r["rung"] in args.tune])
         result = report(rows, settings, grid, args.tune, args.held_out, args.seen)
-        if args.previous:
-            prev = json.loads(Path(args.previous).read_text())
+        result["previous"] = []
+        for path in args.previous:
+            prev = json.loads(Path(path).read_text())
             held = prev["pooled"]["held_out"]
-            result["previous"] = {
-                "json": args.previous,
-                "settings": prev["settings"],
-                "kappa": held["kinds"]["kappa"],
-                "images": held["images"],
-                "rungs": {
-                    g: {"kappa": prev["rungs"][g]["kinds"]["kappa"], "images": prev["rungs"][g]["images"]}
-                    for g in prev["held_out_rungs"]
-                    if g in prev["rungs"]
-                },
-            }
+            result["previous"].append(
+                {
+                    "json": path,
+                    "settings": prev["settings"],
+                    "kappa": held["kinds"]["kappa"],
+                    "images": held["images"],
+                    "rungs": {
+                        g: {"kappa": prev["rungs"][g]["kinds"]["kappa"], "images": prev["rungs"][g]["images"]}
+                        for g in prev["held_out_rungs"]
+                        if g in prev["rungs"]
+                    },
+                }
+            )
         if args.settings_from:
             result["tuning_run"] = {
                 "json": args.settings_from,

@@ -176,6 +176,17 @@ def test_class_words_count_only_beyond_the_class_margin():
     assert kinds.class_gap([torch.stack([e1, e1]), torch.stack([e2])], [e1, e2]) == [1.0, 1.0]
 
 
+def test_like_one_concept_but_of_the_other_class_is_a_mixture():
+    """Instance 0 looks like <a> (0.9 vs 0.1, nothing like the common images) but its class words say <b>'s class:
+    one object with <a>'s look and <b>'s class is a mixture (class_mix); without that rule it is merely 'other'."""
+    s, k = [[0.9, 0.1], [0.0, 0.0]], [[0.0, 0.0], [0.5, 0.5]]
+    classes = [[0.2, 0.8], [0.5, 0.5]]  # instance 1: a tie, its class is not read
+    on = kinds.Settings(0.2, 0.3, 0.3, class_margin=0.0, class_mix=True)
+    off = kinds.Settings(0.2, 0.3, 0.3, class_margin=0.0, class_mix=False)
+    assert kinds.decide(s, k, [1.0, 1.0], True, False, on, classes, [0.4, 0.4])["labels"] == ["mix", "other"]
+    assert kinds.decide(s, k, [1.0, 1.0], True, False, off, classes, [0.4, 0.4])["labels"] == ["other", "other"]
+
+
 def test_without_common_images_an_unclear_instance_is_a_mixture(tmp_path):
     rows = score(tmp_path, {"m": two_up(square(RED), split(RED, BLUE)), "c": two_up(square(RED), square(BLUE))},
                  common=None)
