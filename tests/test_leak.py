@@ -69,6 +69,7 @@ def test_rungs_file_default_and_bad_inputs(tmp_path, capsys):
     from clif.toyworld.__main__ import main
     from clif.toyworld.ladder import load_rungs
 
+    threads = torch.get_num_threads()
     rungs = load_rungs()
     assert {"distinct", "lookalike", "twin"} <= set(rungs) and len(rungs) >= 5
     differ = [r for r, c in rungs.items() if len({o.cls for o in c.values()}) > 1]
@@ -98,6 +99,9 @@ def test_rungs_file_default_and_bad_inputs(tmp_path, capsys):
     f = tmp_path / "good.json"
     f.write_text(json.dumps({"rungs": {"r": good}}))
     assert load_rungs(f)["r"]["b_b"].pattern_color == "yellow"
+    # the command's one scoring thread is its own: this process gets its count back (else later in-process training
+    # sums in another order than a subprocess does)
+    assert torch.get_num_threads() == threads
     # per-concept training renders: what write_concept_set draws
     from clif.toyworld.ladder import write_concept_set
 

@@ -181,7 +181,10 @@ def test_two_stage3_runs_are_bitwise_equal(tiny_sd15, concept_set, ti_run, tmp_p
 
 def _kill_after_checkpoint(argv: list[str], out: Path) -> None:
     """Start the script in a real subprocess, SIGKILL it once a first checkpoint is complete."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # the same CPU threads as this process, which runs the uninterrupted half and the resume: another count sums
+    # in another order, and "bit-identical" would then test the machine, not the resume
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads}
     proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + HANG_GUARD_S  # a hang guard: a living run that is slow is waited for

@@ -93,7 +93,8 @@ def test_text_alignment_scores_the_class_word_prompt(tmp_path):
     backbone = _FakeBackbone()
     rows = score_folder([Item(tmp_path / "a.png", "a photo of <dog2> <dog2>_1 on grass")], concepts,
                         {"dog2": torch.tensor([[1.0, 0.0]])}, backbone, batch_size=4, margin=0.1)
-    assert backbone.texts_seen == ["a photo of dog on grass"]
+    # the prompt with its tokens replaced, then the class words' own prompt (clif/eval/kinds.py reads it)
+    assert backbone.texts_seen == ["a photo of dog on grass", "a photo of a dog"]
     assert rows[0]["text_alignment"] == 2.5 and rows[0]["text_cosine"] == 1.0
 
 

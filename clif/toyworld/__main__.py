@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
 import torch
 
 
+@contextlib.contextmanager
+def _threads_restored():
+    """The commands set this process's torch threads (and the experiment its stages' OMP_NUM_THREADS); an
+    in-process caller (the tests) gets its own back afterwards, so later work there keeps its numerics."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
 def main(argv: list[str] | None = None) -> None:
+    with _threads_restored():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     from clif.cli import user_errors
 
     from . import experiment, gate, pretrain
