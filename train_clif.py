@@ -149,6 +149,7 @@ def run(args) -> None:
     pairs = builder.build(args.num_pairs, ratios, seeds.stream(args.seed, "augmentation"))
     image_feats = [p.image_features([q.image for q in pairs]) for p in paired]
     captions, keys, n_pairs = [q.caption for q in pairs], [q.key for q in pairs], len(pairs)
+    per_concept = builder.samples_per_concept(pairs)  # run_stats.json: the pairs showing each concept
     del pairs  # the composed images are no longer needed: only their features
     probe = ConfusionProbe(builder, paired, args.num_views, seeds.stream(args.seed, "probe"))
 
@@ -186,6 +187,7 @@ def run(args) -> None:
         default_steps=DEFAULT_STEPS,
         desc="clif",
         resume=inp.resume_path,
+        stats=lambda n: {"pairs_per_concept": per_concept},
     )
     shard = Shard.of(accelerator, args.train_batch_size)
     step = ContrastiveStep(text, paired, image_feats, captions, keys, shard, accelerator, args.text_chunk_size)

@@ -146,7 +146,7 @@ def run(args) -> None:
         default_steps=DEFAULT_STEPS,
         desc="lora",
         resume=inp.resume_path,
-        samples_per_concept=data.samples_per_concept,
+        stats=lambda n: {"samples_per_concept": data.samples_per_concept(n)},
         extra_noise=[prior_term.noise] if prior_term else [],
     )
     logger.info(

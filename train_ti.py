@@ -74,7 +74,7 @@ def run(args) -> None:
         default_steps=DEFAULT_STEPS,
         desc="ti",
         resume=inp.resume_path,
-        samples_per_concept=data.samples_per_concept,
+        stats=lambda n: {"samples_per_concept": data.samples_per_concept(n)},
     )
     logger.info(
         f"{len(concepts)} concepts, {len(data)} images, {runner.max_steps} steps (from {runner.step}), global batch "

@@ -337,3 +337,23 @@ def test_balance_flag_is_declared_once_for_every_stage():
         assert len(actions) == 1 and actions[0].default == "concepts" and set(actions[0].choices) == {
             "concepts", "images"}
         assert "concept_balance" not in cli.HARMLESS
+
+
+def test_stage1_run_stats_and_card_count_its_pairs_per_concept(tiny_sd15, unequal, tmp_path):
+    """Stage 1 records the pairs that show each concept (its pair builder's own count, for the run's seed); Global
+    pairs only: `concepts` shares them about evenly over 5 + 2 photos, `images` by photo (random draws: bounds)."""
+    got = {}
+    for balance in ("concepts", "images"):
+        out = tmp_path / balance
+        train_clif.main(["--pretrained_model_name_or_path", str(tiny_sd15), "--train_data_dir", str(unequal),
+                         "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--report_to", "none",
+                         "--num_pairs", "300", "--global_ratio", "1", "--region_ratio", "0", "--mix_ratio", "0",
+                         "--holdout_images", "0", "--train_batch_size", "4", "--num_views", "2",
+                         "--max_train_steps", "1", "--concept_balance", balance])
+        got[balance] = stats(out)["pairs_per_concept"]
+        card = (out / "README.md").read_text()
+        assert "| concept | images | repeats | pairs |" in card
+        assert f"| bluebox | 2 | 1 | {got[balance]['bluebox']} |" in card
+    # 300 draws: `images` expects 5/7 of them for redball (214, sd 8), `concepts` half (150, sd 9)
+    assert sum(got["concepts"].values()) == sum(got["images"].values()) == 300
+    assert abs(got["concepts"]["redball"] - 150) < 35 and got["images"]["redball"] > 185

@@ -47,21 +47,31 @@ def last_grid(out: Path) -> str | None:
 
 
 def samples_section(out: Path, concepts: list[Concept], args: dict) -> list[str]:
-    """The card's table of samples per concept, from the run's run_stats.json (absent in checkpoints: none)."""
+    """The card's table of samples per concept, from the run's run_stats.json (absent in checkpoints: none):
+    stages 2-3 the training samples that showed each concept, stage 1 its contrastive pairs."""
     try:
-        counts = json.loads((out / STATS).read_text())["samples_per_concept"]
-    except (OSError, ValueError, KeyError, TypeError):
+        stats = json.loads((out / STATS).read_text())
+    except (OSError, ValueError):
+        return []
+    balance = f"`--concept_balance {args.get('concept_balance')}`; `repeats` weights a concept; `{STATS}`"
+    if isinstance(stats.get("samples_per_concept"), dict):
+        counts, column = stats["samples_per_concept"], "samples"
+        about = f"How many training samples showed each concept ({balance})."
+    elif isinstance(stats.get("pairs_per_concept"), dict):
+        counts, column = stats["pairs_per_concept"], "pairs"
+        about = (
+            "How many of the stage's contrastive pairs show each concept (Global and Region pairs shared by "
+            f"{balance}; a Mix pair counts for both of its concepts)."
+        )
+    else:
         return []
     return [
         "",
         "## Samples per concept",
         "",
-        (
-            "How many training samples showed each concept (`--concept_balance "
-            f"{args.get('concept_balance')}`; `repeats` weights a concept; `{STATS}`)."
-        ),
+        about,
         "",
-        "| concept | images | repeats | samples |",
+        f"| concept | images | repeats | {column} |",
         "|---|---|---|---|",
         *[f"| {c.name} | {len(c.images)} | {c.repeats} | {counts.get(c.name, 0)} |" for c in concepts],
     ]

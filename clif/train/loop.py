@@ -77,12 +77,12 @@ def start_loop(
     desc: str,
     resume: Path | None,
     extra_noise: list[training.NoiseSource] = (),
-    samples_per_concept: Callable[[int], dict[str, int]] | None = None,
+    stats: Callable[[int], dict] | None = None,
 ) -> StepRunner:
     """The training skeleton of every stage: the number of steps, the optimizer over `groups`, the lr schedule,
     the noise stream, the step runner, and the resume from `resume` (a checkpoint folder) when given.
-    `num_samples`: one epoch of the sample stream; `samples_per_concept(n)`: what the first n samples show, for
-    run_stats.json."""
+    `num_samples`: one epoch of the sample stream; `stats(n)`: more run_stats.json entries, from the number n of
+    samples trained (what the first n samples showed of each concept)."""
     shard = Shard.of(accelerator, args.train_batch_size)
     per_step = shard.global_batch * args.gradient_accumulation_steps
     max_steps = training.resolve_steps(
@@ -119,9 +119,7 @@ def start_loop(
         max_steps=max_steps,
         desc=desc,
         extra_noise=extra_noise,
-        stats=(lambda step: {"samples_per_concept": samples_per_concept(step * per_step)})
-        if samples_per_concept
-        else None,
+        stats=(lambda step: stats(step * per_step)) if stats else None,
     )
     runner.resume(resume)
     return runner
