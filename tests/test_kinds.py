@@ -250,3 +250,23 @@ def test_decision_flag_and_fields_end_to_end(tiny_sd15, concept_set, tmp_path):
     joined = folder_rows(folder, folder / "oracle.json", tmp_path / "k" / "metrics.json", data, clip)[0]
     assert joined["oracle_kind"] == "same" and joined["kind"] == row["kind"]
     assert joined["clip"] == row["confused"] and joined["clip_margin"] == row["confused_margin"]
+
+
+def test_readme_metric_block_is_generated_from_the_committed_study(tmp_path, monkeypatch):
+    """The README's confusion-metric tables are exactly what `scripts/confusion_metric_study.py --from_json` writes
+    from the committed study JSON: no hand-typed numbers."""
+    import importlib.util
+    import shutil
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "confusion_metric_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    copy = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", copy)
+    before = copy.read_text()
+    assert before.count(study.BEGIN) == 1 and before.count(study.END) == 1
+    monkeypatch.chdir(REPO)  # the block names the JSON by its path in the repository
+    study.main(["--json", "pretrained/toyworld/confusion_metric_study.json", "--from_json", "--readme", str(copy)])
+    assert copy.read_text() == before
