@@ -4,4 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -rs tests "$@"  # -rs: every skip says why
+# One pytest worker per core (pytest-xdist), one torch thread each: the suite is mostly single-threaded Python,
+# subprocess start-up and small tensors. The threads are pinned for every process a test starts too, so a test that
+# compares an in-process run with a subprocess compares equal arithmetic.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/python -m pytest -q -rs -n auto tests "$@"  # -rs: every skip says why; -n 0: one process
