@@ -15,12 +15,12 @@ from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set, open_rgb
-from clif.contrastive.common_concepts import common_images
 from clif.eval import dc, kinds, lookalikes, protocols
 from clif.eval.evaluation import (
     Backbone,
     Detector,
     Dino,
+    common_references,
     open_backbone,
     per_prompt,
     read_folder,
@@ -75,16 +75,14 @@ def build_parser():
         "--confusion_decision",
         choices=["kinds", "margin"],
         default="kinds",
-        help="What 'confused' means: kinds = each instance read against both concepts and their classes' common "
-        "images with margins calibrated on the references (clif/eval/kinds.py; the kind is reported too); margin = "
-        "the earlier fixed-margin rule (always reported as confused_margin / confusion_rate_margin).",
+        help="What 'confused' means: kinds (clif/eval/kinds.py; the kind is reported too) or the earlier fixed-margin "
+        "rule (always reported as confused_margin).",
     )
     p.add_argument(
         "--confusion_margin",
         type=cli.non_negative(float),
         default=0.02,
-        help="The margin rule's margin (--confusion_decision margin, and confused_margin): an instance must be this "
-        "much more similar to one concept than the other to count as matched.",
+        help="The margin rule's margin: an instance must be this much more similar to one concept than the other.",
     )
     p.add_argument(
         "--batch_size", type=cli.positive(int), default=32, help="Images per forward pass (no effect on results)."
@@ -174,9 +172,10 @@ def run(args) -> dict:
         args.clip_model, args.clip_pretrained, args.dino = proto["clip_model"], proto["clip_pretrained"], proto["dino"]
     if args.concepts:
         root = Path(args.concepts)
-        concepts = load_concept_set(root.parent if root.name == "concepts.json" else root)
+        set_root = root.parent if root.name == "concepts.json" else root
+        concepts = load_concept_set(set_root)
     else:
-        root = Path(args.dreambench)
+        root = set_root = Path(args.dreambench)
         concepts = lookalikes.present_concepts(lset, root)
     folders = {label: read_folder(d) for label, d in zip(labels, args.images)}
     out = Path(args.output_dir)
@@ -196,10 +195,7 @@ def run(args) -> dict:
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
 
     refs, dino_refs, dc_refs = {}, {}, {}
-    # the concept set's common/<class>/ images of the concepts' classes (clif/eval/kinds.py), where it has them
-    set_root = root.parent if root.name == "concepts.json" else root
-    found_common = common_images(set_root, sorted({c.class_word for c in concepts}), set_root)
-    common_refs = {w: backbone.images([open_rgb(p) for p in ps], args.batch_size) for w, ps in found_common.items()}
+    common_refs = common_references(set_root, concepts, backbone, args.batch_size)
     for c in concepts:
         ims = [open_rgb(p) for p in c.images]
         refs[c.name] = backbone.images(ims, args.batch_size)

@@ -30,6 +30,7 @@ import numpy as np
 from clif.eval import kinds
 from clif.eval.agreement import agreement, cohen_kappa, folder_rows, kind_matrix
 from clif.eval.metrics import says_left_right
+from clif.toyworld.report import replace_block
 
 TUNE = ("distinct", "lookalike", "twin")
 # held out for v1 (the evidence rungs, scripts/confusion_study_rungs.json) and v2 (confusion_study_rungs2.json), read
@@ -415,14 +416,6 @@ def markdown(result: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, block: str) -> None:
-    doc = readme.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{readme}: no generated block ({BEGIN} ... {END}) to replace")
-    head, rest = doc.split(BEGIN, 1)
-    readme.write_text(f"{head}{BEGIN}\n\n{block}\n\n{END}{rest.split(END, 1)[1]}")
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -485,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["grid_points"] = tuned["grid_points"]
         Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
     if args.readme:
-        write_readme(Path(args.readme), markdown(result, args.json))
+        replace_block(Path(args.readme), BEGIN, END, markdown(result, args.json))
     print(markdown(result, args.json))
     return result
 

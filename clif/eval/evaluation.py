@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clif.concepts import Concept, check_image, list_images, open_rgb
+from clif.contrastive.common_concepts import common_images
 from clif.errors import UserError, loading
 from clif.eval import kinds, metrics
 from clif.eval.dc import pad_to_white_square
@@ -193,6 +194,13 @@ def read_folder(folder: str | Path) -> list[Item]:
     if not items:
         raise UserError(f"no images in {folder}")
     return items
+
+
+def common_references(set_root: Path, concepts: list[Concept], backbone, batch_size: int) -> dict[str, torch.Tensor]:
+    """The concept set's `common/<class>/` images of the concepts' classes, embedded by `backbone`
+    (clif/eval/kinds.py); classes without such images are absent."""
+    found = common_images(set_root, sorted({c.class_word for c in concepts}), set_root)
+    return {w: backbone.images([open_rgb(p) for p in ps], batch_size) for w, ps in found.items()}
 
 
 def _halves(image: Image.Image) -> list[Image.Image]:

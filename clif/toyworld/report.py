@@ -309,16 +309,22 @@ BEGIN, END = (
 )
 
 
+def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
+    """Replace what stands between the markers `begin` and `end` of a generated block in `doc_path` with `body`
+    (a blank line either side); SystemExit when the markers are missing."""
+    doc = doc_path.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{doc_path}: no generated block ({begin} ... {end}) to replace")
+    head, rest = doc.split(begin, 1)
+    doc_path.write_text(f"{head}{begin}\n\n{body}\n\n{end}{rest.split(end, 1)[1]}")
+
+
 def update_readme(results: Path, readme: Path) -> str:
     """Replace the README's generated block (between BEGIN and END) with the tables of a committed results JSON,
     its headings one level down; returns the block."""
     result = json.loads(results.read_text())
     text = write_ladder_table(result, None)
     block = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
-    block = f"{BEGIN}\n\n_Generated from `{results.as_posix()}`._\n\n{block}\n\n{END}"
-    doc = readme.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{readme}: no generated block ({BEGIN} ... {END}) to replace")
-    head, rest = doc.split(BEGIN, 1)
-    readme.write_text(head + block + rest.split(END, 1)[1])
+    block = f"_Generated from `{results.as_posix()}`._\n\n{block}"
+    replace_block(readme, BEGIN, END, block)
     return block
