@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from clif import cli
-from clif.concepts import load_concept_set, open_rgb
+from clif.concepts import load_concept_set
 from clif.eval import dc, kinds, lookalikes, protocols
 from clif.eval.evaluation import (
     Backbone,
     Detector,
     Dino,
-    common_references,
+    References,
     open_backbone,
     per_prompt,
     read_folder,
@@ -194,15 +194,7 @@ def run(args) -> dict:
         dino = Dino(args.dino, device) if args.dino else None
     detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
 
-    refs, dino_refs, dc_refs = {}, {}, {}
-    common_refs = common_references(set_root, concepts, backbone, args.batch_size)
-    for c in concepts:
-        ims = [open_rgb(p) for p in c.images]
-        refs[c.name] = backbone.images(ims, args.batch_size)
-        if dino is not None:
-            dino_refs[c.name] = dino.images(ims, args.batch_size)
-        if dc_model is not None:
-            dc_refs[c.name] = dc_model(ims, args.batch_size)
+    refs = References.of(concepts, set_root, args.batch_size, backbone=backbone, dino=dino, dc_model=dc_model)
     settings = {
         "metrics": sorted(metrics),
         "protocol": {"name": args.protocol, **proto} if proto else None,
@@ -214,7 +206,7 @@ def run(args) -> dict:
             "decision": args.confusion_decision,
             "margin": args.confusion_margin,
             "kind_settings": kinds.SETTINGS.as_dict(),
-            "common_classes": sorted(common_refs),
+            "common_classes": sorted(refs.common),
         },
     }
     results = {}
@@ -222,19 +214,19 @@ def run(args) -> dict:
         rows = score_folder(
             items,
             concepts,
-            refs,
+            refs.clip,
             backbone,
             batch_size=args.batch_size,
             margin=args.confusion_margin,
-            common_refs=common_refs,
+            common_refs=refs.common,
             decision=args.confusion_decision,
             detector=detector,
             dino=dino,
-            dino_refs=dino_refs,
+            dino_refs=refs.dino,
         )
         if dc_model is not None:
             dc.add_to_rows(
-                rows, items, concepts, dc_refs, lambda ims: dc_model(ims, args.batch_size), detector, args.dc_threshold
+                rows, items, concepts, refs.dc, lambda ims: dc_model(ims, args.batch_size), detector, args.dc_threshold
             )
         summary, prompts = summarize(rows), per_prompt(rows)
         summary.update(dc.dc_stats(rows))

@@ -196,11 +196,30 @@ def read_folder(folder: str | Path) -> list[Item]:
     return items
 
 
-def common_references(set_root: Path, concepts: list[Concept], backbone, batch_size: int) -> dict[str, torch.Tensor]:
-    """The concept set's `common/<class>/` images of the concepts' classes, embedded by `backbone`
-    (clif/eval/kinds.py); classes without such images are absent."""
-    found = common_images(set_root, sorted({c.class_word for c in concepts}), set_root)
-    return {w: backbone.images([open_rgb(p) for p in ps], batch_size) for w, ps in found.items()}
+@dataclass
+class References:
+    """Each concept's reference photos embedded once, for every folder scored: CLIP (`clip`), DINO and the D&C model
+    where given (`dino`, `dc`; else empty), and the concept set's `common/<class>/` images of the concepts'
+    classes in CLIP (`common`, clif/eval/kinds.py; classes without such images are absent)."""
+
+    clip: dict[str, torch.Tensor]
+    dino: dict[str, torch.Tensor]
+    dc: dict[str, torch.Tensor]
+    common: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, concepts: list[Concept], set_root: Path, batch_size: int, *, backbone, dino=None, dc_model=None):
+        out = cls({}, {}, {}, {})
+        for c in concepts:
+            ims = [open_rgb(p) for p in c.images]
+            out.clip[c.name] = backbone.images(ims, batch_size)
+            if dino is not None:
+                out.dino[c.name] = dino.images(ims, batch_size)
+            if dc_model is not None:
+                out.dc[c.name] = dc_model(ims, batch_size)
+        found = common_images(set_root, sorted({c.class_word for c in concepts}), set_root)
+        out.common = {w: backbone.images([open_rgb(p) for p in ps], batch_size) for w, ps in found.items()}
+        return out
 
 
 def _halves(image: Image.Image) -> list[Image.Image]:
