@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clif import cli
+from clif.compose import plan as compose
 from clif.errors import UserError
 from clif.generate import (
     SCHEDULERS,
@@ -23,6 +24,7 @@ from clif.generate import (
 )
 from clif.images import grid, save_png
 from clif.lora import LORA_FILE
+from clif.models import from_pipeline
 from clif.outputs.artifacts import read_manifest
 from clif.outputs.outdir import check_output_dir, lock_dir
 
@@ -74,6 +76,7 @@ def build_parser():
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU."
     )
+    compose.add_args(p)
     return p
 
 
@@ -89,6 +92,9 @@ def run(args) -> list[Path]:
         prompts += expand_prompt_set(args.prompt_set, read_manifest(args.stage_dir)["concepts"])
     if not prompts:
         raise UserError("no prompt: pass --prompt (repeatable), --prompts_file or --prompt_set")
+    options = compose.options_from_args(args)
+    concepts = read_manifest(args.stage_dir)["concepts"] if args.stage_dir else []
+    plans = compose.plan_prompts(prompts, concepts, options)  # every composition option checked here
     out = Path(args.output_dir)
     check_output_dir(
         out,
@@ -128,6 +134,14 @@ def run(args) -> list[Path]:
         "dtype": str(dtype).replace("torch.", ""),
         "device": device.type,
     }
+    model = from_pipeline(pipe, family, args.pretrained_model_name_or_path)
+    composer = compose.Composer(
+        pipe,
+        model,
+        options,
+        lora_scale=lora_scale,
+        latent_hw=(settings["height"] // vae_factor, settings["width"] // vae_factor),
+    )
     lock_dir(out)  # held until the run ends: a second run into this folder is refused
     total = len(prompts) * args.num_images_per_prompt
     with tqdm(total=total, desc="images") as bar:
@@ -141,6 +155,8 @@ def run(args) -> list[Path]:
             out=out,
             lora_scale=lora_scale,
             progress=bar,
+            composer=composer,
+            plans=plans,
         )
     from PIL import Image
 

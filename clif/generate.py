@@ -135,8 +135,11 @@ def generate(
     out: Path,
     lora_scale: float | None = None,
     progress=None,
+    composer=None,
+    plans: list | None = None,
 ) -> list[Path]:
-    """Image i of each prompt uses torch.Generator('cpu').manual_seed(seed + i); writes <stem>.png + <stem>.json."""
+    """Image i of each prompt uses torch.Generator('cpu').manual_seed(seed + i); writes <stem>.png + <stem>.json.
+    With a `composer` (clif.compose.plan), prompt i follows plans[i] (regions, isolated encoding, extra files)."""
     from clif.images import save_png
 
     call = {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
@@ -147,8 +150,12 @@ def generate(
         for start in range(0, n, batch_size):
             idx = list(range(start, min(n, start + batch_size)))
             gens = [torch.Generator("cpu").manual_seed(seed + i) for i in idx]
-            images = pipe([prompt] * len(idx), generator=gens, **call).images
-            for i, im in zip(idx, images):
+            if composer is None:
+                inputs = {"prompt": [prompt] * len(idx)}
+            else:
+                inputs = composer.inputs(plans[pi], len(idx), call["num_inference_steps"])
+            images = pipe(generator=gens, **inputs, **call).images
+            for k, (i, im) in enumerate(zip(idx, images)):
                 stem = f"{pi:03d}-{slug(prompt)}-{i:03d}"
                 save_png(im, out / f"{stem}.png")
                 sidecar = {
@@ -159,6 +166,9 @@ def generate(
                     "lora_scale": lora_scale,
                     **settings,
                 }
+                if composer is not None:
+                    sidecar["composition"] = composer.sidecar(plans[pi])
+                    sidecar.update(composer.save_extras(plans[pi], k, out / stem, im))
                 artifacts.atomic_write_json(out / f"{stem}.json", sidecar)
                 written.append(out / f"{stem}.png")
             if progress is not None:

@@ -125,17 +125,28 @@ class DiffusionModel:
                 ]
         return [torch.stack([self._ids[p][i] for p in prompts]) for i in range(len(self.tokenizers))]
 
-    def encode_prompt(self, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What the UNet is conditioned on: (hidden states, pooled embedding or None), as the pipelines compute it."""
+    def encode_prompt(
+        self, input_ids: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the UNet is conditioned on: (hidden states, pooled embedding or None), as the pipelines compute it.
+        `attention_mask` ([N, T], 0 = hidden) hides tokens from every encoder (isolated concept encoding)."""
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(self.text_encoders[0].device)}
         if self.family == "sd":
             enc = self.text_encoders[0]
-            return enc(input_ids[0].to(enc.device))[0], None
+            return enc(input_ids[0].to(enc.device), **kw)[0], None
         hidden, pooled = [], None
         for enc, ids in zip(self.text_encoders, input_ids):
-            out = enc(ids.to(enc.device), output_hidden_states=True)
+            out = enc(ids.to(enc.device), output_hidden_states=True, **kw)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection encoder (the last one)
         return torch.cat(hidden, dim=-1), pooled
+
+    def pipeline_embeds(self, hidden: torch.Tensor, pooled: torch.Tensor | None, n: int) -> dict:
+        """The stock pipeline's arguments for `n` images of one encoded prompt (SDXL: with its pooled embedding)."""
+        call = {"prompt_embeds": hidden.repeat(n, 1, 1)}
+        if self.family == "sdxl":
+            call["pooled_prompt_embeds"] = pooled.repeat(n, 1)
+        return call
 
     def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
         """Extra UNet inputs: SDXL's pooled text embedding and size/crop time ids."""
