@@ -32,10 +32,11 @@ Encode = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 def find_span(ids: Sequence[int], phrase_ids: Sequence[int], start: int = 0) -> slice:
     """The first occurrence of `phrase_ids` in `ids` at or after `start`."""
-    n = len(phrase_ids)
-    for i in range(start, len(ids) - n + 1):
-        if list(ids[i : i + n]) == list(phrase_ids):
-            return slice(i, i + n)
+    from clif.compose.prompt import find_spans
+
+    for span in find_spans(ids, phrase_ids):
+        if span.start >= start:
+            return span
     raise ValueError(f"phrase ids {list(phrase_ids)} not found in {list(ids)}")
 
 
@@ -73,25 +74,43 @@ def pair_leaks(encode: Encode, phrase_ids, texts: dict[str, str], templates=PAIR
 
 class TextProbe:
     """A base model's text side with a stage dir's concepts (rows, text LoRA, whole encoders) loaded as
-    inference.py loads them; `encode` gives what the UNet reads."""
+    inference.py loads them; `encode` gives what the UNet reads (with `isolate`, a clif.compose.plan.Options whose
+    isolate is set, the concepts' isolated states spliced in, as inference.py generates with them)."""
 
-    def __init__(self, base: str, stage_dir: str | None = None):
+    def __init__(self, base: str, stage_dir: str | None = None, isolate=None):
+        from clif.compose.isolate import Encoder
         from clif.generate import load_pipeline
         from clif.models import from_pipeline
 
         self.pipe, family = load_pipeline(base, stage_dir, device="cpu", dtype=torch.float32)
         self.model = from_pipeline(self.pipe, family, base)
+        self.text = Encoder(self.pipe, self.model)
+        self.isolate = isolate if isolate is not None and isolate.isolate != "none" else None
+        self.tokens = []
+        if stage_dir is not None:
+            from clif.outputs.artifacts import read_manifest
 
-    def _expand(self, prompt: str) -> str:
-        return self.pipe.maybe_convert_prompt(prompt, self.model.tokenizers[0])
+            self.tokens = [c["token"] for c in read_manifest(stage_dir)["concepts"]]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.model.tokenize([self._expand(p) for p in prompts])
-        return self.model.encode_prompt(ids)[0], ids[0]
+        ids = self.text.ids(prompts)
+        if self.isolate is None:
+            return self.text.encode(ids)[0], ids[0]
+        from clif.compose.isolate import isolated
+        from clif.compose.prompt import named_concepts
+
+        o = self.isolate
+        states = [
+            isolated(
+                self.text, p, named_concepts(p, self.tokens), by=o.isolate, weight=o.isolate_weight, end=o.isolate_end
+            )[0]
+            for p in prompts
+        ]
+        return torch.cat(states), ids[0]
 
     def phrase_ids(self, text: str) -> list[int]:
-        return self.model.tokenizers[0](self._expand(text), add_special_tokens=False).input_ids
+        return self.text.phrase_ids(text)
 
     def leaks(self, texts: dict[str, str]) -> dict[str, dict]:
         return pair_leaks(self.encode, self.phrase_ids, texts)
@@ -105,7 +124,7 @@ class TextProbe:
         enc, tok = self.model.text_encoders[-1], self.model.tokenizers[-1]
         paired = PairedCLIP(clip_path, enc, "cpu", torch.float32)
         names = list(texts)
-        ids = self.model.tokenize([self._expand(f"a photo of {texts[n]}") for n in names])[-1]
+        ids = self.text.ids([f"a photo of {texts[n]}" for n in names])[-1]
         t = torch.nn.functional.normalize(paired.text_features(enc, ids, tok.eos_token_id), dim=-1)
         hits = total = 0
         for k, n in enumerate(names):

@@ -21,10 +21,10 @@ from clif.eval.agreement import agreement, folder_rows
 
 from .gate import referee_and_gate
 from .ladder import DEFAULT_RUNGS_FILE, load_rungs, prompt_set, write_concept_set
-from .methods import LADDER, METHODS, chain_dirs, stage_argv
+from .methods import LABELS, LADDER, METHODS, chain_dirs, generation_options, stage_argv
 from .probe import fresh_views, leak_figure, stage_rows, words_row
 from .referee import Referee
-from .report import aggregate, decision, ladder_figure, side_by_side, write_ladder_table
+from .report import CURRENT_RULE, aggregate, decision, ladder_figure, side_by_side, write_ladder_table
 from .scoring import read_generated, score_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,10 @@ def run_method(
     return dirs
 
 
-def generate(base: Path, stage: Path, out: Path, prompts_list: list[str], n: int, steps: int, log: Path) -> Path:
+def generate(
+    base: Path, stage: Path, out: Path, prompts_list: list[str], n: int, steps: int, log: Path, flags=()
+) -> Path:
+    """inference.py on `stage` (with a method's generation `flags`) into `out`, unless it finished there."""
     prompts = out.with_suffix(".prompts.txt")
     prompts.write_text("\n".join(prompts_list) + "\n")
     if not (out / "contact_sheet.png").exists():
@@ -91,6 +94,7 @@ def generate(base: Path, stage: Path, out: Path, prompts_list: list[str], n: int
                 "16",
                 "--guidance_scale",
                 "4.0",
+                *flags,
             ],
             log,
         )
@@ -148,7 +152,7 @@ def one_run(
     data = work / rung / "concepts"
     out = work / rung / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    log, cache, rows, folders, agree, stage1 = out / "log.txt", {}, {}, {}, {}, {}
+    log, cache, rows, folders, agree, stage1, text_rows = out / "log.txt", {}, {}, {}, {}, {}, {}
     common = ",".join(sorted({c.cls for c in concepts.values()}))
     views = fresh_views(concepts, steps["size"], seed)
     with IN_PROCESS:
@@ -158,7 +162,14 @@ def one_run(
             continue  # not run (yet) for this (rung, seed): left out of the rung's table
         dirs = run_method(m, base, data, out, seed, steps, cache, common)
         folder = generate(
-            base, dirs[-1], out / f"images-{m}", prompt_set(concepts), args.images_per_prompt, args.inference_steps, log
+            base,
+            dirs[-1],
+            out / f"images-{m}",
+            prompt_set(concepts),
+            args.images_per_prompt,
+            args.inference_steps,
+            log,
+            METHODS[m].generate,
         )
         ev = evaluate_folder(base, data, folder, out / f"eval-{m}", log)
         # in this process, one (rung, seed) at a time: model loading is not thread-safe (transformers switches
@@ -176,9 +187,14 @@ def one_run(
             rows[m] = {k: v for k, v in scores.items() if k != "rows"}
             rows[m].update({f"clip_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
             # the text side after each stage: leak of the first concept into the second, retrieval on fresh renders
-            rows[m].update(stage_rows(base, list(zip(METHODS[m], dirs)), concepts, views))
+            # (with isolated encoding, what the spliced states leak); shared by the methods of one chain
+            iso = generation_options(m)
+            key = (tuple(dirs), (iso.isolate, iso.isolate_weight, iso.isolate_end))
+            if key not in text_rows:
+                text_rows[key] = stage_rows(base, list(zip(METHODS[m].stages, dirs)), concepts, views, iso)
+            rows[m].update(text_rows[key])
         folders[m] = folder
-        if METHODS[m][0].script == "clif":
+        if METHODS[m].stages[0].script == "clif":
             stage1[m] = stage1_diagnostics(dirs[0])
     times = cache.get("_times", {})
     return {
@@ -189,6 +205,33 @@ def one_run(
         "agree": agree,
         "words": words,
     }
+
+
+def attention_figure(base: Path, out: Path, concepts: dict, methods: list[str], args, path: Path) -> None:
+    """One two-concept image per method (the same seed and prompt: the leak order, <a> left, <b> right) with each
+    concept's cross-attention map (inference.py --save_attention_maps), rows = methods."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from clif.compose.maps import maps_grid
+
+    a, b = (f"<{n}>" for n in concepts)
+    rows = []
+    for m in methods:
+        folder = generate(
+            base,
+            chain_dirs(m, out)[-1][1],
+            out / f"maps-{m}",
+            [f"a photo of a {a} on the left and a {b} on the right"],
+            1,
+            args.inference_steps,
+            out / "log.txt",
+            (*METHODS[m].generate, "--save_attention_maps"),
+        )
+        stem = min(folder.glob("*.attention.safetensors")).name.removesuffix(".attention.safetensors")
+        image = Image.open(folder / f"{stem}.png").convert("RGB")
+        rows.append((LABELS.get(m, m), image, load_file(folder / f"{stem}.attention.safetensors")["maps"], [a, b]))
+    maps_grid(rows, path)
 
 
 def qualifies(table: dict) -> bool:
@@ -254,6 +297,10 @@ def run(args: argparse.Namespace) -> dict:
             "words": aggregate({"words": [done[(r, s)]["words"] for s in args.seeds]})["words"],
         }
         side_by_side(done[(r, args.seeds[0])]["folders"], work / f"side_by_side_{r}.png", per_prompt=4)
+        if rungs[r]["qualifies"]:
+            attention_figure(
+                base, work / r / f"seed{args.seeds[0]}", concepts, methods, args, work / f"attention_{r}.png"
+            )
     pooled = [row for d in done.values() for rows_ in d["agree"].values() for row in rows_]
     result = {
         "metric_vs_referee": agreement(pooled),
@@ -265,6 +312,7 @@ def run(args: argparse.Namespace) -> dict:
         "rungs": rungs,
         "times_s": {f"{r}/seed{s}/{k}": v for (r, s), d in done.items() for k, v in d["times"].items()},
     }
+    result["rule"] = CURRENT_RULE
     result["decision"] = decision(result)
     (work / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(write_ladder_table(result, work / "results.md"))

@@ -2,7 +2,9 @@
 the script it runs and the flags it adds to that script's common command line. Chains that begin alike share
 their stage folders (`<tag>-<tag>-...`), so e.g. every CLIF variant built on `clif`'s stage 1 trains it once.
 
-Stage-1 variants (evidence issue): what stage 1 trains, and whether stage 2 may retrain its rows.
+A method may also carry inference.py flags (regions, isolated encoding): methods with the same chain share its
+stage folders and differ only in generation. Stage-1 variants: what stage 1 trains, and whether stage 2 may retrain
+its rows.
 """
 
 from __future__ import annotations
@@ -28,14 +30,39 @@ LORA_BY_IMAGES = Stage("lora_by_images", "lora", ("--concept_balance", "images")
 # stage 2 skipped and stage 3's concept rows frozen: the rows the UNet sees are exactly stage 1's
 LORA_FROZEN_ROWS = Stage("lora_frozen", "lora", ("--embedding_learning_rate", "0"))
 
-METHODS: dict[str, tuple[Stage, ...]] = {
-    "ti": (TI,),
-    "ti_lora": (TI, LORA),
-    "clif": (CLIF, TI, LORA),
-    "clif_te": (CLIF_TE, TI, LORA),
-    "clif_full": (CLIF_FULL, TI, LORA),
-    "clif_frozen": (CLIF, LORA_FROZEN_ROWS),
-    "ti_lora_by_images": (TI_BY_IMAGES, LORA_BY_IMAGES),
+
+class Method(NamedTuple):
+    """A training chain and the inference.py flags its images are generated with. Methods with the same chain
+    share its stage folders, so a generation-only method costs generation alone."""
+
+    stages: tuple[Stage, ...]
+    generate: tuple[str, ...] = ()
+
+
+PLAIN = ("--regions", "none", "--isolate", "none")  # stated, so a later change of inference.py's defaults keeps them
+REGIONS = ("--regions", "auto", "--isolate", "none")  # region prompts 'same' (the pilot's)
+REGIONS_CLASS = ("--regions", "auto", "--region_prompt", "class", "--isolate", "none")
+ISOLATE = ("--regions", "none", "--isolate", "mask")
+TI_LORA, CLIF_CHAIN = (TI, LORA), (CLIF, TI, LORA)
+
+METHODS: dict[str, Method] = {
+    "ti": Method((TI,), PLAIN),
+    "ti_lora": Method(TI_LORA, PLAIN),
+    "clif": Method(CLIF_CHAIN, PLAIN),
+    "clif_te": Method((CLIF_TE, TI, LORA), PLAIN),
+    "clif_full": Method((CLIF_FULL, TI, LORA), PLAIN),
+    "clif_frozen": Method((CLIF, LORA_FROZEN_ROWS), PLAIN),
+    "ti_lora_by_images": Method((TI_BY_IMAGES, LORA_BY_IMAGES), PLAIN),
+    # generation-time composition on the trained chains
+    "ti_lora_regions": Method(TI_LORA, REGIONS),
+    "ti_lora_regions_class": Method(TI_LORA, REGIONS_CLASS),
+    "ti_lora_regions_class_early": Method(TI_LORA, (*REGIONS_CLASS, "--region_steps", "0:0.5")),
+    "ti_lora_regions_bias": Method(TI_LORA, (*REGIONS, "--region_mode", "bias")),
+    "ti_lora_isolate": Method(TI_LORA, ISOLATE),
+    "ti_lora_isolate_alone": Method(TI_LORA, ("--regions", "none", "--isolate", "alone")),
+    "clif_regions": Method(CLIF_CHAIN, REGIONS),
+    "clif_regions_class": Method(CLIF_CHAIN, REGIONS_CLASS),
+    "clif_isolate": Method(CLIF_CHAIN, ISOLATE),
 }
 LADDER = ("ti", "ti_lora", "clif", "clif_te", "clif_full", "clif_frozen")  # the ladder's default methods
 LABELS = {
@@ -46,7 +73,27 @@ LABELS = {
     "clif_full": "CLIF + whole text encoder",
     "clif_frozen": "CLIF rows frozen after stage 1",
     "ti_lora_by_images": "TI+LoRA, --concept_balance images",
+    "ti_lora_regions": "TI+LoRA + regions (same)",
+    "ti_lora_regions_class": "TI+LoRA + regions (class)",
+    "ti_lora_regions_class_early": "TI+LoRA + regions (class), first half of steps",
+    "ti_lora_regions_bias": "TI+LoRA + regional bias",
+    "ti_lora_isolate": "TI+LoRA + isolation (mask)",
+    "ti_lora_isolate_alone": "TI+LoRA + isolation (alone)",
+    "clif_regions": "CLIF + regions (same)",
+    "clif_regions_class": "CLIF + regions (class)",
+    "clif_isolate": "CLIF + isolation (mask)",
 }
+
+
+def generation_options(method: str):
+    """The composition options (clif.compose.plan.Options) a method's images are generated with."""
+    import argparse
+
+    from clif.compose.plan import add_args, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    return options_from_args(p.parse_args(list(METHODS[method].generate)))
 
 
 def stage_argv(
@@ -73,7 +120,7 @@ def stage_argv(
 def chain_dirs(method: str, work: Path) -> list[tuple[Stage, Path]]:
     """Each stage of `method` with its folder under `work` (stage k's folder names the chain up to k)."""
     out, key = [], []
-    for stage in METHODS[method]:
+    for stage in METHODS[method].stages:
         key.append(stage.tag)
         out.append((stage, work / "-".join(key)))
     return out

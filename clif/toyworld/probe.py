@@ -42,13 +42,14 @@ def words_row(base: Path, concepts: dict[str, Obj]) -> dict[str, float]:
     return {f"leak_{d}": v for d, v in _summary(leaks, names).items()}
 
 
-def stage_rows(base: Path, chain: list[tuple], concepts: dict[str, Obj], views: dict) -> dict[str, float]:
-    """leak{n}_fwd / leak{n}_rev / retrieval{n} after each stage n of one method's chain [(Stage, dir), ...]."""
+def stage_rows(base: Path, chain: list[tuple], concepts: dict[str, Obj], views: dict, isolate=None) -> dict[str, float]:
+    """leak{n}_fwd / leak{n}_rev / retrieval{n} after each stage n of one method's chain [(Stage, dir), ...]; with
+    `isolate` (generation options), the leak of the spliced states the method generates from."""
     names, out = list(concepts), {}
     tokens = {c: f"<{c}>" for c in names}
     for stage, folder in chain:
         n = STAGE_NUMBER[stage.script]
-        probe = TextProbe(str(base), str(folder))
+        probe = TextProbe(str(base), str(folder), isolate)
         leaks = probe.leaks(tokens)
         out[f"retrieval{n}"] = probe.retrieval(str(base / "paired_clip"), views, tokens)
         for d, v in _summary(leaks, names).items():

@@ -145,25 +145,43 @@ def _pm(vals: dict, key: str) -> str:
     return f"{vals[key][0]:.2f} ± {vals[key][1]:.2f}" if key in vals else "–"
 
 
-DECISION_RULE = (
-    "A variant works when, on at least two qualifying rungs, its mean confusion is at most half of TI+LoRA's with "
-    "fidelity no more than 0.05 below TI+LoRA's."
-)
+# The rules fixed before each round's runs; a results JSON names its own ("rule"; none: the first).
+RULES = {
+    "v1": {"confusion_ratio": 0.5, "fidelity_drop": 0.05, "correct_gain": None},
+    "v2": {"confusion_ratio": 0.5, "fidelity_drop": 0.05, "correct_gain": 0.2},
+}
+CURRENT_RULE = "v2"
+
+
+def rule_text(name: str) -> str:
+    r = RULES[name]
+    text = (
+        "A variant works when, on at least two qualifying rungs, its mean confusion is at most half of TI+LoRA's with "
+        f"fidelity no more than {r['fidelity_drop']:g} below TI+LoRA's"
+    )
+    if r["correct_gain"] is not None:
+        text += f" and its correct share at least TI+LoRA's + {r['correct_gain']:g}"
+        text += " (trading confusion for 'other' does not count)"
+    return text + "."
 
 
 def decision(result: dict) -> dict[str, dict]:
-    """Per CLIF variant: on which qualifying rungs it passes the rule, and whether it works."""
+    """Per method (but the baselines TI and TI+LoRA): on which qualifying rungs it passes the result's rule, and
+    whether it works."""
+    rule = RULES[result.get("rule", "v1")]
     out = {}
     rungs = {r: v["table"] for r, v in result["rungs"].items() if v["qualifies"]}
-    variants = sorted({m for t in rungs.values() for m in t if m.startswith("clif")})
+    variants = sorted({m for t in rungs.values() for m in t if m not in ("ti", "ti_lora")})
     for m in variants:
         passed = []
         for r, t in rungs.items():
             if m in t and "ti_lora" in t:
                 base, v = t["ti_lora"], t[m]
-                if v["oracle_confusion"][0] <= 0.5 * base["oracle_confusion"][0] and (
-                    v["fidelity"][0] >= base["fidelity"][0] - 0.05
-                ):
+                ok = v["oracle_confusion"][0] <= rule["confusion_ratio"] * base["oracle_confusion"][0]
+                ok = ok and v["fidelity"][0] >= base["fidelity"][0] - rule["fidelity_drop"]
+                if rule["correct_gain"] is not None:
+                    ok = ok and v["pair_correct"][0] >= base["pair_correct"][0] + rule["correct_gain"]
+                if ok:
                     passed.append(r)
         works = len(passed) >= 2
         text = ("**works**" if works else "does not work") + f": passes on {len(passed)} of {len(rungs)} qualifying"
@@ -232,7 +250,7 @@ def write_ladder_table(result: dict, path: Path | None) -> str:
                 )
     lines += ["", *text_side_table(result)]
     verdicts = decision(result)
-    lines += ["", "## Decision (fixed before the runs)", "", DECISION_RULE, ""]
+    lines += ["", "## Decision (fixed before the runs)", "", rule_text(result.get("rule", "v1")), ""]
     lines += [f"- {LABELS.get(m, m)}: " + v["text"] for m, v in verdicts.items()]
     agree = result.get("metric_vs_referee")
     if agree:
