@@ -476,6 +476,25 @@ case("inf-stage-lora-truncated", "inf", lambda c: _inf(c, "--stage_dir", str(_st
 case("inf-manifest-missing-key", "inf",
      lambda c: _inf(c, "--stage_dir", str(c.manifest(lambda m: m.pop("stage")))), "'stage'")
 case("inf-out-holds-files", "inf", lambda c: _inf_out(c), "already holds")
+# prompts with two concepts: regions and isolated encoding
+TWO = "a <redball> on the left and a <bluebox> on the right"
+for key, box, needle in [("malformed", "<redball>=0,0,0.5", "four numbers"), ("no-eq", "<redball>", "TOKEN=x0"),
+                         ("nan", "<redball>=0,0,nan,1", "four numbers"), ("range", "<redball>=0,0,1.5,1", "[0, 1]"),
+                         ("zero-area", "<redball>=0.5,0,0.5,1", "no area"),
+                         ("unknown", "<dog>=0,0,0.5,1", "not a concept")]:
+    case(f"inf-box-{key}", "inf", lambda c, b=box: _inf(c, "--stage_dir", str(c.stage), "--prompt", TWO,
+                                                         "--region_box", b), needle)
+case("inf-box-not-named", "inf", lambda c: _inf(c, "--stage_dir", str(c.stage), "--region_box",
+                                                 "<bluebox>=0,0,0.5,1"), "no prompt names <bluebox>")
+case("inf-box-partial", "inf", lambda c: _inf(c, "--stage_dir", str(c.stage), "--prompt", TWO, "--region_box",
+                                               "<redball>=0,0,0.5,1"), "give <bluebox> a box")
+case("inf-box-twice", "inf", lambda c: _inf(c, "--stage_dir", str(c.stage), "--prompt", TWO, "--region_box",
+                                             "<redball>=0,0,0.5,1", "--region_box", "<redball>=0,0,1,1"), "two boxes")
+for flag, value in [("--isolate_weight", "1.5"), ("--isolate_weight", "-0.1"), ("--isolate_weight", "nan"),
+                    ("--region_strength", "2"), ("--region_steps", "0.5:0.2"), ("--region_steps", "0:2"),
+                    ("--region_steps", "half"), ("--isolate", "cut"), ("--region_prompt", "other")]:
+    needle = f"{flag}: invalid choice" if flag in ("--isolate", "--region_prompt") else f"{flag}:"
+    case(f"inf{flag}={value}", "inf", lambda c, f=flag, v=value: _inf(c, "--prompt", TWO, f, v), needle)
 case("inf-out-is-file", "inf", lambda c: [*_inf(c)[:3], str(_text(c, "o", b"x")), *_inf(c)[4:]], "is a file")
 case("inf-out-is-stage", "inf", lambda c: [*_inf(c, "--overwrite", "--stage_dir", str(c.stage))[:3], str(c.stage),
                                            *_inf(c, "--overwrite", "--stage_dir", str(c.stage))[4:]], "--stage_dir")
