@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import inference
 import train_lora
 import train_ti
-from clif.compose import isolate, prompt as words
+from clif.compose import isolate
+from clif.compose import prompt as words
 from clif.compose.attention import ComposeProcessor, ComposeState
 from clif.compose.regions import box_mask, grid_of, region_weights
 
