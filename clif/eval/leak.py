@@ -101,12 +101,13 @@ class TextProbe:
         from clif.compose.prompt import named_concepts
 
         o = self.isolate
-        states = [
-            isolated(
-                self.text, p, named_concepts(p, self.tokens), by=o.isolate, weight=o.isolate_weight, end=o.isolate_end
-            )[0]
-            for p in prompts
-        ]
+        plain, states = self.text.encode(ids)[0], []
+        for k, p in enumerate(prompts):  # as generation does: a prompt naming one concept is encoded as it is
+            named = named_concepts(p, self.tokens)
+            if len(named) < 2:
+                states.append(plain[k : k + 1])
+                continue
+            states.append(isolated(self.text, p, named, by=o.isolate, weight=o.isolate_weight, end=o.isolate_end)[0])
         return torch.cat(states), ids[0]
 
     def phrase_ids(self, text: str) -> list[int]:
