@@ -99,7 +99,8 @@ def test_sidecar_alone_remakes_its_image(family, tiny_models, concept_set, ti_ru
                                 str(tmp_path / f"gen{bs}")])
         sidecar = paths[2].with_suffix(".json")
         s = json.loads(sidecar.read_text())
-        assert (s["batch_size"], s["batch_seeds"], s["batch_index"]) == ((1, [7], 0) if bs == 1 else (4, [5, 6, 7, 8], 2))
+        batch = (1, [7], 0) if bs == 1 else (4, [5, 6, 7, 8], 2)  # image 2 has seed 5 + 2
+        assert (s["batch_size"], s["batch_seeds"], s["batch_index"]) == batch
         assert (s["stage_dir"], s["lora_scale"]) == (str(stage), 1.0 if family == "sdxl" else None)
         want = np.asarray(Image.open(paths[2]))
         assert np.array_equal(np.asarray(remake(sidecar)), want)
