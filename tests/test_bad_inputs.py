@@ -26,9 +26,11 @@ import train_clif
 import train_lora
 import train_ti
 from clif.errors import UserError
+from clif.eval.leak import main as leak_main
+from clif.toyworld.__main__ import main as toyworld_main
 
 MAINS = {"ti": train_ti.main, "lora": train_lora.main, "clif": train_clif.main, "inf": inference.main,
-         "eval": evaluate.main}
+         "eval": evaluate.main, "toy": toyworld_main, "leak": leak_main}
 
 
 class World:
@@ -546,6 +548,58 @@ def _ev_out(c: Ctx) -> list[str]:
     c.out.mkdir()
     (c.out / "metrics.json").write_text("{}")
     return _ev(c)
+
+
+# ---- counts of the toy world's commands: each bounded, and the one line states the bound
+TOY_COUNTS = {  # command -> (flag, cap)
+    "experiment": [("--clif_steps", 10**6), ("--ti_steps", 10**6), ("--lora_steps", 10**6),
+                   ("--images_per_prompt", 1000), ("--inference_steps", 1000), ("--gate_captions", 10**5),
+                   ("--referee_scenes", 10**6), ("--referee_steps", 10**6), ("--threads", 1024), ("--jobs", 256)],
+    "gate": [("--captions", 10**5), ("--referee_scenes", 10**6), ("--referee_steps", 10**6), ("--threads", 1024)],
+    "pretrain": [("--checkpoint_every", 10**6), ("--unet_steps", 10**7), ("--threads", 1024)],
+}
+
+
+def _toy(c: Ctx, cmd: str, *extra) -> list[str]:
+    required = {"experiment": ["--base", str(c.tmp / "base")], "gate": ["--base", str(c.tmp / "base"), "--referee",
+                                                                         str(c.tmp / "referee")], "pretrain": []}
+    return [cmd, *required[cmd], "--out", str(c.out), *extra]
+
+
+for cmd, flags in TOY_COUNTS.items():
+    for flag, cap in flags:
+        for value in ("0", str(cap + 1), "100000000", "-3"):
+            case(f"toy-{cmd}{flag}={value}", "toy", lambda c, a=cmd, f=flag, v=value: _toy(c, a, f, v),
+                 f"{flag}: must be in [1, {cap}], got {value}")
+        case(f"toy-{cmd}{flag}=1.5", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, "1.5"),
+             f"{flag}: expected an integer")
+for cmd, flag in [("experiment", "--seeds"), ("pretrain", "--seed")]:
+    case(f"toy-{cmd}{flag}=-1", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, "-1"), f"{flag}: must be in [0, ")
+    case(f"toy-{cmd}{flag}=2**63", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, str(2**63)), f"{flag}: must be")
+case("toy-experiment--seeds-one-bad", "toy", lambda c: _toy(c, "experiment", "--seeds", "0", "x"), "--seeds: expected")
+case("toy-pretrain--unet_stop_at=-1", "toy", lambda c: _toy(c, "pretrain", "--unet_stop_at", "-1"),
+     "--unet_stop_at: must be in [0, 10000000], got -1")
+case("toy-pretrain--unet_stop_at-huge", "toy", lambda c: _toy(c, "pretrain", "--unet_stop_at", "100000000"),
+     "--unet_stop_at: must be in [0, 10000000]")
+case("toy-unknown-command", "toy", lambda c: ["train"], "invalid choice")
+
+
+def _rungs_images(c: Ctx, n) -> Path:
+    """A rungs file whose first concept asks for `n` training renders."""
+    return _text(c, "rungs.json", json.dumps({"rungs": {"r": {"a_a": {"class": "ball", "color": "red", "images": n},
+                                                              "b_b": {"class": "box", "color": "blue"}}}}).encode())
+
+
+for n, shown in [(100000000, "100000000"), (1001, "1001"), (0, "0"), (True, "true")]:
+    case(f"toy-rungs-images={shown}", "toy",
+         lambda c, k=n: _toy(c, "experiment", "--rungs_file", str(_rungs_images(c, k))),
+         f"concept 'a_a': images must be an integer from 1 to 1000 (training renders), got {shown}")
+
+# ---- the leak probe's command line
+case("leak-no-base", "leak", lambda c: ["--words", "a=x", "b=y"], "--base")
+case("leak-one-word", "leak", lambda c: ["--base", str(c.sd), "--words", "a=x"], "--words: give two or more")
+case("leak-empty-words", "leak", lambda c: ["--base", str(c.sd), "--words", "a=", "b=y"], "--words: give two or more")
+case("leak-no-name", "leak", lambda c: ["--base", str(c.sd), "--words", "=x", "b=y"], "--words: give two or more")
 
 
 try:
