@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set
-from clif.eval import dc, kinds, lookalikes, protocols
+from clif.eval import dc, kinds, lookalikes, protocols, sources
 from clif.eval.evaluation import (
     Backbone,
     Detector,
@@ -34,6 +34,7 @@ from clif.generate import auto_device_dtype
 from clif.outputs.outdir import check_output_dir, lock_dir
 
 PROG = "evaluate.py"
+MODEL_FLAGS = ("clip_model", "dino", "detector", "dc_model")
 
 
 def build_parser():
@@ -181,6 +182,8 @@ def run(args) -> dict:
     out = Path(args.output_dir)
     inputs = [("--images", d) for d in args.images] + [("--concepts" if args.concepts else "--dreambench", root)]
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
+    # every model named, before any loads: a mistyped path or a model that cannot load offline is named
+    sources.check(args, metrics, {k: build_parser().get_default(k) for k in MODEL_FLAGS})
     device, _ = auto_device_dtype("auto")
     # the D&C model first: a bad --dc_model fails before other loads print their progress bars
     dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None

@@ -122,6 +122,8 @@ def run(args) -> list[Path]:
     default_size = pipe.unet.config.sample_size * vae_factor
     settings = {
         "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
         "stage_dir": args.stage_dir,
         "family": family,
         "num_inference_steps": args.num_inference_steps,

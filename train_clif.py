@@ -12,12 +12,12 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from clif import cli, full_text, lora, seeds
+from clif import cli, full_text, lora, seeds, validate
 from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
 from clif.contrastive.common_concepts import common_images, generate_common_images
 from clif.contrastive.confusion import ConfusionProbe
 from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter
-from clif.contrastive.paired import PairedCLIP, clip_image_size, pair_names
+from clif.contrastive.paired import PairedCLIP, clip_image_size, pair_names, pair_sources
 from clif.contrastive.step import ContrastiveStep
 from clif.contrastive.text_side import TextSide
 from clif.train import training
@@ -115,7 +115,9 @@ def run(args) -> None:
     args.use_8bit_adam = training.want_8bit_adam(args.use_8bit_adam)  # resolved: the manifest records it
     inp = prepare(args, text_only=True)
     model, concepts = inp.model, inp.concepts
-    names = pair_names(args.pretrained_model_name_or_path, [args.clip_model, args.clip_model_2], model.text_encoders)
+    given = [args.clip_model, args.clip_model_2]
+    names = pair_names(args.pretrained_model_name_or_path, given, model.text_encoders)
+    validate.check_models(pair_sources(names, given))  # every paired CLIP, before the run dir is written
     ratios = {k: getattr(args, f"{k}_ratio") for k in KINDS}
     words = [w.strip() for w in args.common_words.split(",") if w.strip()]
     cache_dir = Path(args.cache_dir)

@@ -101,6 +101,11 @@ def positive(kind: type = int):
     return number(kind, 0, lo_open=True)
 
 
+def count(hi: int):
+    """argparse type: a whole count from 1 to `hi` (a cap against a few zeros too many; the error states it)."""
+    return number(int, 1, hi)
+
+
 def non_negative(kind: type = int):
     """argparse type: a finite number >= 0."""
     return number(kind, 0)

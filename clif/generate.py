@@ -165,6 +165,7 @@ def generate(
                     "image_index": i,
                     "lora_scale": lora_scale,
                     **settings,
+                    **remake_fields(pipe, [seed + j for j in idx], i - start),
                 }
                 if composer is not None:
                     sidecar["composition"] = composer.sidecar(plans[pi])
@@ -174,6 +175,50 @@ def generate(
             if progress is not None:
                 progress.update(len(idx))
     return written
+
+
+def remake_fields(pipe, batch_seeds: list[int], batch_index: int) -> dict:
+    """What else a sidecar needs to re-make its image bit for bit (remake): the batch it was generated in (another
+    batch size can change the last bits), the scheduler's config and the library versions."""
+    import diffusers
+
+    return {
+        "batch_size": len(batch_seeds),
+        "batch_seeds": batch_seeds,
+        "batch_index": batch_index,
+        "scheduler_config": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+        "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+    }
+
+
+def remake(sidecar: str | Path, device: str | None = None):
+    """Re-make one image of inference.py from its <stem>.json sidecar alone, with stock diffusers calls (README,
+    "Loading the outputs elsewhere"): the base pipeline with the stage dir's embeddings and LoRA, the recorded
+    scheduler, and the whole batch the image was generated in; returns its image (PIL). Bitwise equal on the
+    sidecar's device and library versions."""
+    import diffusers
+
+    s = read_json(sidecar, "sidecar")
+    pipe, _ = load_pipeline(
+        s["base_model"],
+        s["stage_dir"],
+        device=torch.device(device or s["device"]),
+        dtype=getattr(torch, s["dtype"]),
+        revision=s.get("revision"),
+        variant=s.get("variant"),
+    )
+    pipe.scheduler = getattr(diffusers, s["scheduler"]).from_config(s["scheduler_config"])
+    extra = {"cross_attention_kwargs": {"scale": s["lora_scale"]}} if s["lora_scale"] is not None else {}
+    images = pipe(
+        [s["prompt"]] * s["batch_size"],
+        generator=[torch.Generator("cpu").manual_seed(x) for x in s["batch_seeds"]],
+        num_inference_steps=s["num_inference_steps"],
+        guidance_scale=s["guidance_scale"],
+        height=s["height"],
+        width=s["width"],
+        **extra,
+    ).images
+    return images[s["batch_index"]]
 
 
 def read_prompts_file(path: str) -> list[str]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from clif.errors import UserError
+from clif.errors import UserError, hub_offline
 
 _TYPE_NAMES = {
     str: "a string",
@@ -18,6 +19,7 @@ _TYPE_NAMES = {
     bool: "true/false",
 }
 _SAFE_NAME = re.compile(r"^[^/\\\x00]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: anything else that is not a path is a mistyped path
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
@@ -105,3 +107,47 @@ def check_tracker(report_to: str) -> None:
     for module in needed:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--report_to {report_to} needs the {module} package: pip install {module}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model a run will load by hub id or local path. `flag` names where it comes from, `avoid` the flags that do
+    without it (or point it elsewhere), `named` whether the user gave it (else a default); `at` is the path or hub
+    id behind `name` when they differ (open_clip's 'local-dir:' / 'hf-hub:'), `files` the hub files whose presence
+    in the local cache means it loads offline."""
+
+    flag: str
+    name: str
+    what: str
+    avoid: str
+    named: bool = True
+    at: str | None = None
+    files: tuple[str, ...] = ("config.json",)
+
+
+def check_models(models: list[ModelSource]) -> None:
+    """Before any model loads (reads no weights): a local path that does not exist (one line naming its flag and
+    path), then a hub id that cannot load offline (not cached while HF_HUB_OFFLINE is set; one line naming the
+    model and the flags that avoid it), those the user named before the defaults."""
+    problems = []
+    for m in models:
+        where = m.at or m.name
+        if Path(where).expanduser().exists():
+            continue
+        if not HUB_ID.match(where):
+            problems.append((0, f"{m.flag} {m.name} does not exist"))
+        elif hub_offline() and not _hub_cached(where, m.files):
+            shown = repr(m.name) if where == m.name else f"{m.name!r} (hub {where})"
+            why = f"cannot load {m.what} {shown}: HF_HUB_OFFLINE is set and it is not in the local hub cache"
+            problems.append((1 if m.named else 2, f"{why}; {m.avoid}"))
+    if problems:
+        raise UserError(min(problems, key=lambda p: p[0])[1])  # the first of the most direct kind
+
+
+def _hub_cached(repo: str, files: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+    except ValueError:  # an id the hub refuses (e.g. 'a--b'): not cached
+        return False

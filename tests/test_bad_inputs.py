@@ -25,9 +25,12 @@ import inference
 import train_clif
 import train_lora
 import train_ti
+from clif.errors import UserError
+from clif.eval.leak import main as leak_main
+from clif.toyworld.__main__ import main as toyworld_main
 
 MAINS = {"ti": train_ti.main, "lora": train_lora.main, "clif": train_clif.main, "inf": inference.main,
-         "eval": evaluate.main}
+         "eval": evaluate.main, "toy": toyworld_main, "leak": leak_main}
 
 
 class World:
@@ -105,8 +108,8 @@ def _lora(c: Ctx, *extra, stage=None, model=None, out=None):
             *extra]
 
 
-def _clif(c: Ctx, *extra, data=None):
-    return ["--pretrained_model_name_or_path", str(c.sd), "--train_data_dir", str(data or c.data), "--output_dir",
+def _clif(c: Ctx, *extra, data=None, model=None):
+    return ["--pretrained_model_name_or_path", str(model or c.sd), "--train_data_dir", str(data or c.data), "--output_dir",
             str(c.out), "--cache_dir", str(c.tmp / "cache"), "--segmenter", str(c.tmp / "noseg"), "--report_to",
             "none", "--num_pairs", "8", "--train_batch_size", "4", "--max_train_steps", "1", *extra]
 
@@ -301,7 +304,18 @@ for flag, value in [("--num_pairs", "0"), ("--global_ratio", "nan"), ("--mix_rat
                     ("--text_encoder_rank", "0"), ("--text_encoder_lr", "nan"), ("--num_common_images", "0"),
                     ("--train_text_encoder", "whole")]:
     case(f"clif{flag}={value}", "clif", lambda c, f=flag, v=value: _clif(c, f, v), _number_needle(flag, value))
-case("clif-clip-model-missing", "clif", lambda c: _clif(c, "--clip_model", str(c.tmp / "noclip")), "CLIP model")
+case("clif-clip-model-missing", "clif", lambda c: _clif(c, "--clip_model", str(c.tmp / "noclip")),
+     "noclip does not exist")
+case("clif-clip-model-2-missing", "clif",
+     lambda c: _clif(c, "--clip_model_2", str(c.tmp / "noclip2"), model=c.xl), "--clip_model_2")
+case("clif-segmenter-missing", "clif", lambda c: _clif(c, data=_no_masks(c)), "--segmenter")
+
+
+def _no_masks(c: Ctx) -> Path:
+    """The concept set without its masks: the segmenter (here --segmenter <tmp>/noseg) is needed."""
+    root = c.concepts(lambda s: [x.pop("masks", None) for x in s["concepts"]])
+    shutil.rmtree(root / "masks")
+    return root
 case("clif-cache-is-file", "clif", lambda c: [*_clif(c), "--cache_dir", str(_text(c, "cache", b"x"))], "is a file")
 case("lora-class-dir-is-file", "lora", lambda c: _lora(c, "--with_prior_preservation", "--class_prompt", "a ball",
                                                        "--class_data_dir", str(_text(c, "cls", b"x"))), "is a file")
@@ -555,6 +569,58 @@ def _ev_out(c: Ctx) -> list[str]:
     return _ev(c)
 
 
+# ---- counts of the toy world's commands: each bounded, and the one line states the bound
+TOY_COUNTS = {  # command -> (flag, cap)
+    "experiment": [("--clif_steps", 10**6), ("--ti_steps", 10**6), ("--lora_steps", 10**6),
+                   ("--images_per_prompt", 1000), ("--inference_steps", 1000), ("--gate_captions", 10**5),
+                   ("--referee_scenes", 10**6), ("--referee_steps", 10**6), ("--threads", 1024), ("--jobs", 256)],
+    "gate": [("--captions", 10**5), ("--referee_scenes", 10**6), ("--referee_steps", 10**6), ("--threads", 1024)],
+    "pretrain": [("--checkpoint_every", 10**6), ("--unet_steps", 10**7), ("--threads", 1024)],
+}
+
+
+def _toy(c: Ctx, cmd: str, *extra) -> list[str]:
+    required = {"experiment": ["--base", str(c.tmp / "base")], "gate": ["--base", str(c.tmp / "base"), "--referee",
+                                                                         str(c.tmp / "referee")], "pretrain": []}
+    return [cmd, *required[cmd], "--out", str(c.out), *extra]
+
+
+for cmd, flags in TOY_COUNTS.items():
+    for flag, cap in flags:
+        for value in ("0", str(cap + 1), "100000000", "-3"):
+            case(f"toy-{cmd}{flag}={value}", "toy", lambda c, a=cmd, f=flag, v=value: _toy(c, a, f, v),
+                 f"{flag}: must be in [1, {cap}], got {value}")
+        case(f"toy-{cmd}{flag}=1.5", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, "1.5"),
+             f"{flag}: expected an integer")
+for cmd, flag in [("experiment", "--seeds"), ("pretrain", "--seed")]:
+    case(f"toy-{cmd}{flag}=-1", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, "-1"), f"{flag}: must be in [0, ")
+    case(f"toy-{cmd}{flag}=2**63", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, str(2**63)), f"{flag}: must be")
+case("toy-experiment--seeds-one-bad", "toy", lambda c: _toy(c, "experiment", "--seeds", "0", "x"), "--seeds: expected")
+case("toy-pretrain--unet_stop_at=-1", "toy", lambda c: _toy(c, "pretrain", "--unet_stop_at", "-1"),
+     "--unet_stop_at: must be in [0, 10000000], got -1")
+case("toy-pretrain--unet_stop_at-huge", "toy", lambda c: _toy(c, "pretrain", "--unet_stop_at", "100000000"),
+     "--unet_stop_at: must be in [0, 10000000]")
+case("toy-unknown-command", "toy", lambda c: ["train"], "invalid choice")
+
+
+def _rungs_images(c: Ctx, n) -> Path:
+    """A rungs file whose first concept asks for `n` training renders."""
+    return _text(c, "rungs.json", json.dumps({"rungs": {"r": {"a_a": {"class": "ball", "color": "red", "images": n},
+                                                              "b_b": {"class": "box", "color": "blue"}}}}).encode())
+
+
+for n, shown in [(100000000, "100000000"), (1001, "1001"), (0, "0"), (True, "true")]:
+    case(f"toy-rungs-images={shown}", "toy",
+         lambda c, k=n: _toy(c, "experiment", "--rungs_file", str(_rungs_images(c, k))),
+         f"concept 'a_a': images must be an integer from 1 to 1000 (training renders), got {shown}")
+
+# ---- the leak probe's command line
+case("leak-no-base", "leak", lambda c: ["--words", "a=x", "b=y"], "--base")
+case("leak-one-word", "leak", lambda c: ["--base", str(c.sd), "--words", "a=x"], "--words: give two or more")
+case("leak-empty-words", "leak", lambda c: ["--base", str(c.sd), "--words", "a=", "b=y"], "--words: give two or more")
+case("leak-no-name", "leak", lambda c: ["--base", str(c.sd), "--words", "=x", "b=y"], "--words: give two or more")
+
+
 try:
     import bitsandbytes  # noqa: F401
 except ImportError:
@@ -724,3 +790,101 @@ def test_checks_that_need_no_weights_come_before_loading(world, tmp_path, capsys
         got, err = run_cli(MAINS[script], argv, capsys)
         assert got == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
         assert what.split()[-1] in err or (what == "vocabulary" and "already in the tokenizer" in err), (what, err)
+
+
+# ---- evaluate.py: every model is checked before any loads. A mistyped path names its flag; offline, a hub model that
+# is not cached names itself and the flags that do without it (a bogus detector used to be answered by the D&C model)
+@pytest.fixture(scope="module")
+def eval_models(world) -> dict[str, Path]:
+    from clif.fixtures.tiny import build_dinov2, build_openclip, build_owlv2
+
+    root = world.root / "eval_models"
+    return {"clip": build_openclip(root / "oc"), "owl": build_owlv2(root / "owl"), "dc": build_dinov2(root / "dv2")}
+
+
+def _ev_models(world, out: Path, m: dict, *, clip=True, owl=True, dc=True, extra=()) -> list[str]:
+    """evaluate.py with every model valid (the tiny local ones), but those switched off: left at their defaults."""
+    return ["--images", str(world.gen), "--concepts", str(world.data), "--output_dir", str(out),
+            *(["--clip_model", f"local-dir:{m['clip']}"] if clip else []),
+            *(["--detector", str(m["owl"])] if owl else []), *(["--dc_model", str(m["dc"])] if dc else []), *extra]
+
+
+OWL, DINOV2 = "google/owlv2-base-patch16-ensemble", "facebook/dinov2-base"
+EVAL_MODEL_CASES = {  # id -> (flags of _ev_models, what the one line must say)
+    "bogus-detector-path-dc-on": ({"owl": False, "extra": ["--detector", "/nonexistent/owl"]},
+                                  ["--detector /nonexistent/owl does not exist"]),
+    "bogus-detector-path-default-dc-offline": ({"owl": False, "dc": False, "extra": ["--detector", "/nonexistent/owl"]},
+                                               ["--detector /nonexistent/owl does not exist"]),
+    "default-detector-offline": ({"owl": False}, [f"cannot load detector '{OWL}'", "--detector none"]),
+    "bogus-dc-model": ({"dc": False, "extra": ["--dc_model", "/nonexistent/dinov2"]},
+                       ["--dc_model /nonexistent/dinov2 does not exist"]),
+    "default-dc-model-offline": ({"dc": False}, [f"cannot load D&C feature model '{DINOV2}'",
+                                                  "--metrics clip confusion"]),
+    "bogus-dino-path": ({"extra": ["--dino", "/nonexistent/dino"]}, ["--dino /nonexistent/dino does not exist"]),
+    "hub-dino-offline": ({"extra": ["--dino", "facebook/dino-vits16"]},
+                         ["cannot load DINO model 'facebook/dino-vits16'", "--dino"]),
+    "bogus-clip-local-dir": ({"clip": False, "extra": ["--clip_model", "local-dir:/nonexistent/oc"]},
+                             ["--clip_model local-dir:/nonexistent/oc does not exist"]),
+    "default-clip-offline": ({"clip": False}, ["cannot load CLIP model 'ViT-B-32'", "give --clip_model a local"]),
+    "named-hub-before-default-offline": ({"clip": False, "extra": ["--dino", "facebook/dino-vits16"]},
+                                         ["cannot load DINO model 'facebook/dino-vits16'"]),
+    "named-path-before-default-offline": (
+        {"clip": False, "owl": False, "dc": False, "extra": ["--dc_model", "./no/dv2"]},
+        ["--dc_model ./no/dv2 does not exist"]),
+}
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path_factory, monkeypatch):
+    """Offline, with a hub cache that holds nothing: whatever this machine has cached."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub")))
+    return Path(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """The models evaluate.py loads, in order (the real loaders run)."""
+    seen: list[str] = []
+    for owner, attr in [(evaluate, "open_backbone"), (evaluate, "Detector"), (evaluate, "Dino"),
+                        (evaluate.dc, "open_dc_model")]:
+        real = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, lambda *a, _r=real, _n=attr, **k: (seen.append(_n), _r(*a, **k))[1])
+    return seen
+
+
+def test_evaluate_models_all_valid_load(world, eval_models, empty_hub_cache, loads, tmp_path, capsys):
+    """The control of the cases below: with every model valid the run goes through, loading each."""
+    code, err = run_cli(evaluate.main, _ev_models(world, tmp_path / "out", eval_models), capsys)
+    assert code == 0, err
+    assert sorted(loads) == ["Detector", "open_backbone", "open_dc_model"]
+
+
+@pytest.mark.parametrize("cid", list(EVAL_MODEL_CASES))
+def test_evaluate_models_checked_before_loading(cid, world, eval_models, empty_hub_cache, loads, tmp_path, capsys):
+    flags, needles = EVAL_MODEL_CASES[cid]
+    argv = _ev_models(world, tmp_path / "out", eval_models, **flags)
+    before = _snapshot([tmp_path])
+    code, err = run_cli(evaluate.main, argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert loads == [], f"{loads} loaded before the check"
+    assert _snapshot([tmp_path]) == before
+
+
+def test_cached_hub_model_passes_the_offline_check(empty_hub_cache):
+    """A hub id whose files are in the cache passes offline; the same id without them is refused."""
+    from clif.validate import ModelSource, check_models
+
+    m = ModelSource("--detector", "someorg/owl", "detector", "give --detector a local folder")
+    with pytest.raises(UserError, match="cannot load detector 'someorg/owl'.*give --detector a local folder"):
+        check_models([m])
+    repo = empty_hub_cache / "models--someorg--owl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    check_models([m])

@@ -189,7 +189,7 @@ def test_clif_bad_inputs(tiny_sd15, concept_set, segmenter_dir, tmp_path, capsys
     assert not out.exists()
     code, err = run_cli(train_clif.main, clif_args(tiny_sd15, concept_set, out, segmenter_dir, tmp_path / "c",
                                                    "--clip_model", str(tmp_path / "no_clip")), capsys)
-    assert code == 2 and "cannot load CLIP model" in err and not out.exists()
+    assert code == 2 and f"--clip_model {tmp_path / 'no_clip'} does not exist" in err and not out.exists()
 
 
 @needs_data("dreambench-mini")

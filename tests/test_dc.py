@@ -265,7 +265,7 @@ def test_evaluate_dc_flag_errors(tiny_eval_models, concept_set, tmp_path, capsys
         ([*base[:6], "--detector", "none", *base[8:], "--metrics", "dc"], "--metrics dc needs a detector"),
         ([*base, "--dc_threshold", "1.5"], "--dc_threshold"),
         ([*base, "--metrics", "nope"], "--metrics"),
-        ([*base, "--dc_model", str(tmp_path / "nothing")], "cannot load D&C feature model"),
+        ([*base, "--dc_model", str(tmp_path / "nothing")], f"--dc_model {tmp_path / 'nothing'} does not exist"),
     ]
     try:
         import dreamsim  # noqa: F401

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,41 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
                            "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--lora_scale", "0",
                            "--output_dir", str(tmp_path / "gen0")])
     assert not np.array_equal(np.asarray(Image.open(half[0])), ours[0])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_sidecar_alone_remakes_its_image(family, tiny_models, concept_set, ti_runs, tmp_path):
+    """Image 2 of 4, generated in batches of 1 and of 4 (SD 1.5 with embeddings, SDXL with LoRA), re-made bitwise
+    from its sidecar alone: by clif.generate.remake and by the README's stock-diffusers recipe."""
+    import diffusers
+
+    from clif.generate import remake
+
+    model, stage = tiny_models[family], ti_runs[family]
+    if family == "sdxl":
+        stage = tmp_path / "lora"
+        train_lora.main(lora_args(model, concept_set, ti_runs[family], stage, "--max_train_steps", "1"))
+    for bs in (1, 4):
+        paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt",
+                                "a <redball> next to a <bluebox>", "--num_images_per_prompt", "4", "--batch_size",
+                                str(bs), "--seed", "5", "--num_inference_steps", "2", "--output_dir",
+                                str(tmp_path / f"gen{bs}")])
+        sidecar = paths[2].with_suffix(".json")
+        s = json.loads(sidecar.read_text())
+        batch = (1, [7], 0) if bs == 1 else (4, [5, 6, 7, 8], 2)  # image 2 has seed 5 + 2
+        assert (s["batch_size"], s["batch_seeds"], s["batch_index"]) == batch
+        assert (s["stage_dir"], s["lora_scale"]) == (str(stage), 1.0 if family == "sdxl" else None)
+        want = np.asarray(Image.open(paths[2]))
+        assert np.array_equal(np.asarray(remake(sidecar)), want)
+
+        pipe = stock_pipeline(s["base_model"], s["family"], Path(s["stage_dir"]))  # the README recipe
+        pipe.scheduler = getattr(diffusers, s["scheduler"]).from_config(s["scheduler_config"])
+        extra = {"cross_attention_kwargs": {"scale": s["lora_scale"]}} if s["lora_scale"] is not None else {}
+        images = pipe([s["prompt"]] * s["batch_size"],
+                      generator=[torch.Generator("cpu").manual_seed(x) for x in s["batch_seeds"]],
+                      num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
+                      height=s["height"], width=s["width"], **extra).images
+        assert np.array_equal(np.asarray(images[s["batch_index"]]), want)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -11,6 +11,7 @@ from PIL import Image
 
 from clif.concepts import open_rgb
 from clif.errors import UserError, loading
+from clif.validate import ModelSource, check_models
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 MIN_AREA = 0.005  # a mask covering less than 0.5 % of the image is not usable
@@ -50,6 +51,8 @@ class Segmenter:
     def _load(self) -> None:
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
+        avoid = "give --segmenter a local CLIPSeg folder, or a mask for every image (dataset/README.md)"
+        check_models([ModelSource("--segmenter", self.name, "segmenter", avoid, self.name != DEFAULT_SEGMENTER)])
         with loading("segmenter", self.name):
             self._processor = CLIPSegProcessor.from_pretrained(self.name)
             self._model = CLIPSegForImageSegmentation.from_pretrained(self.name).to(self.device).eval()

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from clif.errors import UserError, loading
+from clif.validate import ModelSource
 
 # text-encoder width -> the public CLIP whose text tower it is
 DEFAULT_PAIRS = {
@@ -32,6 +33,21 @@ def pair_names(base: str, given: list[str | None], text_encoders: list) -> list[
     return [
         name or default_pair(base, i, enc.config.hidden_size)
         for i, (name, enc) in enumerate(zip([*given, None, None], text_encoders))
+    ]
+
+
+def pair_sources(names: list[str], given: list[str | None]) -> list[ModelSource]:
+    """The paired CLIPs as models to check before any loads (clif.validate.check_models)."""
+    flags = ["--clip_model", "--clip_model_2"]
+    return [
+        ModelSource(
+            flag,
+            name,
+            "CLIP model",
+            f"give {flag} a local CLIPModel folder (the CLIP paired with the text encoder)",
+            named=g is not None,
+        )
+        for flag, name, g in zip(flags, names, [*given, None, None])
     ]
 
 

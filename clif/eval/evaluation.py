@@ -14,6 +14,7 @@ from clif.contrastive.common_concepts import common_images
 from clif.errors import UserError, loading
 from clif.eval import kinds, metrics
 from clif.eval.dc import pad_to_white_square
+from clif.eval.sources import check_open_clip_name
 from clif.validate import existing_folder, get_field, read_json
 
 
@@ -24,10 +25,8 @@ class Backbone:
         import open_clip
 
         schema = name.split(":", 1)[0] if ":" in name else None
-        if schema not in ("hf-hub", "local-dir") and name not in open_clip.list_models():
-            raise UserError(
-                f"unknown open_clip model {name!r} (see open_clip.list_models(), or use hf-hub:/local-dir:)"
-            )
+        if schema not in ("hf-hub", "local-dir"):
+            check_open_clip_name(name)
         with loading("CLIP model", name, errors=(RuntimeError, OSError, ValueError)):
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None if schema else pretrained, device=device

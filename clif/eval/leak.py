@@ -14,7 +14,6 @@ concepts' plain words ("a red ball", "a blue box") is the reference of a text en
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -136,11 +135,11 @@ class TextProbe:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from clif.cli import user_errors
+    from clif.cli import Parser, user_errors
     from clif.errors import UserError
     from clif.outputs.artifacts import atomic_write_json, read_manifest
 
-    p = argparse.ArgumentParser(prog="python -m clif.eval.leak", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m clif.eval.leak", description=__doc__.split("\n\n")[0])  # one-line errors
     p.add_argument("--base", required=True, help="The base model (diffusers folder or hub id).")
     p.add_argument("--stage_dir", nargs="*", default=[], help="Stage dirs whose concept tokens to probe.")
     p.add_argument(
@@ -150,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     with user_errors(p.prog):
         words = dict(w.split("=", 1) for w in args.words if "=" in w)
-        if len(words) != len(args.words) or len(words) < 2:
+        empty = not all(k.strip() and v.strip() for k, v in words.items())
+        if len(words) != len(args.words) or len(words) < 2 or empty:
             raise UserError("--words: give two or more name=words (e.g. dog='corgi dog')")
         result = {"words": TextProbe(args.base).leaks({n: w for n, w in words.items()})}
         for d in args.stage_dir:

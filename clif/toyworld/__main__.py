@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 
@@ -30,11 +29,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from clif.cli import user_errors
+    from clif.cli import Parser, user_errors
 
     from . import experiment, gate, pretrain
 
-    p = argparse.ArgumentParser(prog="python -m clif.toyworld", description=__doc__)
+    p = Parser(prog="python -m clif.toyworld", description=__doc__)  # its sub-commands' too: one-line errors
     sub = p.add_subparsers(dest="cmd", required=True)
     pretrain.add_args(sub.add_parser("pretrain", help="Pretrain the world's CLIP, VAE and UNet."))
     gate.add_args(

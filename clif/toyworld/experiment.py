@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from clif import cli
 from clif.errors import UserError
 from clif.eval.agreement import agreement, folder_rows
 
@@ -335,7 +336,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="JSON of the ladder's rungs (default: clif/toyworld/rungs.json; format in its _about and the README).",
     )
     p.add_argument("--rungs", nargs="+", default=None, help="Rungs of --rungs_file to run (default: all of them).")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training/generation seeds.")
+    p.add_argument("--seeds", type=cli.seed_type(), nargs="+", default=[0, 1, 2], help="Training/generation seeds.")
     p.add_argument(
         "--methods",
         nargs="+",
@@ -346,17 +347,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "clif_frozen: stage 1, then stage 3 with the rows frozen; ti_lora_by_images: ti_lora sampling uniformly over "
         "images (--concept_balance images; not in the default ladder).",
     )
-    p.add_argument("--clif_steps", type=int, default=300, help="Stage-1 steps.")
-    p.add_argument("--ti_steps", type=int, default=400, help="Stage-2 steps.")
-    p.add_argument("--lora_steps", type=int, default=300, help="Stage-3 steps.")
-    p.add_argument("--images_per_prompt", type=int, default=6, help="Images per prompt (4 single, 4 two-concept).")
-    p.add_argument("--inference_steps", type=int, default=30, help="Denoising steps.")
-    p.add_argument("--gate_captions", type=int, default=200, help="World captions the renderability gate samples.")
-    p.add_argument("--referee_scenes", type=int, default=16000, help="Rendered scenes the referee trains on.")
-    p.add_argument("--referee_steps", type=int, default=2500, help="Training steps of the referee.")
+    p.add_argument("--clif_steps", type=cli.count(10**6), default=300, help="Stage-1 steps.")
+    p.add_argument("--ti_steps", type=cli.count(10**6), default=400, help="Stage-2 steps.")
+    p.add_argument("--lora_steps", type=cli.count(10**6), default=300, help="Stage-3 steps.")
+    p.add_argument(
+        "--images_per_prompt", type=cli.count(1000), default=6, help="Images per prompt (4 single, 4 two-concept)."
+    )
+    p.add_argument("--inference_steps", type=cli.count(1000), default=30, help="Denoising steps.")
+    p.add_argument(
+        "--gate_captions", type=cli.count(10**5), default=200, help="World captions the renderability gate samples."
+    )
+    p.add_argument(
+        "--referee_scenes", type=cli.count(10**6), default=16000, help="Rendered scenes the referee trains on."
+    )
+    p.add_argument("--referee_steps", type=cli.count(10**6), default=2500, help="Training steps of the referee.")
     p.add_argument(
         "--threads",
-        type=int,
+        type=cli.count(1024),
         default=None,
         help="CPU threads of each stage (sets OMP_NUM_THREADS; 1 is fastest on a shared machine).",
     )
@@ -373,4 +380,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="Train and generate nothing: score what earlier runs finished (a method missing for a seed is left out "
         "of that rung's table).",
     )
-    p.add_argument("--jobs", type=int, default=1, help="(rung, seed) runs side by side (one core each is best).")
+    p.add_argument(
+        "--jobs", type=cli.count(256), default=1, help="(rung, seed) runs side by side (one core each is best)."
+    )

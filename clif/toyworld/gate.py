@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clif import cli
+
 from .referee import ATTRIBUTES, Referee, score_reads, vae_round_trip
 from .world import Scene, random_scene, render
 
@@ -151,10 +153,12 @@ def add_args(p) -> None:
     p.add_argument("--base", required=True, help="The pretrained world (python -m clif.toyworld pretrain --out).")
     p.add_argument("--referee", required=True, help="Referee folder (loaded if there, else trained and saved).")
     p.add_argument("--out", required=True, help="Where gate.json, gate.md and gate_samples.png go.")
-    p.add_argument("--captions", type=int, default=200, help="World captions to sample (one image each).")
-    p.add_argument("--referee_scenes", type=int, default=16000, help="Rendered scenes the referee trains on.")
-    p.add_argument("--referee_steps", type=int, default=2500, help="Training steps of the referee.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    p.add_argument("--captions", type=cli.count(10**5), default=200, help="World captions to sample (one image each).")
+    p.add_argument(
+        "--referee_scenes", type=cli.count(10**6), default=16000, help="Rendered scenes the referee trains on."
+    )
+    p.add_argument("--referee_steps", type=cli.count(10**6), default=2500, help="Training steps of the referee.")
+    p.add_argument("--threads", type=cli.count(1024), default=None, help="torch CPU threads.")
 
 
 def run(args) -> dict:

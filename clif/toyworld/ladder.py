@@ -17,6 +17,7 @@ from .world import CLASSES, COLORS, PATTERNS, Obj, Scene, random_background, ran
 DEFAULT_RUNGS_FILE = Path(__file__).with_name("rungs.json")  # the ladder: from clearly different to near twins
 FIELDS = {"class": CLASSES, "color": tuple(COLORS), "mark": PATTERNS, "mark_color": tuple(COLORS)}
 N_TRAIN = 5  # training renders per concept unless its "images" says otherwise
+MAX_IMAGES = 1000  # a cap on "images": a few zeros too many would render for hours
 
 
 class Rung(dict):
@@ -59,8 +60,11 @@ def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj
                     )
             objs[name] = Obj(spec["class"], spec["color"], spec.get("mark", "solid"), spec.get("mark_color", "black"))
             n = spec.get("images", N_TRAIN)
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise UserError(f"{where}, concept {name!r}: images must be an integer >= 1 (training renders)")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+                raise UserError(
+                    f"{where}, concept {name!r}: images must be an integer from 1 to {MAX_IMAGES} (training renders), "
+                    f"got {json.dumps(n)[:40]}"
+                )
             objs.images[name] = n
         if len({o.identity() for o in objs.values()}) < len(objs):
             raise UserError(f"{where}: two concepts are the same object")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from clif import cli
 from clif.fixtures.tiny import clip_tokenizer, sd_scheduler
 
 from .models import (
@@ -325,12 +326,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu: 32 px, fits ~1 h on 2 cores; gpu: 64 px, larger; test: tiny, 2 steps per part.",
     )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the world and of every weight init.")
-    p.add_argument("--checkpoint_every", type=int, default=500, help="Save a resumable checkpoint every N steps.")
-    p.add_argument("--unet_steps", type=int, default=None, help="Override the preset's UNet steps (its schedule).")
+    p.add_argument("--seed", type=cli.seed_type(), default=0, help="Seed of the world and of every weight init.")
+    p.add_argument(
+        "--checkpoint_every", type=cli.count(10**6), default=500, help="Save a resumable checkpoint every N steps."
+    )
+    p.add_argument(
+        "--unet_steps", type=cli.count(10**7), default=None, help="Override the preset's UNet steps (its schedule)."
+    )
     p.add_argument(
         "--unet_stop_at",
-        type=int,
+        type=cli.number(int, 0, 10**7),
         default=None,
         help="Stop the UNet after this step, on the full schedule's learning rates (the cpu preset stops at 1750 of "
         "2500, as the committed base did); 0 = run the whole schedule.",
@@ -344,7 +349,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=cli.count(1024),
         default=None,
         help="torch CPU threads (default: all cores; 1 is fastest when the cores are shared).",
     )
