@@ -209,8 +209,21 @@ def remake(sidecar: str | Path, device: str | None = None):
     )
     pipe.scheduler = getattr(diffusers, s["scheduler"]).from_config(s["scheduler_config"])
     extra = {"cross_attention_kwargs": {"scale": s["lora_scale"]}} if s["lora_scale"] is not None else {}
+    inputs = {"prompt": [s["prompt"]] * s["batch_size"]}
+    comp = s.get("composition") or {}
+    if comp.get("regions") or comp.get("isolation"):  # clif's composition: regions need its attention processor
+        from clif.compose.plan import Composer, Options, plan_prompts
+
+        opts = Options.from_sidecar(comp)
+        plan = plan_prompts([s["prompt"]], artifacts.read_manifest(s["stage_dir"])["concepts"], opts)[0]
+        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        model = from_pipeline(pipe, detect_family(s["base_model"], s.get("revision")), s["base_model"])
+        composer = Composer(
+            pipe, model, opts, lora_scale=s["lora_scale"], latent_hw=(s["height"] // f, s["width"] // f)
+        )
+        inputs = composer.inputs(plan, s["batch_size"], s["num_inference_steps"])
     images = pipe(
-        [s["prompt"]] * s["batch_size"],
+        **inputs,
         generator=[torch.Generator("cpu").manual_seed(x) for x in s["batch_seeds"]],
         num_inference_steps=s["num_inference_steps"],
         guidance_scale=s["guidance_scale"],

@@ -264,6 +264,9 @@ def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_mode
         assert np.array_equal(x, np.asarray(y))
     plain = _pixels(_gen(model, stage, tmp_path / "plain"))
     assert not all(np.array_equal(x, y) for x, y in zip(plain, _pixels(paths)))  # isolation changed the image
+    from clif.generate import remake
+
+    assert np.array_equal(np.asarray(remake(paths[0].with_suffix(".json"))), _pixels(paths)[0])
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -283,6 +286,9 @@ def test_regions_in_inference(family, tiny_models, chains, tmp_path):
     assert (maps[0, :, -2:] == 0).all() and (maps[0, :, :2] > 0).all()
     assert (maps[1, :, :2] == 0).all() and (maps[1, :, -2:] > 0).all()
     assert not all(np.array_equal(x, y) for x, y in zip(plain, _pixels(paths)))
+    from clif.generate import remake  # the sidecar alone re-makes a regional image (image 1 of its batch of 2)
+
+    assert np.array_equal(np.asarray(remake(paths[1].with_suffix(".json"))), _pixels(paths)[1])
     # strength 0: the regions act with zero weight, the image is the plain one, bit for bit
     zero = _pixels(_gen(model, stage, tmp_path / "zero", "--regions", "auto", "--region_strength", "0"))
     assert all(np.array_equal(x, y) for x, y in zip(plain, zero))

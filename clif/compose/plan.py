@@ -37,6 +37,22 @@ class Options:
     def regional(self) -> bool:
         return self.regions != "none" or bool(self.boxes)
 
+    @classmethod
+    def from_sidecar(cls, comp: dict) -> Options:
+        """The options an image's sidecar "composition" records (its regions as boxes): what re-makes it."""
+        r, i = comp.get("regions") or {}, comp.get("isolation") or {}
+        return cls(
+            boxes={t: tuple(b) for t, b in r.get("boxes", {}).items()},
+            region_prompt=r.get("region_prompt", "same"),
+            region_mode=r.get("mode", "prompt"),
+            region_steps=tuple(r.get("steps", (0.0, 1.0))),
+            region_strength=r.get("strength", 1.0),
+            region_overlap=r.get("overlap", "mean"),
+            isolate=i.get("by", "none"),
+            isolate_weight=i.get("weight", 1.0),
+            isolate_end=i.get("end", "keep"),
+        )
+
 
 def _steps(text: str) -> tuple[float, float]:
     try:
