@@ -20,6 +20,8 @@ REGION_PROMPTS = ("same", "class", "alone")
 
 @dataclass(frozen=True)
 class Options:
+    """Composition options; the defaults are inference.py's (chosen by the toy-world evidence, docs/toyworld.md)."""
+
     regions: str = "none"  # 'auto': boxes from the layout words, else reading order; 'none': no regions
     boxes: dict[str, Box] = field(default_factory=dict)  # user boxes (they turn regions on)
     region_prompt: str = "same"
@@ -36,6 +38,12 @@ class Options:
     @property
     def regional(self) -> bool:
         return self.regions != "none" or bool(self.boxes)
+
+    def default_flags(self) -> str:
+        """The flags that name what these options do to a multi-concept prompt ('' when nothing)."""
+        flags = [f"--regions {self.regions} --region_prompt {self.region_prompt}"] if self.regional else []
+        flags += [f"--isolate {self.isolate}"] if self.isolate != "none" else []
+        return " ".join(flags)
 
     @classmethod
     def from_sidecar(cls, comp: dict) -> Options:
@@ -68,12 +76,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The composition flags (prompts that name two or more concepts; single-concept prompts run as before)."""
     from clif.cli import number
 
-    unit = number(float, 0.0, 1.0)
+    unit, d = number(float, 0.0, 1.0), Options()
     g = p.add_argument_group("prompts with two or more concepts")
     g.add_argument(
         "--regions",
         choices=REGIONS,
-        default="none",
+        default=d.regions,
         help="Regional prompts: 'auto' places each concept "
         "by the prompt's layout words (left/right/above/below), else in reading order left to right.",
     )
@@ -87,7 +95,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--region_prompt",
         choices=REGION_PROMPTS,
-        default="same",
+        default=d.region_prompt,
         help="What a region reads: 'same' = "
         "the prompt with every concept set to the region's; 'class' = the others as their class words; "
         "'alone' = 'a photo of a <concept>'.",
@@ -95,35 +103,42 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--region_mode",
         choices=["prompt", "bias"],
-        default="prompt",
+        default=d.region_mode,
         help="'prompt': region prompts; 'bias': the global prompt, each concept's tokens hidden outside its region.",
     )
     g.add_argument(
         "--region_steps",
         type=_steps,
-        default=(0.0, 1.0),
+        default=d.region_steps,
         metavar="START:END",
         help="The denoising steps (fractions) on which regions act.",
     )
-    g.add_argument("--region_strength", type=unit, default=1.0, help="Blend of region and global outputs in a region.")
+    g.add_argument(
+        "--region_strength",
+        type=unit,
+        default=d.region_strength,
+        help="Blend of region and global outputs in a region.",
+    )
     g.add_argument(
         "--region_overlap",
         choices=["mean", "global"],
-        default="mean",
+        default=d.region_overlap,
         help="Pixels in two regions: their mean, or the global prompt.",
     )
     g.add_argument(
         "--isolate",
         choices=("none", *isolate.BY),
-        default="none",
+        default=d.isolate,
         help="Encode each concept without "
         "the others (mask: hidden by attention; pad: replaced by padding; alone: 'a <c>') and splice.",
     )
-    g.add_argument("--isolate_weight", type=unit, default=1.0, help="Weight of the isolated states in the splice.")
+    g.add_argument(
+        "--isolate_weight", type=unit, default=d.isolate_weight, help="Weight of the isolated states in the splice."
+    )
     g.add_argument(
         "--isolate_end",
         choices=isolate.END,
-        default="keep",
+        default=d.isolate_end,
         help="End/padding states: keep, or take from the prompt with the concept tokens hidden ('clean').",
     )
     g.add_argument(

@@ -144,6 +144,7 @@ def write_model_card(
             "With this repository: `python inference.py --pretrained_model_name_or_path "
             f'{base} --stage_dir <this folder> --prompt "..." --output_dir <out>`.'
         ),
+        *_two_concepts(concepts),
         "",
         "diffusers:",
         "",
@@ -195,6 +196,23 @@ def write_model_card(
     if grid:
         lines += ["", "## Last validation grid", "", f"![validation]({grid})"]
     atomic_write_bytes(out / CARD, ("\n".join(lines) + "\n").encode())
+
+
+def _two_concepts(concepts: list) -> list[str]:
+    """How to write a prompt with two of the concepts, and what inference.py does with it by default."""
+    if len(concepts) < 2:
+        return []
+    from clif.compose.plan import Options
+
+    flags = Options().default_flags()
+    how = f"`{flags}` by default" if flags else "none by default; `--regions auto --region_prompt class` gives each"
+    return [
+        "",
+        (
+            f'Two concepts in one prompt, e.g. `--prompt "a photo of a {concepts[0].token} on the left and a '
+            f'{concepts[1].token} on the right"`: regional prompts: {how} (docs/composition.md of the CLIF toolkit).'
+        ),
+    ]
 
 
 def _load_encoder(out: Path, name: str) -> str:
