@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     def runs(rungs: list[str], methods: list[str]) -> dict:
-        todo = [(r, s) for r in rungs for s in args.seeds]
+        todo = [(r, s) for s in args.seeds for r in rungs]  # seed-major: a cut-short run has every rung alike
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # stages are subprocesses: side by side
             return dict(zip(todo, pool.map(lambda rs: one_run(rs[0], RUNGS[rs[0]], rs[1], methods, *common), todo)))
 
