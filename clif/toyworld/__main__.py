@@ -49,6 +49,12 @@ def _main(argv: list[str] | None) -> None:
     r = sub.add_parser("readme", help="Regenerate the README's toy-world tables from a committed results JSON.")
     r.add_argument("--results", default="pretrained/toyworld/ladder_results.json", help="experiment's results.json")
     r.add_argument("--readme", default="README.md", help="The README with the generated block to replace.")
+    r.add_argument(
+        "--block",
+        default="results",
+        choices=["results", "composition"],
+        help="Which generated block: the ladder ('results') or the multi-concept options ('composition').",
+    )
     args = p.parse_args(argv)
     with user_errors(p.prog):
         _dispatch(args)
@@ -72,7 +78,7 @@ def _dispatch(args) -> None:
 
         from .report import update_readme
 
-        update_readme(Path(args.results), Path(args.readme))
+        update_readme(Path(args.results), Path(args.readme), args.block)
         print(f"{args.readme}: toy-world tables regenerated from {args.results}")
     elif args.cmd == "gate":
         gate.run(args)

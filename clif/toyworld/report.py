@@ -321,10 +321,16 @@ def ladder_figure(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-BEGIN, END = (
-    "<!-- toyworld-results:begin (generated: python -m clif.toyworld readme) -->",
-    "<!-- toyworld-results:end -->",
-)
+def markers(block: str = "results") -> tuple[str, str]:
+    """The begin/end markers of a generated toy-world block ('results': the ladder; 'composition': multi-concept
+    generation options)."""
+    return (
+        f"<!-- toyworld-{block}:begin (generated: python -m clif.toyworld readme) -->",
+        f"<!-- toyworld-{block}:end -->",
+    )
+
+
+BEGIN, END = markers()
 
 
 def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
@@ -337,12 +343,12 @@ def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
     doc_path.write_text(f"{head}{begin}\n\n{body}\n\n{end}{rest.split(end, 1)[1]}")
 
 
-def update_readme(results: Path, readme: Path) -> str:
-    """Replace the README's generated block (between BEGIN and END) with the tables of a committed results JSON,
-    its headings one level down; returns the block."""
+def update_readme(results: Path, readme: Path, block: str = "results") -> str:
+    """Replace a document's generated block `block` (between its markers) with the tables of a committed results
+    JSON, its headings one level down; returns the block's text."""
     result = json.loads(results.read_text())
     text = write_ladder_table(result, None)
-    block = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
-    block = f"_Generated from `{results.as_posix()}`._\n\n{block}"
-    replace_block(readme, BEGIN, END, block)
-    return block
+    body = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
+    body = f"_Generated from `{results.as_posix()}`._\n\n{body}"
+    replace_block(readme, *markers(block), body)
+    return body
