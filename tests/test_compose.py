@@ -94,8 +94,10 @@ def test_box_masks_and_weights():
 def pipes(tiny_models):
     from diffusers import DiffusionPipeline
 
-    return {f: DiffusionPipeline.from_pretrained(m, **({} if f == "sdxl" else {"safety_checker": None}))
-            for f, m in tiny_models.items()}
+    return {
+        f: DiffusionPipeline.from_pretrained(m, **({} if f == "sdxl" else {"safety_checker": None}))
+        for f, m in tiny_models.items()
+    }
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -112,8 +114,9 @@ def test_region_masks_at_every_attention_resolution(family, pipes):
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(seen(n), with_kwargs=True) for n, m in unet.named_modules()
-             if n.endswith("attn2")]
+    hooks = [
+        m.register_forward_pre_hook(seen(n), with_kwargs=True) for n, m in unet.named_modules() if n.endswith("attn2")
+    ]
     latent = (8, 8)
     x = torch.randn(1, 4, *latent)
     d = unet.config.cross_attention_dim
@@ -151,6 +154,23 @@ def test_region_masks_at_every_attention_resolution(family, pipes):
         st.strength, st.step = 1.0, 1  # outside the step window: the plain output
         with torch.no_grad():
             torch.testing.assert_close(ComposeProcessor(base, st)(attn, hs, ehs), plain, rtol=0, atol=0)
+        # the bias variant: the global states, tokens 2-3 hidden on the right, 6-7 on the left; the recorded maps
+        # show no attention to a hidden token inside its region
+        st = ComposeState(
+            latent_hw=latent,
+            n_images=1,
+            boxes=[LEFT, RIGHT],
+            mode="bias",
+            hidden=[[6, 7], [2, 3]],
+            window=(0, 1),
+            record=[([2, 3], []), ([6, 7], [])],
+        )
+        with torch.no_grad():
+            biased = ComposeProcessor(base, st)(attn, hs, ehs)
+        assert torch.equal(biased[0], plain[0]) and not torch.equal(biased[1], plain[1])
+        m = st.maps[0]  # [concepts, 8, 8], bilinear from this layer's grid
+        assert (m[0, :, -1] == 0).all() and (m[0, :, 0] > 0).all()
+        assert (m[1, :, 0] == 0).all() and (m[1, :, -1] > 0).all()
 
 
 # ---- isolated encoding
@@ -238,9 +258,25 @@ def test_leak_of_spliced_states(tiny_models, chains):
 
 
 def _gen(model, stage, out, *extra, prompt=TWO, n=2):
-    return inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt",
-                           prompt, "--num_images_per_prompt", str(n), "--batch_size", str(n),
-                           "--num_inference_steps", "3", "--output_dir", str(out), *extra])
+    return inference.main(
+        [
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--stage_dir",
+            str(stage),
+            "--prompt",
+            prompt,
+            "--num_images_per_prompt",
+            str(n),
+            "--batch_size",
+            str(n),
+            "--num_inference_steps",
+            "3",
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def _pixels(paths):
@@ -258,8 +294,13 @@ def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_mode
     call = {"prompt_embeds": emb["prompt_embeds"][None].repeat(2, 1, 1)}
     if family == "sdxl":
         call["pooled_prompt_embeds"] = emb["pooled_prompt_embeds"][None].repeat(2, 1)
-    stock = pipe(**call, generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)],
-                 num_inference_steps=3, height=64, width=64).images
+    stock = pipe(
+        **call,
+        generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)],
+        num_inference_steps=3,
+        height=64,
+        width=64,
+    ).images
     for x, y in zip(_pixels(paths), stock):
         assert np.array_equal(x, np.asarray(y))
     plain = _pixels(_gen(model, stage, tmp_path / "plain"))
@@ -273,8 +314,9 @@ def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_mode
 def test_regions_in_inference(family, tiny_models, chains, tmp_path):
     model, stage = tiny_models[family], chains[family]
     plain = _pixels(_gen(model, stage, tmp_path / "plain"))
-    paths = _gen(model, stage, tmp_path / "reg", "--regions", "auto", "--region_prompt", "class",
-                 "--save_attention_maps")
+    paths = _gen(
+        model, stage, tmp_path / "reg", "--regions", "auto", "--region_prompt", "class", "--save_attention_maps"
+    )
     side = json.loads(paths[0].with_suffix(".json").read_text())
     reg = side["composition"]["regions"]
     assert reg["source"] == "layout words" and reg["boxes"] == {A: list(LEFT), B: list(RIGHT)}

@@ -31,24 +31,30 @@ class ComposeState:
     record: list[tuple[list[int], list[list[int]]]] | None = None
     maps: torch.Tensor | None = None  # [B, concepts, H, W], summed over layers and steps
     calls: int = 0
-    _weights: dict = field(default_factory=dict)
+    _weights: dict = field(default_factory=dict)  # per call: weights and biases by resolution
 
     @property
     def regional(self) -> bool:
         return bool(self.boxes) and self.window[0] <= self.step < self.window[1]
 
     def weights(self, n: int, device, dtype) -> torch.Tensor:
-        if n not in self._weights:
-            self._weights[n] = region_weights(self.boxes, *grid_of(n, self.latent_hw), self.overlap)
-        return self._weights[n].to(device, dtype)
+        """[R + 1, n] region weights at the resolution with n cells, made once per call and kept on the device."""
+        key = ("w", n, device, dtype)
+        if key not in self._weights:
+            w = region_weights(self.boxes, *grid_of(n, self.latent_hw), self.overlap)
+            self._weights[key] = w.to(device, dtype)
+        return self._weights[key]
 
     def bias(self, n: int, t: int, device, dtype) -> torch.Tensor:
         """[n, t] additive bias: -inf-like where a region's pixels meet the tokens hidden from that region."""
-        w = self.weights(n, device, torch.float32)[:-1]
-        b = torch.zeros(n, t)
-        for r, toks in enumerate(self.hidden):
-            b[(w[r] > 0).cpu()[:, None] & torch.isin(torch.arange(t), torch.tensor(toks, dtype=torch.long))[None]] = 1
-        return (b * torch.finfo(dtype).min).to(device, dtype)
+        key = ("b", n, t, device, dtype)
+        if key not in self._weights:
+            inside = self.weights(n, "cpu", torch.float32)[:-1] > 0  # [R, n]
+            b = torch.zeros(n, t, dtype=torch.bool)
+            for r, toks in enumerate(self.hidden):
+                b[inside[r, :, None] & torch.isin(torch.arange(t), torch.tensor(toks, dtype=torch.long))[None]] = True
+            self._weights[key] = torch.zeros(n, t, dtype=dtype).masked_fill(b, torch.finfo(dtype).min).to(device)
+        return self._weights[key]
 
 
 class ComposeProcessor:
