@@ -19,7 +19,7 @@ import train_ti
 from clif.compose import isolate
 from clif.compose import prompt as words
 from clif.compose.attention import ComposeProcessor, ComposeState
-from clif.compose.regions import box_mask, grid_of, region_weights
+from clif.compose.regions import box_mask, grid_of, mask_weights, masks_from_maps, region_weights
 
 A, B = "<redball>", "<bluebox>"
 TWO = f"a photo of a {A} on the left and a {B} on the right"
@@ -88,6 +88,18 @@ def test_box_masks_and_weights():
     assert grid_of(16, (8, 8)) == (4, 4) and grid_of(2 * 3, (7, 11)) == (2, 3)
     with pytest.raises(ValueError):
         grid_of(5, (8, 8))
+
+
+def test_regions_from_attention_maps():
+    maps = torch.zeros(1, 2, 2, 4)
+    maps[0, 0, :, :2], maps[0, 1, :, 2:] = 1.0, 4.0  # each concept attended on its own half (different scales)
+    maps[0, 0, 0, 3] = 0.5  # weak <a> attention on <b>'s side does not win
+    maps[0, :, 1, 1] = 0.1  # both weak here: the global prompt
+    m = masks_from_maps(maps)
+    assert m[0, 0].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]] and m[0, 1].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    w = mask_weights(m, 1, 2)  # area-averaged onto a coarser grid, then shared as boxes are
+    assert w.shape == (1, 3, 2) and torch.allclose(w.sum(1), torch.ones(1, 2))
+    assert torch.allclose(w[0, :, 0], torch.tensor([0.75, 0.0, 0.25]))
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +343,13 @@ def test_regions_in_inference(family, tiny_models, chains, tmp_path):
     from clif.generate import remake  # the sidecar alone re-makes a regional image (image 1 of its batch of 2)
 
     assert np.array_equal(np.asarray(remake(paths[1].with_suffix(".json"))), _pixels(paths)[1])
+    # regions from the first steps' attention maps: no boxes, no layout words
+    att = _gen(model, stage, tmp_path / "att", "--regions", "attention", prompt=f"{A} hugging {B}")
+    side = json.loads(att[1].with_suffix(".json").read_text())["composition"]["regions"]
+    assert side["source"] == "attention maps" and side["boxes"] is None
+    plain_hug = _pixels(_gen(model, stage, tmp_path / "hug", prompt=f"{A} hugging {B}"))
+    assert not all(np.array_equal(x, y) for x, y in zip(plain_hug, _pixels(att)))
+    assert np.array_equal(np.asarray(remake(att[1].with_suffix(".json"))), _pixels(att)[1])
     # strength 0: the regions act with zero weight, the image is the plain one, bit for bit
     zero = _pixels(_gen(model, stage, tmp_path / "zero", "--regions", "auto", "--region_strength", "0"))
     assert all(np.array_equal(x, y) for x, y in zip(plain, zero))

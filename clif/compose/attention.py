@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .regions import Box, grid_of, region_weights
+from .regions import Box, grid_of, mask_weights, masks_from_maps, region_weights
 
 
 @dataclass
@@ -29,27 +29,36 @@ class ComposeState:
     step: int = 0
     # attention maps: per concept, its token positions in the global prompt and in each region prompt
     record: list[tuple[list[int], list[list[int]]]] | None = None
+    masks: torch.Tensor | None = None  # [B, R, H, W] per-image regions (from the attention maps) instead of boxes
     maps: torch.Tensor | None = None  # [B, concepts, H, W], summed over layers and steps
     calls: int = 0
     _weights: dict = field(default_factory=dict)  # per call: weights and biases by resolution
 
     @property
     def regional(self) -> bool:
-        return bool(self.boxes) and self.window[0] <= self.step < self.window[1]
+        return (bool(self.boxes) or self.masks is not None) and self.window[0] <= self.step < self.window[1]
+
+    def regions_from_maps(self, threshold: float = 0.3) -> None:
+        """Per-image regions from the maps recorded so far (each concept where its own tokens are attended to)."""
+        self.masks, self._weights = masks_from_maps(self.maps), {}
 
     def weights(self, n: int, device, dtype) -> torch.Tensor:
-        """[R + 1, n] region weights at the resolution with n cells, made once per call and kept on the device."""
+        """[1 or B, R + 1, n] region weights at the resolution with n cells, made once per call, on the device."""
         key = ("w", n, device, dtype)
         if key not in self._weights:
-            w = region_weights(self.boxes, *grid_of(n, self.latent_hw), self.overlap)
-            self._weights[key] = w.to(device, dtype)
+            h, w = grid_of(n, self.latent_hw)
+            if self.masks is not None:
+                weights = mask_weights(self.masks, h, w, self.overlap)
+            else:
+                weights = region_weights(self.boxes, h, w, self.overlap)[None]
+            self._weights[key] = weights.to(device, dtype)
         return self._weights[key]
 
     def bias(self, n: int, t: int, device, dtype) -> torch.Tensor:
         """[n, t] additive bias: -inf-like where a region's pixels meet the tokens hidden from that region."""
         key = ("b", n, t, device, dtype)
         if key not in self._weights:
-            inside = self.weights(n, "cpu", torch.float32)[:-1] > 0  # [R, n]
+            inside = self.weights(n, "cpu", torch.float32)[0, :-1] > 0  # [R, n]
             b = torch.zeros(n, t, dtype=torch.bool)
             for r, toks in enumerate(self.hidden):
                 b[inside[r, :, None] & torch.isin(torch.arange(t), torch.tensor(toks, dtype=torch.long))[None]] = True
@@ -74,7 +83,7 @@ class ComposeProcessor:
         out = plain[rows - b :]
         weights = bias = region_out = None
         if st.regional:
-            weights = st.weights(n, out.device, out.dtype)  # [R + 1, n]
+            weights = st.weights(n, out.device, out.dtype)  # [1 or B, R + 1, n]
             if st.mode == "bias":
                 bias = st.bias(n, e_cond.shape[1], out.device, out.dtype)
                 composed = self.base(attn, cond, e_cond, bias.expand(b, -1, -1), temb)
@@ -82,7 +91,8 @@ class ComposeProcessor:
                 r = st.region_states.shape[0]
                 e = st.region_states.to(e_cond.dtype).repeat_interleave(b, 0)  # [R * B, T, D], region-major
                 region_out = self.base(attn, cond.repeat(r, 1, 1), e, None, temb).view(r, b, n, -1)
-                composed = (weights[:r, None, :, None] * region_out).sum(0) + weights[r][None, :, None] * out
+                wr = weights[:, :r].transpose(0, 1)[..., None]  # [R, 1 or B, n, 1]
+                composed = (wr * region_out).sum(0) + weights[:, r, :, None] * out
             out = out + st.strength * (composed - out)
         if st.record is not None:
             self._record(attn, cond, e_cond, weights, bias)
@@ -106,10 +116,10 @@ class ComposeProcessor:
 
         glob = mass(e_cond, [g for g, _ in st.record], bias)
         if weights is not None and st.mode == "prompt" and st.regional:
-            total = weights[-1][None, None].float() * glob
-            for r in range(len(st.boxes)):
+            total = weights[:, None, -1].float() * glob
+            for r in range(st.region_states.shape[0]):
                 e = st.region_states[r : r + 1].to(e_cond.dtype).expand(b, -1, -1)
-                total = total + weights[r][None, None].float() * mass(e, [reg[r] for _, reg in st.record])
+                total = total + weights[:, None, r].float() * mass(e, [reg[r] for _, reg in st.record])
             glob = total
         m = F.interpolate(glob.view(b, -1, h, w), size=st.latent_hw, mode="bilinear", align_corners=False)
         st.maps = m if st.maps is None else st.maps + m

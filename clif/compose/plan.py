@@ -14,7 +14,8 @@ from . import prompt as words
 from .attention import ComposeState, install
 from .regions import Box, parse_boxes
 
-REGIONS = ("none", "auto")
+REGIONS = ("none", "auto", "attention")
+ATTENTION_WARMUP = 0.2  # --regions attention: the share of steps that read the maps when --region_steps starts at 0
 REGION_PROMPTS = ("same", "class", "alone")
 
 
@@ -50,7 +51,8 @@ class Options:
         """The options an image's sidecar "composition" records (its regions as boxes): what re-makes it."""
         r, i = comp.get("regions") or {}, comp.get("isolation") or {}
         return cls(
-            boxes={t: tuple(b) for t, b in r.get("boxes", {}).items()},
+            regions="attention" if r.get("source") == "attention maps" else "none",
+            boxes={t: tuple(b) for t, b in (r.get("boxes") or {}).items()},
             region_prompt=r.get("region_prompt", "same"),
             region_mode=r.get("mode", "prompt"),
             region_steps=tuple(r.get("steps", (0.0, 1.0))),
@@ -82,8 +84,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--regions",
         choices=REGIONS,
         default=d.regions,
-        help="Regional prompts: 'auto' places each concept "
-        "by the prompt's layout words (left/right/above/below), else in reading order left to right.",
+        help="Regional prompts: 'auto' places each concept by the prompt's layout words (left/right/above/below), "
+        "else in reading order left to right; 'attention' where its own tokens are attended to in the first steps "
+        "(no boxes, no layout words).",
     )
     g.add_argument(
         "--region_box",
@@ -177,6 +180,7 @@ class PromptPlan:
     boxes: dict[str, Box] | None = None
     source: str | None = None
     region_prompts: dict[str, str] | None = None
+    from_maps: bool = False  # regions found from the attention maps of the first steps
 
     @property
     def multi(self) -> bool:
@@ -209,6 +213,10 @@ def plan_prompts(prompts: list[str], concepts: list[dict], opts: Options) -> lis
             )
         if given:
             pl.boxes, pl.source = {t: opts.boxes[t] for t in pl.named}, "user boxes"
+        elif opts.regions == "attention":
+            if opts.region_mode != "prompt":
+                raise UserError("--regions attention needs --region_mode prompt")
+            pl.from_maps, pl.source = True, "attention maps"
         else:
             pl.boxes, pl.source = words.auto_boxes(pl.prompt, pl.named)
         pl.region_prompts = {
@@ -252,20 +260,26 @@ class Composer:
         call = {"prompt": [plan.prompt] * n} if emb is None else self.model.pipeline_embeds(*emb, n)
         ids = self.enc.ids([plan.prompt])[0][0]
         glob = {t: self.enc.positions(ids, t) for t in plan.named}
-        if plan.boxes:
-            st.boxes = [plan.boxes[t] for t in plan.named]
+        st.masks, start = None, o.region_steps[0]
+        if plan.boxes or plan.from_maps:
+            st.boxes = [plan.boxes[t] for t in plan.named] if plan.boxes else []
             st.mode, st.overlap, st.strength = o.region_mode, o.region_overlap, o.region_strength
-            st.window = (round(o.region_steps[0] * steps), round(o.region_steps[1] * steps))
+            start = start or (ATTENTION_WARMUP if plan.from_maps else 0.0)
+            st.window = (max(round(start * steps), int(plan.from_maps)), round(o.region_steps[1] * steps))
             rp = [plan.region_prompts[t] for t in plan.named]
             if o.region_mode == "prompt":
                 st.region_states = self.enc.encode(self.enc.ids(rp))[0]
             st.hidden = [[q for u in plan.named if u != t for q in glob[u]] for t in plan.named]
-        if o.save_attention_maps and plan.named:
-            rp_ids = self.enc.ids([plan.region_prompts[t] for t in plan.named])[0] if plan.boxes else []
+        if (o.save_attention_maps or plan.from_maps) and plan.named:
+            rp_ids = self.enc.ids([plan.region_prompts[t] for t in plan.named])[0] if plan.region_prompts else []
             st.record = [(glob[c], [self.enc.positions(r, c) for r in rp_ids]) for c in plan.named]
+        keep_recording = o.save_attention_maps
 
         def step_done(pipe, i, t, kw):
             st.step = i + 1
+            if plan.from_maps and st.step == st.window[0]:  # the first steps' maps place the concepts
+                st.regions_from_maps()
+                st.record = st.record if keep_recording else None
             return kw
 
         return {**call, "callback_on_step_end": step_done}
@@ -273,9 +287,9 @@ class Composer:
     def sidecar(self, plan: PromptPlan) -> dict:
         o = self.opts
         regions = None
-        if plan.boxes:
+        if plan.boxes or plan.from_maps:
             regions = {
-                "boxes": {t: list(b) for t, b in plan.boxes.items()},
+                "boxes": {t: list(b) for t, b in plan.boxes.items()} if plan.boxes else None,
                 "source": plan.source,
                 "prompts": plan.region_prompts,
                 "region_prompt": o.region_prompt,

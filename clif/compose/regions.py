@@ -59,13 +59,30 @@ def region_weights(boxes: list[Box], h: int, w: int, overlap: str = "mean") -> t
     """[R + 1, h * w] weights: how much each cell takes from each region's prompt (rows 0..R-1) and from the global
     prompt (row R); every column sums to 1. Outside every box: the global prompt. Where boxes overlap: 'mean' shares
     the cell among them, 'global' gives it to the global prompt."""
-    m = torch.stack([box_mask(b, h, w).flatten() for b in boxes])
-    cover = m.sum(0)
-    if overlap == "global":
-        m = m * (cover == 1)
-    else:
-        m = m / cover.clamp_min(1)
-    return torch.cat([m, (1 - m.sum(0)).clamp_min(0)[None]])
+    return combine(torch.stack([box_mask(b, h, w).flatten() for b in boxes]), overlap)
+
+
+def combine(m: torch.Tensor, overlap: str = "mean") -> torch.Tensor:
+    """Region masks [..., R, n] (in [0, 1]) -> weights [..., R + 1, n] as region_weights describes."""
+    cover = m.sum(-2, keepdim=True)
+    m = m * (cover <= 1) if overlap == "global" else m / cover.clamp_min(1)
+    return torch.cat([m, (1 - m.sum(-2, keepdim=True)).clamp_min(0)], -2)
+
+
+def masks_from_maps(maps: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+    """Region masks [B, C, H, W] from the concepts' attention maps [B, C, H, W]: each pixel goes to the concept
+    whose map (scaled to its own maximum in that image) is highest there, unless that is below `threshold` (the
+    pixel then reads the global prompt)."""
+    scaled = maps / maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+    best, who = scaled.max(1)
+    one_hot = torch.nn.functional.one_hot(who, maps.shape[1]).permute(0, 3, 1, 2).float()
+    return one_hot * (best >= threshold)[:, None].float()
+
+
+def mask_weights(masks: torch.Tensor, h: int, w: int, overlap: str = "mean") -> torch.Tensor:
+    """[B, R + 1, h * w] weights of per-image region masks [B, R, H, W] at an attention grid of h x w cells."""
+    m = torch.nn.functional.interpolate(masks.float(), size=(h, w), mode="area")
+    return combine(m.flatten(2), overlap)
 
 
 def grid_of(n: int, latent_hw: tuple[int, int], levels: int = 8) -> tuple[int, int]:
