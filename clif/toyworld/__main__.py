@@ -1,4 +1,5 @@
-"""`python -m clif.toyworld pretrain|gate|experiment ...`: one command per step of the toy-world study."""
+"""`python -m clif.toyworld pretrain|gate|experiment|compact|readme|confusion-study ...`: one command per step of
+the toy-world study."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     from clif.cli import user_errors
 
-    from . import experiment, gate, pretrain
+    from . import confusion_study, experiment, gate, pretrain
 
     p = argparse.ArgumentParser(prog="python -m clif.toyworld", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -47,16 +48,23 @@ def _main(argv: list[str] | None) -> None:
         "(what is committed).",
     )
     c.add_argument("folder", help="The world folder (pretrain --out).")
-    r = sub.add_parser("readme", help="Regenerate the README's toy-world tables from a committed results JSON.")
+    r = sub.add_parser("readme", help="Regenerate docs/toyworld.md's tables from a committed results JSON.")
     r.add_argument("--results", default="pretrained/toyworld/ladder_results.json", help="experiment's results.json")
-    r.add_argument("--readme", default="README.md", help="The README with the generated block to replace.")
+    r.add_argument("--readme", default="docs/toyworld.md", help="The document with the generated block to replace.")
+    confusion_study.add_args(
+        sub.add_parser(
+            "confusion-study",
+            help="Is evaluate.py's confusion decision right? Tuned and checked against the referee, rung by rung "
+            "(= scripts/confusion_metric_study.py).",
+        )
+    )
     args = p.parse_args(argv)
     with user_errors(p.prog):
         _dispatch(args)
 
 
 def _dispatch(args) -> None:
-    from . import experiment, gate, pretrain
+    from . import confusion_study, experiment, gate, pretrain
 
     if args.cmd == "pretrain":
         print(pretrain.run(args))
@@ -75,6 +83,8 @@ def _dispatch(args) -> None:
 
         update_readme(Path(args.results), Path(args.readme))
         print(f"{args.readme}: toy-world tables regenerated from {args.results}")
+    elif args.cmd == "confusion-study":
+        confusion_study.run(args)
     elif args.cmd == "gate":
         gate.run(args)
     else:

@@ -320,8 +320,8 @@ def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
 
 
 def update_readme(results: Path, readme: Path) -> str:
-    """Replace the README's generated block (between BEGIN and END) with the tables of a committed results JSON,
-    its headings one level down; returns the block."""
+    """Replace the generated block (between BEGIN and END) of `readme` (docs/toyworld.md) with the tables of a
+    committed results JSON, its headings one level down; returns the block."""
     result = json.loads(results.read_text())
     text = write_ladder_table(result, None)
     block = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
