@@ -48,9 +48,12 @@ def _main(argv: list[str] | None) -> None:
         "(what is committed).",
     )
     c.add_argument("folder", help="The world folder (pretrain --out).")
-    r = sub.add_parser("readme", help="Regenerate docs/toyworld.md's tables from a committed results JSON.")
+    r = sub.add_parser(
+        "readme", help="Regenerate docs/toyworld.md's tables and the README's headline from a committed results JSON."
+    )
     r.add_argument("--results", default="pretrained/toyworld/ladder_results.json", help="experiment's results.json")
     r.add_argument("--readme", default="docs/toyworld.md", help="The document with the generated block to replace.")
+    r.add_argument("--headline", default="README.md", help="The document with the headline block ('' for none).")
     confusion_study.add_args(
         sub.add_parser(
             "confusion-study",
@@ -81,8 +84,8 @@ def _dispatch(args) -> None:
 
         from .report import update_readme
 
-        update_readme(Path(args.results), Path(args.readme))
-        print(f"{args.readme}: toy-world tables regenerated from {args.results}")
+        update_readme(Path(args.results), Path(args.readme), Path(args.headline) if args.headline else None)
+        print(f"{args.readme}, {args.headline or 'no headline'}: toy-world tables regenerated from {args.results}")
     elif args.cmd == "confusion-study":
         confusion_study.run(args)
     elif args.cmd == "gate":

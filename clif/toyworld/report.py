@@ -307,6 +307,37 @@ BEGIN, END = (
     "<!-- toyworld-results:begin (generated: python -m clif.toyworld readme) -->",
     "<!-- toyworld-results:end -->",
 )
+HEADLINE_BEGIN, HEADLINE_END = (
+    "<!-- toyworld-headline:begin (generated: python -m clif.toyworld readme) -->",
+    "<!-- toyworld-headline:end -->",
+)
+
+
+def headline(result: dict) -> str:
+    """The README's short form: confusion / fidelity (means over seeds) of every method on the qualifying rungs,
+    the lowest confusion of each rung in bold, then the decision."""
+    rungs = {g: r["table"] for g, r in result["rungs"].items() if r["qualifies"]}
+    methods = list(dict.fromkeys(m for t in rungs.values() for m in t))
+    best = {g: min(v["oracle_confusion"][0] for v in t.values()) for g, t in rungs.items()}
+    lines = [
+        f"Confusion / fidelity on the rungs where TI+LoRA confuses, mean of {len(result['seeds'])} seeds (lower "
+        "confusion is better; the lowest of each rung in bold):",
+        "",
+        "| method | " + " | ".join(rungs) + " |",
+        "|---" * (len(rungs) + 1) + "|",
+    ]
+    for m in methods:
+        cells = []
+        for g, t in rungs.items():
+            if m not in t:
+                cells.append("–")
+                continue
+            c = f"{t[m]['oracle_confusion'][0]:.2f}"
+            cells.append(f"{f'**{c}**' if t[m]['oracle_confusion'][0] == best[g] else c} / {t[m]['fidelity'][0]:.2f}")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += ["", DECISION_RULE, ""]
+    lines += [f"- {LABELS.get(m, m)}: " + v["text"] for m, v in decision(result).items()]
+    return "\n".join(lines)
 
 
 def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
@@ -319,12 +350,15 @@ def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
     doc_path.write_text(f"{head}{begin}\n\n{body}\n\n{end}{rest.split(end, 1)[1]}")
 
 
-def update_readme(results: Path, readme: Path) -> str:
+def update_readme(results: Path, readme: Path, headline_doc: Path | None = None) -> str:
     """Replace the generated block (between BEGIN and END) of `readme` (docs/toyworld.md) with the tables of a
-    committed results JSON, its headings one level down; returns the block."""
+    committed results JSON, its headings one level down, and, given `headline_doc` (the README), its headline block
+    (between HEADLINE_BEGIN and HEADLINE_END); returns the first block."""
     result = json.loads(results.read_text())
     text = write_ladder_table(result, None)
-    block = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
+    block = "\n".join(f"#{line}" if line.startswith("## ") else line for line in text.splitlines())
     block = f"_Generated from `{results.as_posix()}`._\n\n{block}"
     replace_block(readme, BEGIN, END, block)
+    if headline_doc is not None:
+        replace_block(headline_doc, HEADLINE_BEGIN, HEADLINE_END, headline(result))
     return block
