@@ -252,21 +252,34 @@ def test_decision_flag_and_fields_end_to_end(tiny_sd15, concept_set, tmp_path):
     assert joined["clip"] == row["confused"] and joined["clip_margin"] == row["confused_margin"]
 
 
-def test_readme_metric_block_is_generated_from_the_committed_study(tmp_path, monkeypatch):
-    """The README's confusion-metric tables are exactly what `scripts/confusion_metric_study.py --from_json` writes
-    from the committed study JSON: no hand-typed numbers."""
+def test_metric_study_block_is_generated_from_the_committed_study(tmp_path, monkeypatch):
+    """docs/evaluation.md's confusion-metric tables are exactly what `scripts/confusion_metric_study.py --from_json`
+    (a thin wrapper of clif.toyworld.confusion_study) writes from the committed study JSON: no hand-typed numbers."""
     import importlib.util
     import shutil
 
     from conftest import REPO
 
+    from clif.toyworld import confusion_study
+
     spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "confusion_metric_study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    copy = tmp_path / "README.md"
-    shutil.copy(REPO / "README.md", copy)
+    assert study.main is confusion_study.main  # the old command runs the package's code
+    copy = tmp_path / "evaluation.md"
+    shutil.copy(REPO / "docs" / "evaluation.md", copy)
     before = copy.read_text()
     assert before.count(study.BEGIN) == 1 and before.count(study.END) == 1
     monkeypatch.chdir(REPO)  # the block names the JSON by its path in the repository
     study.main(["--json", "pretrained/toyworld/confusion_metric_study.json", "--from_json", "--readme", str(copy)])
     assert copy.read_text() == before
+    from clif.toyworld.__main__ import main as toyworld
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "pretrained" / "toyworld").mkdir(parents=True)
+    shutil.copy(REPO / "docs" / "evaluation.md", tmp_path / "docs")
+    shutil.copy(REPO / "pretrained" / "toyworld" / "confusion_metric_study.json", tmp_path / "pretrained" / "toyworld")
+    (tmp_path / "docs" / "evaluation.md").write_text(before.replace("Cohen's kappa of each", "stale"))
+    monkeypatch.chdir(tmp_path)  # the subcommand's default target: docs/evaluation.md
+    toyworld(["confusion-study", "--json", "pretrained/toyworld/confusion_metric_study.json", "--from_json"])
+    assert (tmp_path / "docs" / "evaluation.md").read_text() == before

@@ -325,17 +325,24 @@ def test_unet_stop_at_keeps_the_full_schedule_and_resumes_to_its_end(tmp_path):
     assert ck_full["step"] == 10 and len(log_full) == 10 and log_full[:4] == log_a
 
 
-def test_readme_toyworld_block_is_generated_from_the_committed_results(tmp_path, monkeypatch):
-    """The README's toy-world tables are exactly what `python -m clif.toyworld readme` writes from the committed
-    ladder_results.json: no hand-typed numbers."""
+def test_toyworld_blocks_are_generated_from_the_committed_results(tmp_path, monkeypatch):
+    """docs/toyworld.md's tables and the README's headline are exactly what `python -m clif.toyworld readme` writes
+    from the committed ladder_results.json: no hand-typed numbers."""
     import shutil
 
-    from clif.toyworld.report import BEGIN, END, update_readme
+    from clif.toyworld.__main__ import main as toyworld
+    from clif.toyworld.report import BEGIN, END, HEADLINE_BEGIN, HEADLINE_END
 
-    copy = tmp_path / "README.md"
-    shutil.copy(REPO / "README.md", copy)
-    before = copy.read_text()
-    assert before.count(BEGIN) == 1 and before.count(END) == 1
-    monkeypatch.chdir(REPO)  # the block names the JSON by its path in the repository
-    update_readme(Path("pretrained/toyworld/ladder_results.json"), copy)
-    assert copy.read_text() == before
+    before = {}
+    for name, begin, end in (("docs/toyworld.md", BEGIN, END), ("README.md", HEADLINE_BEGIN, HEADLINE_END)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+        before[name] = (tmp_path / name).read_text()
+        assert before[name].count(begin) == 1 and before[name].count(end) == 1
+        head, block = before[name].split(begin)
+        (tmp_path / name).write_text(head + begin + block.replace("does not work", "stale"))  # what must be rewritten
+    (tmp_path / "pretrained" / "toyworld").mkdir(parents=True)  # the block names the JSON by its repository path
+    shutil.copy(REPO / "pretrained/toyworld/ladder_results.json", tmp_path / "pretrained/toyworld")
+    monkeypatch.chdir(tmp_path)
+    toyworld(["readme"])  # the default paths: docs/toyworld.md and README.md
+    assert {name: (tmp_path / name).read_text() for name in before} == before

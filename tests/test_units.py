@@ -11,6 +11,7 @@ from PIL import Image
 
 from clif.contrastive.losses import clip_loss
 from clif.eval import metrics
+from clif.retrieval import retrieval_matrix
 from clif.tokens import ConceptEmbedding
 
 
@@ -38,6 +39,17 @@ def test_confusion_margin_decides_unclear_instances():
     assert metrics.confusion_decision(close, 0.03) == (True, False)
     assert metrics.confusion_decision(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), 0.0) == (True, True)  # same concept
     assert metrics.confusion_decision(None, 0.05) == (False, False)
+
+
+def test_retrieval_matrix_counts_each_concepts_share_of_the_top_k():
+    """Row i = the shares of the concepts among text i's top-k images, k = concept i's view count; accuracy = the
+    diagonal's mean."""
+    owner = torch.tensor([0, 0, 1, 1, 1])  # 2 views of concept 0, 3 of concept 1
+    sims = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.0], [0.0, 0.9, 0.7, 0.6, 0.1]])
+    acc, matrix = retrieval_matrix(sims, owner, 2)
+    # text 0's top 2: views 0 (c0) and 2 (c1); text 1's top 3: views 1 (c0), 2 and 3 (c1)
+    assert matrix == [[0.5, 0.5], [pytest.approx(1 / 3), pytest.approx(2 / 3)]]
+    assert acc == pytest.approx((0.5 + 2 / 3) / 2)
 
 
 def test_concept_embedding_reads_new_rows_only_for_new_ids():

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from clif.contrastive.augment import PairBuilder
 from clif.contrastive.figures import confusion_figure
 from clif.contrastive.text_side import TextSide
-from clif.eval.metrics import retrieval_matrix
 from clif.outputs.artifacts import atomic_write_json
+from clif.retrieval import retrieval_matrix
 
 HELD_OUT = "photos held out of pair building, each composed on fresh backgrounds, scales and flips"
 TRAIN_VIEWS = "new compositions of the very photos the pairs were cut from (optimistic)"

@@ -58,19 +58,3 @@ def confusion_decision(sims: torch.Tensor | None, margin: float) -> tuple[bool, 
     gap = sims.max(dim=1).values - sims.min(dim=1).values
     return True, bool(best[0] == best[1] or (gap < margin).any())
 
-
-def retrieval_matrix(sims: torch.Tensor, image_concept: torch.Tensor, n: int) -> tuple[float, list]:
-    """Text->image retrieval among concepts from similarities [n texts, N images]: row i = share of
-    concept j's views in text i's top-k images, k = the number of views of concept i.
-
-    Accuracy = mean of the diagonal (chance = 1/n for balanced views).
-    """
-    sims = sims.float().cpu()
-    image_concept = image_concept.cpu()
-    matrix = torch.zeros(n, n)
-    for i in range(n):
-        k = int((image_concept == i).sum())
-        top = sims[i].topk(k).indices
-        for j in range(n):
-            matrix[i, j] = (image_concept[top] == j).float().mean()
-    return float(matrix.diag().mean()), matrix.tolist()

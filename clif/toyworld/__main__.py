@@ -1,4 +1,5 @@
-"""`python -m clif.toyworld pretrain|gate|experiment ...`: one command per step of the toy-world study."""
+"""`python -m clif.toyworld pretrain|gate|experiment|compact|readme|confusion-study ...`: one command per step of
+the toy-world study."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     from clif.cli import Parser, user_errors
 
-    from . import experiment, gate, pretrain
+    from . import confusion_study, experiment, gate, pretrain
 
     p = Parser(prog="python -m clif.toyworld", description=__doc__)  # its sub-commands' too: one-line errors
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -46,14 +47,24 @@ def _main(argv: list[str] | None) -> None:
         "(what is committed).",
     )
     c.add_argument("folder", help="The world folder (pretrain --out).")
-    r = sub.add_parser("readme", help="Regenerate the README's toy-world tables from a committed results JSON.")
+    r = sub.add_parser(
+        "readme", help="Regenerate docs/toyworld.md's tables and the README's headline from a committed results JSON."
+    )
     r.add_argument("--results", default="pretrained/toyworld/ladder_results.json", help="experiment's results.json")
-    r.add_argument("--readme", default="README.md", help="The README with the generated block to replace.")
+    r.add_argument("--readme", default="docs/toyworld.md", help="The document with the generated block to replace.")
+    r.add_argument("--headline", default="README.md", help="The document with the headline block ('' for none).")
     r.add_argument(
         "--block",
         default="results",
         choices=["results", "composition"],
         help="Which generated block: the ladder ('results') or the multi-concept options ('composition').",
+    )
+    confusion_study.add_args(
+        sub.add_parser(
+            "confusion-study",
+            help="Is evaluate.py's confusion decision right? Tuned and checked against the referee, rung by rung "
+            "(= scripts/confusion_metric_study.py).",
+        )
     )
     args = p.parse_args(argv)
     with user_errors(p.prog):
@@ -61,7 +72,7 @@ def _main(argv: list[str] | None) -> None:
 
 
 def _dispatch(args) -> None:
-    from . import experiment, gate, pretrain
+    from . import confusion_study, experiment, gate, pretrain
 
     if args.cmd == "pretrain":
         print(pretrain.run(args))
@@ -78,8 +89,10 @@ def _dispatch(args) -> None:
 
         from .report import update_readme
 
-        update_readme(Path(args.results), Path(args.readme), args.block)
-        print(f"{args.readme}: toy-world tables regenerated from {args.results}")
+        update_readme(Path(args.results), Path(args.readme), Path(args.headline) if args.headline else None, args.block)
+        print(f"{args.readme}, {args.headline or 'no headline'}: toy-world tables regenerated from {args.results}")
+    elif args.cmd == "confusion-study":
+        confusion_study.run(args)
     elif args.cmd == "gate":
         gate.run(args)
     else:

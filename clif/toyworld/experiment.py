@@ -102,8 +102,9 @@ def generate(
     return out
 
 
-def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) -> dict:
-    """evaluate.py with the world's own CLIP (image halves for the left/right prompts: no detector here)."""
+def evaluate_folder(clip: Path, data: Path, folder: Path, out: Path, log: Path) -> dict:
+    """evaluate.py with the world's own CLIP, `clip` = the world's paired_clip/ (image halves for the left/right
+    prompts: no detector here); a folder already scored (its metrics.json) is read, not scored again."""
     if not (out / "metrics.json").exists():
         run_cmd(
             [
@@ -118,7 +119,7 @@ def evaluate_folder(base: Path, data: Path, folder: Path, out: Path, log: Path) 
                 str(out),
                 "--overwrite",
                 "--clip_model",
-                str(base / "paired_clip"),
+                str(clip),
                 "--detector",
                 "none",
             ],
@@ -172,7 +173,7 @@ def one_run(
             log,
             METHODS[m].generate,
         )
-        ev = evaluate_folder(base, data, folder, out / f"eval-{m}", log)
+        ev = evaluate_folder(base / "paired_clip", data, folder, out / f"eval-{m}", log)
         # in this process, one (rung, seed) at a time: model loading is not thread-safe (transformers switches
         # torch's default dtype and builds modules on the meta device while it loads)
         with IN_PROCESS:
@@ -333,7 +334,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rungs_file",
         default=str(DEFAULT_RUNGS_FILE),
-        help="JSON of the ladder's rungs (default: clif/toyworld/rungs.json; format in its _about and the README).",
+        help="JSON of the ladder's rungs (default: clif/toyworld/rungs.json; format in its _about and "
+        "docs/toyworld.md).",
     )
     p.add_argument("--rungs", nargs="+", default=None, help="Rungs of --rungs_file to run (default: all of them).")
     p.add_argument("--seeds", type=cli.seed_type(), nargs="+", default=[0, 1, 2], help="Training/generation seeds.")

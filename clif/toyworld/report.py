@@ -322,15 +322,45 @@ def ladder_figure(result: dict, path: Path) -> None:
 
 
 def markers(block: str = "results") -> tuple[str, str]:
-    """The begin/end markers of a generated toy-world block ('results': the ladder; 'composition': multi-concept
-    generation options)."""
+    """The begin/end markers of a generated toy-world block ('results': the ladder in docs/toyworld.md; 'headline':
+    its short form in the README; 'composition' and 'composition-headline': the multi-concept options)."""
     return (
         f"<!-- toyworld-{block}:begin (generated: python -m clif.toyworld readme) -->",
         f"<!-- toyworld-{block}:end -->",
     )
 
 
-BEGIN, END = markers()
+BEGIN, END = markers("results")
+HEADLINE_BEGIN, HEADLINE_END = markers("headline")
+
+
+def headline(result: dict) -> str:
+    """The README's short form: confusion / fidelity (means over seeds) of every method on the qualifying rungs,
+    the lowest confusion of each rung in bold, then the decision."""
+    rungs = {g: r["table"] for g, r in result["rungs"].items() if r["qualifies"]}
+    methods = list(dict.fromkeys(m for t in rungs.values() for m in t))
+    best = {g: min(v["oracle_confusion"][0] for v in t.values()) for g, t in rungs.items()}
+    lines = [
+        (
+            f"Confusion / fidelity on the rungs where TI+LoRA confuses, mean of {len(result['seeds'])} seeds (lower "
+            "confusion is better; the lowest of each rung in bold):"
+        ),
+        "",
+        "| method | " + " | ".join(rungs) + " |",
+        "|---" * (len(rungs) + 1) + "|",
+    ]
+    for m in methods:
+        cells = []
+        for g, t in rungs.items():
+            if m not in t:
+                cells.append("–")
+                continue
+            c = f"{t[m]['oracle_confusion'][0]:.2f}"
+            cells.append(f"{f'**{c}**' if t[m]['oracle_confusion'][0] == best[g] else c} / {t[m]['fidelity'][0]:.2f}")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += ["", rule_text(result.get("rule", "v1")), ""]
+    lines += [f"- {LABELS.get(m, m)}: " + v["text"] for m, v in decision(result).items()]
+    return "\n".join(lines)
 
 
 def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
@@ -343,12 +373,17 @@ def replace_block(doc_path: Path, begin: str, end: str, body: str) -> None:
     doc_path.write_text(f"{head}{begin}\n\n{body}\n\n{end}{rest.split(end, 1)[1]}")
 
 
-def update_readme(results: Path, readme: Path, block: str = "results") -> str:
-    """Replace a document's generated block `block` (between its markers) with the tables of a committed results
-    JSON, its headings one level down; returns the block's text."""
+def update_readme(results: Path, readme: Path, headline_doc: Path | None = None, block: str = "results") -> str:
+    """Replace the generated block `block` of `readme` (docs/toyworld.md) with the tables of a committed results
+    JSON, its headings one level down, and, given `headline_doc` (the README), its headline block ('headline' for
+    the ladder, '<block>-headline' otherwise); returns the first block."""
     result = json.loads(results.read_text())
     text = write_ladder_table(result, None)
-    body = "\n".join(f"##{line}" if line.startswith("## ") else line for line in text.splitlines())
+    body = "\n".join(f"#{line}" if line.startswith("## ") else line for line in text.splitlines())
     body = f"_Generated from `{results.as_posix()}`._\n\n{body}"
     replace_block(readme, *markers(block), body)
+    if headline_doc is not None:
+        replace_block(
+            headline_doc, *markers("headline" if block == "results" else f"{block}-headline"), headline(result)
+        )
     return body
