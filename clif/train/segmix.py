@@ -58,10 +58,10 @@ def caption(left: Concept, right: Concept, concepts: list[Concept]) -> str:
 
 def paste_pair(
     left: Image.Image, right: Image.Image, size: int, rng: random.Random, mirror: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]]]:
     """Two cut-outs (RGBA, alpha = mask) pasted at the left and right of a white size x size canvas, scaled and
-    placed as MuDI does; with `mirror`, each is mirrored with probability 1/2. Returns the uint8 image [R, R, 3] and
-    the bool mask [R, R] of the pasted pixels (their union)."""
+    placed as MuDI does; with `mirror`, each is mirrored with probability 1/2. Returns the uint8 image [R, R, 3],
+    the bool mask [R, R] of the pasted pixels (their union) and the two boxes (x, y, w, h), left first."""
     canvas = np.full((size, size, 3), 255, np.uint8)
     union = np.zeros((size, size), bool)
     margin, inset_max = max(1, round(size * MARGIN)), max(1, round(size * MAX_INSET))
@@ -77,13 +77,14 @@ def paste_pair(
         x = inset if side == 0 else size - inset - w
         y = rng.randint(0, size - h)
         placed.append((x, y, rgba[..., :3], rgba[..., 3] >= 128))
+    boxes = [(x, y, mask.shape[1], mask.shape[0]) for x, y, _, mask in placed]
     if rng.random() < 0.5:  # which one lies on top where they overlap
         placed.reverse()
     for x, y, rgb, mask in placed:
         h, w = mask.shape
         canvas[y : y + h, x : x + w][mask] = rgb[mask]
         union[y : y + h, x : x + w] |= mask
-    return canvas, union
+    return canvas, union, boxes
 
 
 class SegMix:
@@ -162,7 +163,7 @@ class CollagePool:
             other = rng.choice([o for o in range(len(cut)) if o != ci])
             partner = rng.randrange(len(cut[other]))
             (li, lp), (ri, rp) = ((ci, k), (other, partner)) if rng.random() < 0.5 else ((other, partner), (ci, k))
-            im, mask = paste_pair(cut[li][lp], cut[ri][rp], size, rng, mirror)
+            im, mask, _ = paste_pair(cut[li][lp], cut[ri][rp], size, rng, mirror)
             images.append(torch.from_numpy(im).permute(2, 0, 1))
             masks.append(torch.from_numpy(mask)[None])
             self.sides.append((li, ri))
