@@ -92,7 +92,8 @@ def test_pool_captions_match_the_placement():
     seen = set()
     for i in range(len(pool)):
         left, right = pool.sides[i]
-        assert left != right and i // 3 // 2 in (left, right)  # its image's concept and a partner
+        own = i // 3 // 2  # its image's concept, with a partner, on the left in the even collages
+        assert left != right and (left, right)[i % 2] == own
         canvas = np.asarray(pool.image(i))
         x_left, x_right = cols[where(canvas, colours[left])].mean(), cols[where(canvas, colours[right])].mean()
         assert x_left < 32 < x_right

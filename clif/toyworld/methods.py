@@ -27,6 +27,8 @@ TI_BY_IMAGES = Stage("ti_by_images", "ti", ("--concept_balance", "images"))
 LORA_BY_IMAGES = Stage("lora_by_images", "lora", ("--concept_balance", "images"))
 # stage 2 skipped and stage 3's concept rows frozen: the rows the UNet sees are exactly stage 1's
 LORA_FROZEN_ROWS = Stage("lora_frozen", "lora", ("--embedding_learning_rate", "0"))
+# issue 27: stage 3 with Seg-Mix (MuDI): half the samples are two-concept collages, the loss masked to the subjects
+LORA_SEGMIX = Stage("lora_segmix", "lora", ("--segmix_prob", "0.5"))
 
 METHODS: dict[str, tuple[Stage, ...]] = {
     "ti": (TI,),
@@ -36,6 +38,8 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     "clif_full": (CLIF_FULL, TI, LORA),
     "clif_frozen": (CLIF, LORA_FROZEN_ROWS),
     "ti_lora_by_images": (TI_BY_IMAGES, LORA_BY_IMAGES),
+    "ti_lora_segmix": (TI, LORA_SEGMIX),
+    "clif_segmix": (CLIF, TI, LORA_SEGMIX),
 }
 LADDER = ("ti", "ti_lora", "clif", "clif_te", "clif_full", "clif_frozen")  # the ladder's default methods
 LABELS = {
@@ -46,6 +50,8 @@ LABELS = {
     "clif_full": "CLIF + whole text encoder",
     "clif_frozen": "CLIF rows frozen after stage 1",
     "ti_lora_by_images": "TI+LoRA, --concept_balance images",
+    "ti_lora_segmix": "TI+LoRA + Seg-Mix",
+    "clif_segmix": "CLIF + Seg-Mix",
 }
 
 

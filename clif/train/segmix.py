@@ -290,14 +290,17 @@ def preview(argv: list[str] | None = None) -> None:
         per_image = -(-a.num // sum(len(c.images) for c in concepts))
         pool = CollagePool(mix.cut, concepts, a.resolution, per_image, seeds.stream(a.seed, "segmix"))
         shown = range(0, len(pool), max(1, len(pool) // a.num))[: a.num]
-        tiles = []
+        tiles, labels, zoom = [], [], max(1, 128 // a.resolution)  # small collages shown enlarged, pixel for pixel
         for i in shown:
-            tiles += [pool.image(i), Image.fromarray(pool.masks[i, 0].numpy().astype(np.uint8) * 255)]
+            mask = Image.fromarray(pool.masks[i, 0].numpy().astype(np.uint8) * 255)
+            tiles += [im.resize((a.resolution * zoom,) * 2, Image.Resampling.NEAREST) for im in (pool.image(i), mask)]
+            left, right = (concepts[c].name for c in pool.sides[i])
+            labels += [f"{left} | {right}", "loss mask"]
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        grid(tiles, cols=2).save(out / "grid.png")
+        grid(tiles, cols=4, captions=labels).save(out / "grid.png")
         (out / "captions.json").write_text(json.dumps([pool.captions[i] for i in shown], indent=2) + "\n")
-        print(f"wrote {out / 'grid.png'}: {len(shown)} collages (left) and their loss masks (right, white)")
+        print(f"wrote {out / 'grid.png'}: {len(shown)} collages, each beside its loss mask (white)")
 
 
 if __name__ == "__main__":
