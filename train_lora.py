@@ -82,6 +82,13 @@ def build_parser():
         default=8,
         help="Collages per training image in the run's pool (built from --seed; cached with --cache_latents).",
     )
+    g.add_argument(
+        "--segmix_background_weight",
+        type=cli.number(float, 0, 1),
+        default=0.0,
+        help="Weight of a collage's background in the loss, its pasted subjects weighing 1 (MuDI's soft_alpha): "
+        "0 = the loss masked to the subjects, 1 = no mask.",
+    )
     add_segmenter_args(g, cache_help="Cache of the masks the segmenter computes (images without masks/<name>/).")
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-image loss.")

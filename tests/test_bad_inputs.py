@@ -307,6 +307,9 @@ def _no_masks(c: Ctx) -> Path:
 for value in ("1.5", "-0.1", "nan", "often"):
     case(f"lora--segmix_prob={value}", "lora", lambda c, v=value: _lora(c, "--segmix_prob", v),
          _number_needle("--segmix_prob", value))
+case("lora--segmix_background_weight=2", "lora", lambda c: _lora(c, "--segmix_prob", "0.5",
+                                                               "--segmix_background_weight", "2"),
+     "--segmix_background_weight: must be in [0, 1]")
 case("lora--segmix_collages=0", "lora", lambda c: _lora(c, "--segmix_prob", "0.5", "--segmix_collages", "0"),
      "--segmix_collages: must be")
 case("lora-segmix-one-concept", "lora",

@@ -165,11 +165,12 @@ def test_loss_counts_only_the_masked_latents(sd15_model):
     torch.testing.assert_close(loss(masked), expected)
 
 
-def stream(concept_set, prob=0.5, seed=0, per_image=4, pool_seed=None):
+def stream(concept_set, prob=0.5, seed=0, per_image=4, background=0.0):
     concepts = load_concept_set(concept_set)
     data = ConceptImages(concepts, 32, False, seed=seeds.stream(seed, "data_order"))
     mix = SegMix(argparse.Namespace(segmix_prob=prob, segmix_collages=per_image, resolution=32, random_flip=False,
-                                    seed=seed, learnable_property="object", segmenter="none", cache_dir="unused"))
+                                    seed=seed, learnable_property="object", segmenter="none", cache_dir="unused",
+                                    segmix_background_weight=background))
     mix.check(concepts)
     return mix.wrap(data, None, concepts, None, "cpu")[0]
 
@@ -213,6 +214,16 @@ def test_a_share_p_of_the_samples_are_collages_of_their_own_image(concept_set):
     assert stream(concept_set, prob=1.0).stats(40)["collage_samples"] == 40
 
 
+def test_background_weight_is_the_loss_weight_off_the_subjects(concept_set):
+    """--segmix_background_weight a (MuDI's soft_alpha): a collage's pasted pixels weigh 1, the rest a."""
+    for a in (0.0, 0.25, 1.0):
+        b = stream(concept_set, prob=1.0, background=a).micro_batch(0, 4)
+        for j, c in enumerate(b.collage.tolist()):
+            mask = stream(concept_set).pool.masks[c]
+            assert torch.equal(b.loss_mask[j][mask], torch.ones(int(mask.sum())))
+            assert torch.equal(b.loss_mask[j][~mask], torch.full((int((~mask).sum()),), a))
+
+
 def test_masks_come_from_the_segmenter_when_the_set_has_none(concept_set, tmp_path):
     from clif.fixtures.tiny import build_clipseg
 
@@ -222,7 +233,8 @@ def test_masks_come_from_the_segmenter_when_the_set_has_none(concept_set, tmp_pa
     concepts = load_concept_set(root)
     seg = build_clipseg(tmp_path / "clipseg")
     mix = SegMix(argparse.Namespace(segmix_prob=0.5, segmix_collages=1, resolution=32, random_flip=False, seed=0,
-                                    learnable_property="object", segmenter=str(seg), cache_dir=str(tmp_path / "c")))
+                                    learnable_property="object", segmenter=str(seg), cache_dir=str(tmp_path / "c"),
+                                    segmix_background_weight=0.0))
     mix.check(concepts)
     assert [len(c) for c in mix.cut] == [3, 3] and len(list((tmp_path / "c" / "masks").glob("*.png"))) == 6
 
@@ -277,7 +289,7 @@ def test_segmix_resume_is_bit_identical_and_a_changed_one_refused(tiny_sd15, con
     assert json.loads((full / "run_stats.json").read_text())["segmix"]["collage_samples"] > 0
     part.mkdir()
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
-    for changed, flag in (("--segmix_prob", "0.3"), ("--segmix_collages", "4")):
+    for changed, flag in (("--segmix_prob", "0.3"), ("--segmix_collages", "4"), ("--segmix_background_weight", "1")):
         argv = lora_args(tiny_sd15, concept_set, ti_run, part, *extra, changed, flag, "--resume_from_checkpoint",
                          "latest")
         code, err = run_cli(train_lora.main, argv, capsys)
@@ -297,7 +309,7 @@ def test_a_checkpoint_from_before_segmix_resumes_only_without_it(tiny_sd15, conc
     shutil.rmtree(out / "checkpoint-2")
     manifest = out / "checkpoint-1" / "clif_manifest.json"
     m = json.loads(manifest.read_text())
-    for k in ("segmix_prob", "segmix_collages", "segmenter", "cache_dir"):
+    for k in ("segmix_prob", "segmix_collages", "segmix_background_weight", "segmenter", "cache_dir"):
         m["args"].pop(k)
     manifest.write_text(json.dumps(m))
     code, err = run_cli(train_lora.main, lora_args(tiny_sd15, concept_set, ti_run, out, *extra, "--segmix_prob", "0.5",

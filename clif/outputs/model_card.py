@@ -65,8 +65,9 @@ def segmix_section(out: Path) -> list[str]:
         "## Seg-Mix",
         "",
         f"Seg-Mix was on (`--segmix_prob {mix.get('prob')}`): {mix.get('collage_samples')} of {mix.get('samples')} "
-        f"training samples were collages of two concepts' cut-outs, captioned `{mix.get('caption')}`, with the loss "
-        f"masked to the pasted subjects (a pool of {mix.get('pool')} collages; `{STATS}`).",
+        f"training samples were collages of two concepts' cut-outs, captioned `{mix.get('caption')}`, the loss "
+        f"weighing their background {mix.get('background_weight')} and the pasted subjects 1 (a pool of "
+        f"{mix.get('pool')} collages; `{STATS}`).",
         "",
         "| left | right | samples |",
         "|---|---|---|",

@@ -93,6 +93,7 @@ class SegMix:
 
     def __init__(self, args):
         self.prob, self.per_image = args.segmix_prob, args.segmix_collages
+        self.background = args.segmix_background_weight
         self.size, self.mirror, self.seed = args.resolution, args.random_flip, args.seed
         self.property = args.learnable_property
         self.segmenter = Segmenter(args.segmenter, Path(args.cache_dir) / "masks")
@@ -133,7 +134,7 @@ class SegMix:
         if not self.on:
             return data, cache
         pool = CollagePool(self.cut, concepts, self.size, self.per_image, seeds.stream(self.seed, "segmix"), self.mirror)
-        stream = SegMixStream(data, pool, self.prob, seeds.stream(self.seed, "segmix_order"))
+        stream = SegMixStream(data, pool, self.prob, seeds.stream(self.seed, "segmix_order"), self.background)
         return stream, None if cache is None else MixedCache(cache, pool, vae, device)
 
     def stats(self, data, n: int) -> dict:
@@ -143,7 +144,8 @@ class SegMix:
 
 class CollagePool:
     """`per_image` collages of every training image (in ConceptImages' order) with a partner from another concept:
-    collage v of image i is i * per_image + v, a pure function of (seed, that index)."""
+    collage v of image i is i * per_image + v, a pure function of (seed, that index); the image lies on the left in
+    the even ones, on the right in the odd ones."""
 
     def __init__(
         self,
@@ -162,7 +164,8 @@ class CollagePool:
             rng = random.Random(seeds.element(seed, index))
             other = rng.choice([o for o in range(len(cut)) if o != ci])
             partner = rng.randrange(len(cut[other]))
-            (li, lp), (ri, rp) = ((ci, k), (other, partner)) if rng.random() < 0.5 else ((other, partner), (ci, k))
+            # the image's concept alternates sides (pool index even: left), so that both sides have their share
+            (li, lp), (ri, rp) = ((ci, k), (other, partner)) if index % 2 == 0 else ((other, partner), (ci, k))
             im, mask, _ = paste_pair(cut[li][lp], cut[ri][rp], size, rng, mirror)
             images.append(torch.from_numpy(im).permute(2, 0, 1))
             masks.append(torch.from_numpy(mask)[None])
@@ -180,10 +183,12 @@ class CollagePool:
 
 
 class SegMixStream:
-    """A ConceptImages stream in which each sample is, with probability `prob`, one of its image's collages."""
+    """A ConceptImages stream in which each sample is, with probability `prob`, one of its image's collages; a
+    collage's loss weighs its pasted pixels 1 and the rest `background` (MuDI's soft_alpha: 0 = only the subjects
+    count, 1 = no mask)."""
 
-    def __init__(self, data: ConceptImages, pool: CollagePool, prob: float, seed: int):
-        self.data, self.pool, self.prob, self.seed = data, pool, prob, seed
+    def __init__(self, data: ConceptImages, pool: CollagePool, prob: float, seed: int, background: float = 0.0):
+        self.data, self.pool, self.prob, self.seed, self.background = data, pool, prob, seed, background
         self._epochs: dict[int, torch.Tensor] = {}
 
     @property
@@ -213,7 +218,7 @@ class SegMixStream:
         if not hit.any():
             return replace(s, collage=collage, loss_mask=mask)
         chosen = collage[hit]
-        mask[hit] = self.pool.masks[chosen].float()
+        mask[hit] = self.pool.masks[chosen].float() * (1 - self.background) + self.background
         time_ids = s.time_ids.clone()
         time_ids[hit] = self.pool.time_ids
         captions = [self.pool.captions[c] if c >= 0 else cap for c, cap in zip(collage.tolist(), s.captions)]
@@ -240,6 +245,7 @@ class SegMixStream:
         names = [c.name for c in self.pool.concepts]
         return {
             "prob": self.prob,
+            "background_weight": self.background,
             "collages_per_image": self.pool.per_image,
             "pool": len(self.pool),
             "samples": n,
@@ -284,7 +290,8 @@ def preview(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     with user_errors("clif.train.segmix"):
         concepts = load_concept_set(a.train_data_dir)
-        flags = {"segmix_prob": 1.0, "segmix_collages": 1, "random_flip": False, "learnable_property": "object"}
+        flags = {"segmix_prob": 1.0, "segmix_collages": 1, "segmix_background_weight": 0.0, "random_flip": False,
+                 "learnable_property": "object"}
         mix = SegMix(argparse.Namespace(**vars(a), **flags))
         mix.check(concepts)
         per_image = -(-a.num // sum(len(c.images) for c in concepts))
