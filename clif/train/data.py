@@ -214,7 +214,9 @@ class ConceptImages:
 
 
 @torch.no_grad()
-def encode_posterior(vae, pixels: torch.Tensor, device, dtype, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posterior(
+    vae, pixels: torch.Tensor, device, dtype, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior (mean, std) of `pixels` ([N, 3, R, R] in [-1, 1]), in batches of `batch_size`, fp32."""
     means, stds = [], []
     for s in range(0, len(pixels), batch_size):

@@ -7,8 +7,10 @@ What MuDI does (agwmon/MuDI, train_segmix_lora_sdxl.py) and what is kept here:
   edge, the right one as far from the right edge, each at its own random height, on white; where they overlap, a
   random one of the two lies on top;
 - the loss mask is the union of the two pasted masks, bilinearly resized to the latent grid; the loss is the mean
-  over every latent element of squared error x mask (not divided by the mask's area), single images keeping a mask
-  of ones, so their loss is the usual one;
+  over every latent element of squared error x weight (not divided by the mask's area), the weight being 1 on the
+  subjects and --segmix_background_weight elsewhere (MuDI's soft_alpha: its code's dataset default 0 masks the loss
+  to the subjects; its command-line default and README use 1, no mask); single images keep a weight of ones, so
+  their loss is the usual one;
 - MuDI's caption names the two concepts in a fixed order ("a photo of a {} and a {}, simple background"); ours says
   which one is on which side.
 Unlike MuDI, which builds and encodes each collage on the fly, the collages are a fixed pool per run
@@ -133,7 +135,8 @@ class SegMix:
         """The stage's sample stream and latent cache, with collages in place of a share `prob` of the samples."""
         if not self.on:
             return data, cache
-        pool = CollagePool(self.cut, concepts, self.size, self.per_image, seeds.stream(self.seed, "segmix"), self.mirror)
+        seed = seeds.stream(self.seed, "segmix")
+        pool = CollagePool(self.cut, concepts, self.size, self.per_image, seed, self.mirror)
         stream = SegMixStream(data, pool, self.prob, seeds.stream(self.seed, "segmix_order"), self.background)
         return stream, None if cache is None else MixedCache(cache, pool, vae, device)
 
