@@ -16,7 +16,7 @@ from clif import cli, full_text, lora, seeds, validate
 from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
 from clif.contrastive.common_concepts import common_images, generate_common_images
 from clif.contrastive.confusion import ConfusionProbe
-from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter
+from clif.contrastive.masks import Segmenter, add_segmenter_args
 from clif.contrastive.paired import PairedCLIP, clip_image_size, pair_names, pair_sources
 from clif.contrastive.step import ContrastiveStep
 from clif.contrastive.text_side import TextSide
@@ -47,14 +47,7 @@ def build_parser():
         help="SDXL: CLIP paired with text_encoder_2 (default: "
         "<model>/paired_clip_2, else laion/CLIP-ViT-bigG-14-laion2B-39B-b160k).",
     )
-    g.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="CLIPSeg model for concepts/parts without masks.")
-    cli.harmless(
-        g.add_argument(
-            "--cache_dir",
-            default=str(Path.home() / ".cache" / "clif"),
-            help="Cache of computed masks and generated common-concept images.",
-        )
-    )
+    add_segmenter_args(g, cache_help="Cache of computed masks and generated common-concept images.")
     g.add_argument(
         "--common_words",
         default="",

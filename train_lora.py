@@ -11,11 +11,13 @@ from pathlib import Path
 from accelerate.logging import get_logger
 
 from clif import cli, full_text, lora
+from clif.contrastive.masks import add_segmenter_args
 from clif.errors import UserError
 from clif.train import prior, training
 from clif.train.compiled import training_unet
 from clif.train.data import Shard, image_stream
 from clif.train.loop import start_loop
+from clif.train.segmix import SegMix
 from clif.train.stage import current_rows, lora_trainables, prepare, start_run, write_stage_outputs
 
 PROG = "train_lora.py"
@@ -66,6 +68,28 @@ def build_parser():
             help="Also write <name>_kohya.safetensors for A1111/ComfyUI (real alpha, bundled embeddings).",
         )
     )
+    g = p.add_argument_group("Seg-Mix (MuDI): two-concept collages, loss masked to the pasted subjects")
+    g.add_argument(
+        "--segmix_prob",
+        type=cli.number(float, 0, 1),
+        default=0.0,
+        help="Share of the samples that are a collage of the sample's concept and another one, side by side, "
+        "captioned 'a photo of a <A> on the left and a <B> on the right' (0 = off; needs 2+ concepts and masks).",
+    )
+    g.add_argument(
+        "--segmix_collages",
+        type=cli.positive(int),
+        default=8,
+        help="Collages per training image in the run's pool (built from --seed; cached with --cache_latents).",
+    )
+    g.add_argument(
+        "--segmix_background_weight",
+        type=cli.number(float, 0, 1),
+        default=0.0,
+        help="Weight of a collage's background in the loss, its pasted subjects weighing 1 (MuDI's soft_alpha): "
+        "0 = the loss masked to the subjects, 1 = no mask.",
+    )
+    add_segmenter_args(g, cache_help="Cache of the masks the segmenter computes (images without masks/<name>/).")
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="Add the class-image loss.")
     g.add_argument("--class_data_dir", default=None, help="Class images; missing ones are generated and cached here.")
@@ -91,7 +115,8 @@ def check_args(args) -> None:
 def run(args) -> None:
     # ---- validate everything before the first expensive step; nothing is written until then
     check_args(args)
-    inp = prepare(args, stage_required=True)
+    mix = SegMix(args)  # --segmix_prob: two concepts or more, and a mask of every image, checked with the set
+    inp = prepare(args, stage_required=True, check=mix.check)
     model, concepts = inp.model, inp.concepts
     if args.export_kohya:
         full_text.check_exportable(args.stage_dir, model, "--export_kohya")
@@ -116,7 +141,7 @@ def run(args) -> None:
 
     # ---- data (+ class images), latent caches
     shard = Shard.of(accelerator, args.train_batch_size)
-    data, cache = image_stream(concepts, args, model.vae, device)
+    data, cache = mix.wrap(*image_stream(concepts, args, model.vae, device), concepts, model.vae, device)
     prior_term = prior.PriorPreservation(args, model, device, shard) if args.with_prior_preservation else None
     if args.cache_latents and not args.validation_prompt:
         model.vae.to("cpu")
@@ -146,7 +171,7 @@ def run(args) -> None:
         default_steps=DEFAULT_STEPS,
         desc="lora",
         resume=inp.resume_path,
-        stats=lambda n: {"samples_per_concept": data.samples_per_concept(n)},
+        stats=lambda n: {"samples_per_concept": data.samples_per_concept(n), **mix.stats(data, n)},
         extra_noise=[prior_term.noise] if prior_term else [],
     )
     logger.info(

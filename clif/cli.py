@@ -23,7 +23,7 @@ SEED_LIMIT = 2**63  # torch generators take 64-bit seeds; derived seeds (seed + 
 HARMLESS: set[str] = set()
 # Result-changing flags added after runs were made: the value in effect for a checkpoint whose manifest predates
 # the flag, so that resuming such a checkpoint with another value is refused as well.
-BEFORE_FLAG: dict[str, object] = {"concept_balance": "images"}
+BEFORE_FLAG: dict[str, object] = {"concept_balance": "images", "segmix_prob": 0.0}
 
 
 def harmless(action: argparse.Action) -> argparse.Action:

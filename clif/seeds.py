@@ -17,6 +17,10 @@ probe          seed + 10000               stage 1: views of the before/after con
                                                                                                         confusion.py
 prior_data     seed + 1, per sample       stage 3: class-image flip and caption template              train/prior.py
 prior_noise    seed + 1                   stage 3: noise and timesteps of the class-image loss (saved) train/prior.py
+segmix         seed + 20000, per collage  stage 3 --segmix_prob: partner, sides, scales, places and    train/segmix.py
+                element()                 mirroring of collage i of the pool
+segmix_order   seed + 20001, per epoch    stage 3 --segmix_prob: which samples of epoch e are          train/segmix.py
+                element()                 collages, and which of their image's collages
 validation     seed, image i: + i         validation images                                           images.py
 generated      seed, image i: + i         generated class images and common-concept images            images.py
 
@@ -35,6 +39,8 @@ STREAMS: dict[str, int] = {
     "probe": 10_000,
     "prior_data": 1,
     "prior_noise": 1,
+    "segmix": 20_000,
+    "segmix_order": 20_001,
     "validation": 0,
     "generated": 0,
 }

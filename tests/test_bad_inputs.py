@@ -299,6 +299,32 @@ case("lora-embedding-empty", "lora",
 case("lora-stage-lora-garbage", "lora",
      lambda c: _lora(c, stage=_stage_file(c, "pytorch_lora_weights.safetensors", b"\x00" * 64)), "safetensors")
 
+
+# ---- stage 3 Seg-Mix (--segmix_prob): a probability, two concepts or more, objects, a mask of every image
+def _no_masks(c: Ctx) -> Path:
+    root = c.copy(c.data, "set")
+    shutil.rmtree(root / "masks")
+    return root
+
+
+for value in ("1.5", "-0.1", "nan", "often"):
+    case(f"lora--segmix_prob={value}", "lora", lambda c, v=value: _lora(c, "--segmix_prob", v),
+         _number_needle("--segmix_prob", value))
+case("lora--segmix_background_weight=2", "lora", lambda c: _lora(c, "--segmix_prob", "0.5",
+                                                               "--segmix_background_weight", "2"),
+     "--segmix_background_weight: must be in [0, 1]")
+case("lora--segmix_collages=0", "lora", lambda c: _lora(c, "--segmix_prob", "0.5", "--segmix_collages", "0"),
+     "--segmix_collages: must be")
+case("lora-segmix-one-concept", "lora",
+     lambda c: [*_lora(c, "--segmix_prob", "0.5"), "--train_data_dir", str(c.concepts(lambda s: s["concepts"].pop()))],
+     "needs at least two concepts")
+case("lora-segmix-style", "lora", lambda c: _lora(c, "--segmix_prob", "0.5", "--learnable_property", "style"),
+     "does not apply to --learnable_property style")
+case("lora-segmix-no-masks-no-segmenter", "lora",
+     lambda c: [*_lora(c, "--segmix_prob", "0.5", "--segmenter", str(c.tmp / "noseg"), "--cache_dir",
+                       str(c.tmp / "cache")), "--train_data_dir", str(_no_masks(c))],
+     "needs a mask of every image")
+
 # ---- stage 1 flags
 for flag, value in [("--num_pairs", "0"), ("--global_ratio", "nan"), ("--mix_ratio", "-1"), ("--num_views", "0"),
                     ("--text_encoder_rank", "0"), ("--text_encoder_lr", "nan"), ("--num_common_images", "0"),

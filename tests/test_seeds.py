@@ -18,7 +18,7 @@ def clif_args(model, data, out, cache, *extra: str) -> list[str]:
 
 def test_streams_are_named_and_derived_from_the_seed():
     assert {"data_order", "noise", "dropout", "lora_init", "augmentation", "probe", "prior_data", "prior_noise",
-            "validation", "generated"} == set(seeds.STREAMS)
+            "validation", "generated", "segmix", "segmix_order"} == set(seeds.STREAMS)
     # the offsets the streams always had: resumed and reproduced runs keep their numbers
     assert seeds.stream(5, "noise") == 5 and seeds.stream(5, "prior_noise") == 6 and seeds.stream(5, "probe") == 10_005
     assert seeds.element(3, 7) == 3 * 1_000_003 + 7 and seeds.element(2**63 - 1, 0) < 2**64

@@ -20,7 +20,7 @@ from clif import seeds
 from clif.cli import add_balance_arg, non_negative, positive
 from clif.concepts import Concept, concept_slots, open_rgb
 from clif.contrastive.captions import Templates, load_templates
-from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter, check_usable, load_mask, user_mask
+from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter, concept_mask
 from clif.contrastive.regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
 from clif.errors import UserError
 
@@ -126,12 +126,7 @@ class PairBuilder:
         self.common += [p for word, paths in common.items() for p in self._common(word, paths)]
 
     def _mask(self, image: Path, masks_dir: Path | None, prompt: str, part: str | None, size) -> np.ndarray:
-        given = user_mask(masks_dir, image, part)
-        if given is not None:
-            return check_usable(load_mask(given, size), str(given))
-        if self.segmenter is None:
-            raise UserError(f"no mask for {image}{' part ' + part if part else ''} and no segmenter")
-        return check_usable(self.segmenter.mask(image, prompt), f"{image} (segmented as {prompt!r})")
+        return concept_mask(image, masks_dir, prompt, self.segmenter, size, part)
 
     def _wholes(self, i: int, c: Concept, paths: list[Path]) -> list[Piece]:
         out = []

@@ -9,12 +9,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clif import cli
 from clif.concepts import open_rgb
 from clif.errors import UserError, loading
 from clif.validate import ModelSource, check_models
 
 DEFAULT_SEGMENTER = "CIDAS/clipseg-rd64-refined"
 MIN_AREA = 0.005  # a mask covering less than 0.5 % of the image is not usable
+
+
+def add_segmenter_args(g, *, cache_help: str) -> None:
+    """--segmenter (result-changing) and --cache_dir (harmless) of the stages that cut concepts out (1, and 3's
+    Seg-Mix)."""
+    g.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="CLIPSeg model for concepts/parts without masks.")
+    cli.harmless(g.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "clif"), help=cache_help))
 
 
 def user_mask(masks_dir: Path | None, image: Path, part: str | None = None) -> Path | None:
@@ -39,6 +47,19 @@ def check_usable(mask: np.ndarray, what: str) -> np.ndarray:
     if mask.mean() < MIN_AREA:
         raise UserError(f"{what}: the mask is empty (no usable mask); fix or remove it")
     return mask
+
+
+def concept_mask(
+    image: Path, masks_dir: Path | None, prompt: str, segmenter: Segmenter | None, size, part: str | None = None
+) -> np.ndarray:
+    """The usable bool mask of `image` (at `size`, (w, h)): the user's (masks/<name>/<stem>[__<part>].png), else the
+    segmenter's, prompted with `prompt`."""
+    given = user_mask(masks_dir, image, part)
+    if given is not None:
+        return check_usable(load_mask(given, size), str(given))
+    if segmenter is None:
+        raise UserError(f"no mask for {image}{' part ' + part if part else ''} and no segmenter")
+    return check_usable(segmenter.mask(image, prompt), f"{image} (segmented as {prompt!r})")
 
 
 class Segmenter:

@@ -46,13 +46,41 @@ def last_grid(out: Path) -> str | None:
     return None
 
 
-def samples_section(out: Path, concepts: list[Concept], args: dict) -> list[str]:
-    """The card's table of samples per concept, from the run's run_stats.json (absent in checkpoints: none):
-    stages 2-3 the training samples that showed each concept, stage 1 its contrastive pairs."""
+def run_stats(out: Path) -> dict:
+    """The run's run_stats.json ({} in checkpoints, which have none)."""
     try:
         stats = json.loads((out / STATS).read_text())
     except (OSError, ValueError):
+        return {}
+    return stats if isinstance(stats, dict) else {}
+
+
+def segmix_section(out: Path) -> list[str]:
+    """Stage 3 with --segmix_prob: how many samples were two-concept collages, and which concept on which side."""
+    mix = run_stats(out).get("segmix")
+    if not isinstance(mix, dict):
         return []
+    return [
+        "",
+        "## Seg-Mix",
+        "",
+        (
+            f"Seg-Mix was on (`--segmix_prob {mix.get('prob')}`): {mix.get('collage_samples')} of {mix.get('samples')} "
+            f"training samples were collages of two concepts' cut-outs, captioned `{mix.get('caption')}`, the loss "
+            f"weighing their background {mix.get('background_weight')} and the pasted subjects 1 (a pool of "
+            f"{mix.get('pool')} collages; `{STATS}`)."
+        ),
+        "",
+        "| left | right | samples |",
+        "|---|---|---|",
+        *[f"| {s.get('left')} | {s.get('right')} | {s.get('samples')} |" for s in mix.get("sides", [])],
+    ]
+
+
+def samples_section(out: Path, concepts: list[Concept], args: dict) -> list[str]:
+    """The card's table of samples per concept, from the run's run_stats.json (absent in checkpoints: none):
+    stages 2-3 the training samples that showed each concept, stage 1 its contrastive pairs."""
+    stats = run_stats(out)
     balance = f"`--concept_balance {args.get('concept_balance')}`; `repeats` weights a concept; `{STATS}`"
     if isinstance(stats.get("samples_per_concept"), dict):
         counts, column = stats["samples_per_concept"], "samples"
@@ -124,6 +152,7 @@ def write_model_card(
         "",
         f"All arguments: `{MANIFEST}` (`args`) and `run_args.json`.",
         *samples_section(out, concepts, args),
+        *segmix_section(out),
         "",
         "## Files",
         "",

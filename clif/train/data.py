@@ -100,6 +100,15 @@ class Sample:
     flip: torch.Tensor  # [B] bool
     captions: list[str]
     time_ids: torch.Tensor  # [B, 6] SDXL size/crop conditioning
+    collage: torch.Tensor | None = None  # [B] Seg-Mix: the item's collage in the pool, -1 for a single image
+    loss_mask: torch.Tensor | None = None  # [B, 1, R, R] in [0, 1]: where the loss counts (Seg-Mix); None: all
+
+
+def stream_items(k: int, global_batch: int, rank: int = 0, local_batch: int | None = None) -> range:
+    """The stream positions of micro-batch k that process `rank` reads."""
+    local_batch = local_batch or global_batch
+    start = k * global_batch + rank * local_batch
+    return range(start, start + local_batch)
 
 
 class ConceptImages:
@@ -178,11 +187,9 @@ class ConceptImages:
         self, k: int, global_batch: int, rank: int = 0, local_batch: int | None = None, with_pixels: bool = True
     ) -> Sample:
         """Micro-batch k of the stream, the slice of process `rank`."""
-        local_batch = local_batch or global_batch
-        start = k * global_batch + rank * local_batch
         size = self.epoch_length
         idx, flips, caps = [], [], []
-        for j in range(start, start + local_batch):
+        for j in stream_items(k, global_batch, rank, local_batch):
             perm, flip, tmpl = self._epoch(j // size)
             i = int(perm[j % size])
             c = self.concepts[int(self.owner[i])]
@@ -206,22 +213,27 @@ class ConceptImages:
         return {c.name: int(k) for c, k in zip(self.concepts, counts)}
 
 
+@torch.no_grad()
+def encode_posterior(
+    vae, pixels: torch.Tensor, device, dtype, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of `pixels` ([N, 3, R, R] in [-1, 1]), in batches of `batch_size`, fp32."""
+    means, stds = [], []
+    for s in range(0, len(pixels), batch_size):
+        dist = vae.encode(pixels[s : s + batch_size].to(device, dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
 class LatentCache:
     """VAE posterior (mean, std) of every image and of its flipped copy, computed once."""
 
     def __init__(self, vae, images: ConceptImages, device, dtype, batch_size: int = 8):
-        means, stds = [], []
-        with torch.no_grad():
-            for flipped in (False, True):
-                for s in range(0, len(images), batch_size):
-                    x = images.pixels[s : s + batch_size]
-                    x = x.flip(-1) if flipped else x
-                    dist = vae.encode(x.to(device, dtype)).latent_dist
-                    means.append(dist.mean.float())
-                    stds.append(dist.std.float())
-        n = len(images)
-        self.mean = torch.cat(means).view(2, n, *means[0].shape[1:])
-        self.std = torch.cat(stds).view(2, n, *stds[0].shape[1:])
+        plain = encode_posterior(vae, images.pixels, device, dtype, batch_size)
+        flipped = encode_posterior(vae, images.pixels.flip(-1), device, dtype, batch_size)
+        self.mean = torch.stack([plain[0], flipped[0]])
+        self.std = torch.stack([plain[1], flipped[1]])
 
     def posterior(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
         f = sample.flip.long().to(self.mean.device)

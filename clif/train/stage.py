@@ -35,9 +35,16 @@ class StageInputs:
     whole_encoder: bool = False  # the earlier stage left whole fine-tuned text encoders: loaded, carried forward
 
 
-def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> StageInputs:
+def prepare(
+    args,
+    *,
+    stage_required: bool = False,
+    text_only: bool = False,
+    check: Callable[[list[Concept]], None] | None = None,
+) -> StageInputs:
     """Validate the run (output dir, checkpoint, optimizer flags), read the concept set, the base model and
-    (optionally) an earlier stage dir; add the placeholder tokens. Nothing is written."""
+    (optionally) an earlier stage dir; add the placeholder tokens. `check(concepts)`: the stage's own checks of the
+    concept set (tokens final), before the weights load. Nothing is written."""
     from clif.outputs import checkpoint
     from clif.train.compiled import check_compile
     from clif.train.training import check_optimizer_flags
@@ -88,6 +95,8 @@ def prepare(args, *, stage_required: bool = False, text_only: bool = False) -> S
         checkpoint.check_resumable(
             resume_path, concepts, vars(args), data, harmless=cli.HARMLESS, before=cli.BEFORE_FLAG
         )
+    if check is not None:
+        check(concepts)
     model = load_model(base, revision=args.revision, variant=args.variant, text_only=text_only)
     fingerprint = model.fingerprint()
     if manifest is not None:

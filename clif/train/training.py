@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from clif.errors import UserError
 from clif.models import DiffusionModel
 from clif.train.data import LatentCache, Sample
+from clif.train.segmix import latent_mask
 
 
 def make_accelerator(args, output_dir: str):
@@ -180,7 +181,10 @@ def diffusion_loss(
         hidden, pooled = model.encode_prompt(model.tokenize(sample.captions))
     unet = model.unet if unet is None else unet
     pred = unet(noisy.to(dtype), t, hidden.to(dtype), **model.unet_kwargs(pooled, sample.time_ids)).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if sample.loss_mask is not None:  # Seg-Mix: only the pasted subjects count (mean over every element, as MuDI)
+        error = error * latent_mask(sample.loss_mask, error.shape[-2:]).to(error.device)
+    loss = error.mean(dim=(1, 2, 3))
     if snr_gamma:
         loss = loss * snr_weights(sched, t, snr_gamma)
     return loss.mean()
