@@ -16,10 +16,10 @@ from clif import cli, full_text, lora, seeds, validate
 from clif.contrastive.augment import KINDS, add_pair_args, builder_from_args
 from clif.contrastive.common_concepts import common_images, generate_common_images
 from clif.contrastive.confusion import ConfusionProbe
-from clif.contrastive.masks import Segmenter, add_segmenter_args
 from clif.contrastive.paired import PairedCLIP, clip_image_size, pair_names, pair_sources
 from clif.contrastive.step import ContrastiveStep
 from clif.contrastive.text_side import TextSide
+from clif.masks import Segmenter, add_segmenter_args
 from clif.train import training
 from clif.train.data import Shard
 from clif.train.loop import start_loop

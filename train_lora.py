@@ -11,8 +11,8 @@ from pathlib import Path
 from accelerate.logging import get_logger
 
 from clif import cli, full_text, lora
-from clif.contrastive.masks import add_segmenter_args
 from clif.errors import UserError
+from clif.masks import add_segmenter_args
 from clif.train import prior, training
 from clif.train.compiled import training_unet
 from clif.train.data import Shard, image_stream

@@ -209,7 +209,7 @@ def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segment
     assert len(list((cache / "common" / "chef").glob("*.png"))) == 2
     stamp = [m.stat().st_mtime_ns for m in masks]
     from clif.contrastive.common_concepts import common_images
-    from clif.contrastive.masks import Segmenter
+    from clif.masks import Segmenter
 
     builder = PairBuilder(load_concept_set(root), size=64, segmenter=Segmenter(str(segmenter_dir), cache / "masks"),
                           common=common_images(root, ["chef"], cache))

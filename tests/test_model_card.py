@@ -36,3 +36,10 @@ def test_stage_folders_carry_a_model_card(tiny_sd15, concept_set, tmp_path):
     assert 'pipe.load_lora_weights("<this folder>")' in card and "- `--rank` 2" in card
     assert "`s3_kohya.safetensors`" in card and "networks.lora" in card
     assert "Last validation grid" not in card  # no validation prompt: no grid to show
+    # two concepts: how to prompt both, and inference.py's multi-concept default exactly as the options define it
+    from clif.compose.plan import Options
+    from clif.outputs.model_card import MULTI_CONCEPT_DEFAULT
+
+    assert MULTI_CONCEPT_DEFAULT == Options().default_flags()
+    assert "a photo of a <redball> on the left and a <bluebox> on the right" in card
+    assert (f"`{MULTI_CONCEPT_DEFAULT}` by default" if MULTI_CONCEPT_DEFAULT else "none by default") in card

@@ -20,8 +20,8 @@ import train_ti
 from clif import seeds
 from clif.concepts import Concept, load_concept_set
 from clif.train import training
-from clif.train.data import ConceptImages, Sample, stream_items
-from clif.train.segmix import CollagePool, SegMix, SegMixStream, caption, latent_mask, paste_pair
+from clif.train.data import ConceptImages, Sample
+from clif.train.segmix import CollagePool, SegMix, caption, latent_mask, paste_pair
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -293,7 +293,7 @@ def test_segmix_resume_is_bit_identical_and_a_changed_one_refused(tiny_sd15, con
         argv = lora_args(tiny_sd15, concept_set, ti_run, part, *extra, changed, flag, "--resume_from_checkpoint",
                          "latest")
         code, err = run_cli(train_lora.main, argv, capsys)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and f"cannot resume from" in err and changed in err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot resume from" in err and changed in err
     assert sorted(p.name for p in part.iterdir()) == ["checkpoint-2"]  # nothing written
     train_lora.main(lora_args(tiny_sd15, concept_set, ti_run, part, *extra, "--resume_from_checkpoint", "latest"))
     assert equal(weights(full), weights(part))

@@ -20,9 +20,9 @@ from clif import seeds
 from clif.cli import add_balance_arg, non_negative, positive
 from clif.concepts import Concept, concept_slots, open_rgb
 from clif.contrastive.captions import Templates, load_templates
-from clif.contrastive.masks import DEFAULT_SEGMENTER, Segmenter, concept_mask
 from clif.contrastive.regions import MIN_IMAGE_SHARE, RegionSpec, over_segment
 from clif.errors import UserError
+from clif.masks import DEFAULT_SEGMENTER, Segmenter, concept_mask, cut_out
 
 KINDS = ("global", "region", "mix")
 
@@ -47,14 +47,6 @@ class Pair:
     concepts: list[int] = field(default_factory=list)
     key: tuple[str, ...] = ()  # what the caption names, template aside: equal keys are contrastive positives
     sources: list[Path] = field(default_factory=list)  # the photos its pieces were cut from
-
-
-def cut_out(image: Image.Image, mask: np.ndarray) -> Image.Image:
-    """The masked pixels of `image` as RGBA, cropped to the mask's bounding box (alpha = mask)."""
-    rgba = image.convert("RGB").copy()
-    rgba.putalpha(Image.fromarray(mask.astype(np.uint8) * 255))
-    ys, xs = np.nonzero(mask)
-    return rgba.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
 
 
 def compose(pieces: list[Piece], size: int, rng: random.Random) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:

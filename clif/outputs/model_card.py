@@ -227,13 +227,15 @@ def write_model_card(
     atomic_write_bytes(out / CARD, ("\n".join(lines) + "\n").encode())
 
 
+# inference.py's default for a prompt naming two or more concepts (clif.compose.plan.Options; a test keeps them equal)
+MULTI_CONCEPT_DEFAULT = ""
+
+
 def _two_concepts(concepts: list) -> list[str]:
     """How to write a prompt with two of the concepts, and what inference.py does with it by default."""
     if len(concepts) < 2:
         return []
-    from clif.compose.plan import Options
-
-    flags = Options().default_flags()
+    flags = MULTI_CONCEPT_DEFAULT
     how = f"`{flags}` by default" if flags else "none by default; `--regions auto --region_prompt class` gives each"
     return [
         "",

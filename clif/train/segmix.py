@@ -36,9 +36,8 @@ from PIL import Image
 
 from clif import seeds
 from clif.concepts import Concept, open_rgb
-from clif.contrastive.augment import cut_out
-from clif.contrastive.masks import Segmenter, concept_mask, user_mask
 from clif.errors import UserError
+from clif.masks import Segmenter, concept_mask, cut_out, user_mask
 from clif.tokens import expand_prompt
 from clif.train.data import ConceptImages, LatentCache, Sample, encode_posterior, stream_items
 
@@ -280,8 +279,8 @@ def preview(argv: list[str] | None = None) -> None:
     """Write collages of a concept set beside their loss masks (grid.png), and their captions (captions.json)."""
     from clif.cli import user_errors
     from clif.concepts import load_concept_set
-    from clif.contrastive.masks import DEFAULT_SEGMENTER
     from clif.images import grid
+    from clif.masks import DEFAULT_SEGMENTER
 
     p = argparse.ArgumentParser(prog="python -m clif.train.segmix", description=preview.__doc__)
     p.add_argument("--train_data_dir", required=True, help="Concept set (dataset/README.md).")

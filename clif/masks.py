@@ -103,3 +103,11 @@ class Segmenter:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(m).resize(size, Image.Resampling.BILINEAR).save(path)
         return load_mask(path, size)
+
+
+def cut_out(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """The masked pixels of `image` as RGBA, cropped to the mask's bounding box (alpha = mask)."""
+    rgba = image.convert("RGB").copy()
+    rgba.putalpha(Image.fromarray(mask.astype(np.uint8) * 255))
+    ys, xs = np.nonzero(mask)
+    return rgba.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
