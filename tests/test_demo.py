@@ -42,21 +42,27 @@ def test_concepts_command_writes_a_set_the_stages_load(tmp_path):
     assert len(list((own / "images" / "yband").glob("*.png"))) == 5  # the default count
 
 
-def test_common_images_are_not_generated_for_words_the_set_brings(tmp_path):
+def test_common_images_are_not_generated_for_words_the_set_brings(tmp_path, monkeypatch):
     """The toy-world set brings its own other balls and boxes: stage 1 loads no pipeline to draw more."""
+    import diffusers
     import torch
 
     from clif.contrastive.common_concepts import generate_common_images
 
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", load)
     data = tmp_path / "set"
     toyworld(["concepts", "--rung", "distinct", "--out", str(data), "--images", "1", "--common", "1"])
-    # a base that does not exist: loading it would fail, so passing means nothing was generated
-    generate_common_images(str(tmp_path / "no-base"), ["ball", "box"], 2, tmp_path / "cache", device="cpu",
-                           dtype=torch.float32, seed=0, root=data)
+    kw = {"device": "cpu", "dtype": torch.float32, "seed": 0, "root": data}
+    generate_common_images("base", ["ball", "box"], 2, tmp_path / "cache", **kw)
     assert not (tmp_path / "cache").exists()
-    with pytest.raises(Exception):  # a word the set lacks is still generated (here: the missing base is loaded)
-        generate_common_images(str(tmp_path / "no-base"), ["ball", "star"], 2, tmp_path / "cache", device="cpu",
-                               dtype=torch.float32, seed=0, root=data)
+    with pytest.raises(Loaded):  # a word the set lacks is still generated
+        generate_common_images("base", ["ball", "star"], 2, tmp_path / "cache", **kw)
 
 
 def _fake_demo(root: Path, fidelity_hits: int, kinds: list[str], text_alignment: float) -> Path:
