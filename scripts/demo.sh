@@ -6,9 +6,9 @@
 #                                the world's CLIP and the world's referee reads them; a five-line summary read from
 #                                what it wrote. Everything lands in outputs/demo/ (timings.txt: seconds per part).
 #   bash scripts/demo.sh --tiny  every path on tiny random models (its images and metrics are noise): outputs/demo-tiny/
-# Environment: CLIF_STEPS, TI_STEPS, LORA_STEPS (training steps of stages 1, 2, 3), IMAGES (per prompt),
-# INFERENCE_STEPS (denoising steps), DEMO_OUT (folder), SETUP=0 (skip scripts/setup.sh: python and accelerate
-# already on PATH).
+# Environment: CLIF_STEPS, TI_STEPS, LORA_STEPS (training steps of stages 1, 2, 3; default 100 each, where the
+# toy-world experiment trains 200, 300, 200), IMAGES (per prompt, default 4), INFERENCE_STEPS (default 20),
+# DEMO_OUT (folder), SETUP=0 (skip scripts/setup.sh: python and accelerate already on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -65,15 +65,15 @@ export MODEL=$B DATA="$D/concepts" RES=32
 # the toy-world experiment's settings on this base (clif/toyworld/methods.py), at the demo's step counts
 part stage1 env OUT="$D/s1-clif" COMMON=ball,box bash run_train_clif.sh $CPU --seed 0 --clip_model "$B/paired_clip" \
   --cache_dir "$D/cache" --num_pairs 600 --train_batch_size 64 --learning_rate 5e-3 --adam_weight_decay 0 \
-  --max_train_steps "${CLIF_STEPS:-200}"
+  --max_train_steps "${CLIF_STEPS:-100}"
 part stage2 env OUT="$D/s2-ti" STAGE="$D/s1-clif" bash run_train_ti.sh $CPU --seed 0 --train_batch_size 4 \
-  --learning_rate 5e-3 --max_train_steps "${TI_STEPS:-300}"
+  --learning_rate 5e-3 --max_train_steps "${TI_STEPS:-100}"
 part stage3 env OUT="$D/s3-lora" STAGE="$D/s2-ti" bash run_train_lora.sh $CPU --seed 0 --train_batch_size 4 \
-  --rank 8 --lora_alpha 8 --learning_rate 1e-3 --embedding_learning_rate 1e-3 --max_train_steps "${LORA_STEPS:-200}"
+  --rank 8 --lora_alpha 8 --learning_rate 1e-3 --embedding_learning_rate 1e-3 --max_train_steps "${LORA_STEPS:-100}"
 for set in single pair; do  # inference.py's own defaults but for the image count, steps and guidance
   part "images-$set" python inference.py --pretrained_model_name_or_path "$B" --stage_dir "$D/s3-lora" \
     --prompt_set "$D/concepts/prompts_$set.txt" --num_images_per_prompt "${IMAGES:-4}" \
-    --num_inference_steps "${INFERENCE_STEPS:-30}" --guidance_scale 4 --batch_size 16 --output_dir "$D/images-$set"
+    --num_inference_steps "${INFERENCE_STEPS:-20}" --guidance_scale 4 --batch_size 16 --output_dir "$D/images-$set"
 done
 part evaluate python evaluate.py --images "$D/images-single" "$D/images-pair" --labels single pair \
   --concepts "$D/concepts" --clip_model "$B/paired_clip" --detector none --output_dir "$D/eval"

@@ -95,14 +95,15 @@ def _fake_demo(root: Path, fidelity_hits: int, kinds: list[str], text_alignment:
 
 
 def test_summary_is_read_from_the_demo_folder(tmp_path, capsys):
-    demo = _fake_demo(tmp_path / "a", 3, ["correct", "mixture", "swapped", "other"], 1.234)
+    kinds = ["correct"] * 4 + ["mixture"] * 3 + ["swapped"] * 2 + ["other"]  # every share its own number
+    demo = _fake_demo(tmp_path / "a", 3, kinds, 1.234)
     capsys.readouterr()
     toyworld(["summary", str(demo), "--figure", str(tmp_path / "assets" / "sheet.png")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5
     assert str(demo / "contact_sheets.png") in lines[0] and str(demo / "images-pair" / "contact_sheet.png") in lines[0]
     assert "fidelity 0.75 (3 of 4 " in lines[1]
-    assert "correct 0.25, confused 0.50 (swapped 0.25, mixture 0.25, other 0.25) of 4" in lines[2]
+    assert "correct 0.40, confused 0.50 (swapped 0.20, mixture 0.30, other 0.10) of 10" in lines[2]
     ladder = json.loads((REPO / "pretrained/toyworld/ladder_results.json").read_text())["rungs"]["distinct"]["table"]
     assert f"CLIF {ladder['clif']['oracle_confusion'][0]:.2f} vs TI+LoRA" in lines[3]
     assert "single: text_alignment 1.23, image_alignment 0.50; pair: text_alignment 1.23" in lines[4]

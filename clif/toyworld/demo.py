@@ -132,7 +132,7 @@ def contact_figure(demo: Path, path: Path, per_prompt: int = 4) -> Path:
         by_prompt.setdefault(row["prompt"], []).append(row)
     prompts = list(by_prompt)
     cols = min(per_prompt, max(len(v) for v in by_prompt.values()))
-    fig, axes = plt.subplots(len(prompts), cols, figsize=(1.25 * cols + 3.4, 1.3 * len(prompts) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(1.0 * cols + 2.6, 1.12 * len(prompts) + 0.5), squeeze=False)
     for r, prompt in enumerate(prompts):
         for k in range(cols):
             ax = axes[r][k]
@@ -152,7 +152,7 @@ def contact_figure(demo: Path, path: Path, per_prompt: int = 4) -> Path:
     fig.suptitle("Toy-world demo: generated images and the referee's reading", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
     return path
