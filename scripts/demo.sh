@@ -62,7 +62,8 @@ part() {  # run a part of the demo; its seconds (wall, user and system CPU) go t
 # (stage 1's common-concept negatives) and the prompt templates the referee can score
 part concepts python -m clif.toyworld concepts --rung distinct --out "$D/concepts"
 export MODEL=$B DATA="$D/concepts" RES=32
-# the toy-world experiment's settings on this base (clif/toyworld/methods.py), at the demo's step counts
+# the toy-world experiment's learning rates, batches and LoRA rank on this base (clif/toyworld/methods.py), at the
+# demo's step counts; the run_train_*.sh scripts add their own settings (random flips, checkpoints, ...)
 part stage1 env OUT="$D/s1-clif" COMMON=ball,box bash run_train_clif.sh $CPU --seed 0 --clip_model "$B/paired_clip" \
   --cache_dir "$D/cache" --num_pairs 600 --train_batch_size 64 --learning_rate 5e-3 --adam_weight_decay 0 \
   --max_train_steps "${CLIF_STEPS:-100}"
