@@ -136,6 +136,7 @@ def run(args) -> None:
             dtype=dtype,
             seed=seeds.stream(args.seed, "generated"),
             revision=args.revision,
+            root=Path(args.train_data_dir),
         )
     accelerator.wait_for_everyone()
 

@@ -645,6 +645,55 @@ case("leak-no-base", "leak", lambda c: ["--words", "a=x", "b=y"], "--base")
 case("leak-one-word", "leak", lambda c: ["--base", str(c.sd), "--words", "a=x"], "--words: give two or more")
 case("leak-empty-words", "leak", lambda c: ["--base", str(c.sd), "--words", "a=", "b=y"], "--words: give two or more")
 case("leak-no-name", "leak", lambda c: ["--base", str(c.sd), "--words", "=x", "b=y"], "--words: give two or more")
+# ---- the toy-world concept-set writer (python -m clif.toyworld concepts), the demo's referee and summary
+def _toy(c: Ctx, *extra) -> list[str]:
+    return ["concepts", "--out", str(c.out), *extra]
+
+
+def _pair(a: str, b: str = "b=blue,box") -> list[str]:
+    return ["--concept", a, "--concept", b]
+
+
+def _toy_set(c: Ctx) -> Path:
+    """A toy-world set as `concepts` writes it (one render a concept)."""
+    toyworld_main(["concepts", "--rung", "distinct", "--out", str(c.tmp / "toyset"), "--images", "1", "--common", "1"])
+    return c.tmp / "toyset"
+
+
+def _rungs(c: Ctx, color: str) -> str:
+    return str(_text(c, "rungs.json", json.dumps(
+        {"rungs": {"r": {"a": {"class": "ball", "color": color}, "b": {"class": "box", "color": "blue"}}}}).encode()))
+
+
+case("toy-rung-unknown", "toy", lambda c: _toy(c, "--rung", "nonesuch"), "'nonesuch' is not in")
+case("toy-rung-and-concepts", "toy", lambda c: _toy(c, "--rung", "distinct", *_pair("a=red,ball")), "either --rung")
+case("toy-no-concepts", "toy", lambda c: _toy(c), "either --rung or --concept")
+case("toy-colour-unknown", "toy", lambda c: _toy(c, *_pair("a=pink,ball")), "color 'pink' is not in the world")
+case("toy-colour-unknown-rungs-file", "toy", lambda c: _toy(c, "--rungs_file", _rungs(c, "pink"), "--rung", "r"),
+     "color 'pink' is not in the world")
+case("toy-class-unknown", "toy", lambda c: _toy(c, *_pair("a=red,cube")), "class 'cube' is not in the world")
+case("toy-mark-unknown", "toy", lambda c: _toy(c, *_pair("a=red,ball,stripe,blue")), "mark 'stripe'")
+case("toy-concept-no-class", "toy", lambda c: _toy(c, *_pair("a=red")), "NAME=COLOR,CLASS")
+case("toy-concept-twice", "toy", lambda c: _toy(c, *_pair("a=red,ball", "a=red,ball")), "twice")
+case("toy-concept-alone", "toy", lambda c: _toy(c, "--concept", "a=red,ball"), "two or more concepts")
+case("toy-concepts-same-object", "toy", lambda c: _toy(c, *_pair("a=red,ball", "b=red,ball")), "same object")
+case("toy-concept-name-upper", "toy", lambda c: _toy(c, *_pair("A=red,ball")), "lower-case")
+case("toy-rungs-file-missing", "toy", lambda c: _toy(c, "--rungs_file", str(c.tmp / "no.json"), "--rung", "r"),
+     "cannot read")
+case("toy-out-exists", "toy", lambda c: ["concepts", "--out", str(_folder(c, "set", {})), "--rung", "distinct"],
+     "already exists")
+case("toy-out-is-file", "toy", lambda c: ["concepts", "--out", str(_text(c, "o", b"x")), "--rung", "distinct"],
+     "already exists")
+case("toy-images-0", "toy", lambda c: _toy(c, "--rung", "distinct", "--images", "0"), "--images: must be")
+case("toy-size-60", "toy", lambda c: _toy(c, "--rung", "distinct", "--size", "60"), "multiple of 8")
+case("toy-referee-set-not-toyworld", "toy", lambda c: ["referee", "--images", str(c.gen), "--concepts", str(c.data),
+                                                       "--out", str(c.tmp / "r.json")], "toyworld.json")
+case("toy-referee-no-images", "toy", lambda c: ["referee", "--images", str(_folder(c, "none", {})), "--concepts",
+                                                str(_toy_set(c)), "--out", str(c.tmp / "r.json")], "no images")
+case("toy-referee-missing", "toy", lambda c: ["referee", "--images", str(c.gen), "--concepts", str(_toy_set(c)),
+                                              "--out", str(c.tmp / "r.json"), "--referee", str(c.tmp / "no")],
+     "no referee.safetensors")
+case("toy-summary-not-a-demo", "toy", lambda c: ["summary", str(c.tmp)], "run the demo")
 
 
 try:

@@ -23,14 +23,25 @@ def common_images(root: Path, words: list[str], cache_dir: Path) -> dict[str, li
 
 @torch.no_grad()
 def generate_common_images(
-    base: str, words: list[str], n: int, cache_dir: Path, *, device, dtype, seed: int, revision: str | None = None
+    base: str,
+    words: list[str],
+    n: int,
+    cache_dir: Path,
+    *,
+    device,
+    dtype,
+    seed: int,
+    revision: str | None = None,
+    root: Path | None = None,
 ) -> None:
-    """'a photo of a {word}' images from the base pipeline, cached in cache_dir/common/<word>/ (once)."""
+    """'a photo of a {word}' images from the base pipeline, cached in cache_dir/common/<word>/ (once); none for a
+    word whose images the concept set at `root` brings (<root>/common/<word>/: those are the ones used)."""
     from diffusers import DiffusionPipeline
 
     from clif.images import fill_with_generated, missing_images
 
-    todo = [w for w in words if missing_images(cache_dir / "common" / w, n)]
+    given = set(common_images(root, words, root)) if root is not None else set()  # found in <root>/common/
+    todo = [w for w in words if w not in given and missing_images(cache_dir / "common" / w, n)]
     if not todo:
         return
     pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, revision=revision).to(device)

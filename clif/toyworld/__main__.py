@@ -1,5 +1,5 @@
-"""`python -m clif.toyworld pretrain|gate|experiment|compact|readme|confusion-study ...`: one command per step of
-the toy-world study."""
+"""`python -m clif.toyworld concepts|pretrain|gate|experiment|compact|readme|confusion-study|referee|summary ...`:
+a toy-world concept set, and one command per step of the toy-world study."""
 
 from __future__ import annotations
 
@@ -32,10 +32,17 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     from clif.cli import Parser, user_errors
 
-    from . import confusion_study, experiment, gate, pretrain
+    from . import concept_set, confusion_study, experiment, gate, pretrain
 
     p = Parser(prog="python -m clif.toyworld", description=__doc__)  # its sub-commands' too: one-line errors
     sub = p.add_subparsers(dest="cmd", required=True)
+    concept_set.add_args(
+        sub.add_parser(
+            "concepts",
+            help="Write a toy-world concept set (images, masks, common-concept negatives) and the prompt "
+            "templates its referee scores.",
+        )
+    )
     pretrain.add_args(sub.add_parser("pretrain", help="Pretrain the world's CLIP, VAE and UNet."))
     gate.add_args(
         sub.add_parser("gate", help="Train the referee (if needed) and measure the base's renderability gate.")
@@ -66,6 +73,18 @@ def _main(argv: list[str] | None) -> None:
             "(= scripts/confusion_metric_study.py).",
         )
     )
+    f = sub.add_parser("referee", help="The referee reads inference.py's images of a toy-world concept set.")
+    f.add_argument("--images", nargs="+", required=True, help="inference.py output folders.")
+    f.add_argument("--concepts", required=True, help="The concept set (written by `concepts`).")
+    f.add_argument("--out", required=True, help="JSON of the reading: fidelity, pair kinds, one row per image.")
+    f.add_argument("--referee", default=None, help="Referee folder (default: pretrained/toyworld/referee).")
+    s = sub.add_parser("summary", help="The demo's five-line summary and contact-sheet figure, from its folder.")
+    s.add_argument("demo", help="The demo's folder (scripts/demo.sh: outputs/demo).")
+    s.add_argument(
+        "--figure",
+        default=None,
+        help="Also copy the figure here (the README's: assets/demo_contact_sheet.png).",
+    )
     args = p.parse_args(argv)
     with user_errors(p.prog):
         _dispatch(args)
@@ -74,7 +93,29 @@ def _main(argv: list[str] | None) -> None:
 def _dispatch(args) -> None:
     from . import confusion_study, experiment, gate, pretrain
 
-    if args.cmd == "pretrain":
+    if args.cmd == "concepts":
+        from .concept_set import run
+
+        print(f"{run(args)}: concept set written (concepts.json, images/, masks/, common/, prompts_*.txt)")
+    elif args.cmd in ("referee", "summary"):
+        from pathlib import Path
+
+        from . import demo
+
+        if args.cmd == "referee":
+            r = demo.referee_read(
+                [Path(f) for f in args.images],
+                Path(args.concepts),
+                Path(args.out),
+                Path(args.referee) if args.referee else demo.REFEREE,
+            )
+            print(
+                f"{args.out}: fidelity {r['fidelity']:.2f} ({r['n_single']} images), confused "
+                f"{r['oracle_confusion']:.2f} ({r['n_pair']} pair images)"
+            )
+        else:
+            print("\n".join(demo.summary(Path(args.demo), Path(args.figure) if args.figure else None)))
+    elif args.cmd == "pretrain":
         print(pretrain.run(args))
     elif args.cmd == "compact":
         from pathlib import Path

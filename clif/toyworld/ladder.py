@@ -36,40 +36,42 @@ def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj
     rungs = data.get("rungs") if isinstance(data, dict) else None
     if not isinstance(rungs, dict) or not rungs:
         raise UserError(f"--rungs_file {path}: needs a non-empty object 'rungs' ({{rung: {{concept: fields}}}})")
-    out = {}
-    for rung, concepts in rungs.items():
-        where = f"--rungs_file {path}: rung {rung!r}"
-        if not isinstance(concepts, dict) or len(concepts) < 2:
-            raise UserError(f"{where} needs two or more concepts")
-        objs = Rung()
-        objs.images = {}
-        for name, spec in concepts.items():
-            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
-                raise UserError(f"{where}: concept name {name!r} must be lower-case letters, digits and _")
-            if not isinstance(spec, dict) or "class" not in spec or "color" not in spec:
-                raise UserError(f"{where}, concept {name!r}: needs at least 'class' and 'color'")
-            unknown = sorted(set(spec) - set(FIELDS) - {"images"})
-            if unknown:
+    return {rung: check_concepts(concepts, f"--rungs_file {path}: rung {rung!r}") for rung, concepts in rungs.items()}
+
+
+def check_concepts(concepts, where: str) -> Rung:
+    """`{concept: {"class", "color", "mark"?, "mark_color"?, "images"?}}` checked against the world's vocabulary;
+    a mistake is one UserError line that starts with `where` and names the concept and field."""
+    if not isinstance(concepts, dict) or len(concepts) < 2:
+        raise UserError(f"{where} needs two or more concepts")
+    objs = Rung()
+    objs.images = {}
+    for name, spec in concepts.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
+            raise UserError(f"{where}: concept name {name!r} must be lower-case letters, digits and _")
+        if not isinstance(spec, dict) or "class" not in spec or "color" not in spec:
+            raise UserError(f"{where}, concept {name!r}: needs at least 'class' and 'color'")
+        unknown = sorted(set(spec) - set(FIELDS) - {"images"})
+        if unknown:
+            raise UserError(
+                f"{where}, concept {name!r}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)}, images)"
+            )
+        for field, allowed in FIELDS.items():
+            if field in spec and spec[field] not in allowed:
                 raise UserError(
-                    f"{where}, concept {name!r}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)}, images)"
+                    f"{where}, concept {name!r}: {field} {spec[field]!r} is not in the world ({', '.join(allowed)})"
                 )
-            for field, allowed in FIELDS.items():
-                if field in spec and spec[field] not in allowed:
-                    raise UserError(
-                        f"{where}, concept {name!r}: {field} {spec[field]!r} is not in the world ({', '.join(allowed)})"
-                    )
-            objs[name] = Obj(spec["class"], spec["color"], spec.get("mark", "solid"), spec.get("mark_color", "black"))
-            n = spec.get("images", N_TRAIN)
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-                raise UserError(
-                    f"{where}, concept {name!r}: images must be an integer from 1 to {MAX_IMAGES} (training renders), "
-                    f"got {json.dumps(n)[:40]}"
-                )
-            objs.images[name] = n
-        if len({o.identity() for o in objs.values()}) < len(objs):
-            raise UserError(f"{where}: two concepts are the same object")
-        out[rung] = objs
-    return out
+        objs[name] = Obj(spec["class"], spec["color"], spec.get("mark", "solid"), spec.get("mark_color", "black"))
+        n = spec.get("images", N_TRAIN)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+            raise UserError(
+                f"{where}, concept {name!r}: images must be an integer from 1 to {MAX_IMAGES} (training renders), "
+                f"got {json.dumps(n)[:40]}"
+            )
+        objs.images[name] = n
+    if len({o.identity() for o in objs.values()}) < len(objs):
+        raise UserError(f"{where}: two concepts are the same object")
+    return objs
 
 
 SINGLE_PROMPTS = ("a photo of a {0}", "a {0}")
