@@ -646,7 +646,7 @@ case("leak-one-word", "leak", lambda c: ["--base", str(c.sd), "--words", "a=x"],
 case("leak-empty-words", "leak", lambda c: ["--base", str(c.sd), "--words", "a=", "b=y"], "--words: give two or more")
 case("leak-no-name", "leak", lambda c: ["--base", str(c.sd), "--words", "=x", "b=y"], "--words: give two or more")
 # ---- the toy-world concept-set writer (python -m clif.toyworld concepts), the demo's referee and summary
-def _toy(c: Ctx, *extra) -> list[str]:
+def _concepts(c: Ctx, *extra) -> list[str]:
     return ["concepts", "--out", str(c.out), *extra]
 
 
@@ -665,27 +665,27 @@ def _rungs(c: Ctx, color: str) -> str:
         {"rungs": {"r": {"a": {"class": "ball", "color": color}, "b": {"class": "box", "color": "blue"}}}}).encode()))
 
 
-case("toy-rung-unknown", "toy", lambda c: _toy(c, "--rung", "nonesuch"), "'nonesuch' is not in")
-case("toy-rung-and-concepts", "toy", lambda c: _toy(c, "--rung", "distinct", *_pair("a=red,ball")), "either --rung")
-case("toy-no-concepts", "toy", lambda c: _toy(c), "either --rung or --concept")
-case("toy-colour-unknown", "toy", lambda c: _toy(c, *_pair("a=pink,ball")), "color 'pink' is not in the world")
-case("toy-colour-unknown-rungs-file", "toy", lambda c: _toy(c, "--rungs_file", _rungs(c, "pink"), "--rung", "r"),
+case("toy-rung-unknown", "toy", lambda c: _concepts(c, "--rung", "nonesuch"), "'nonesuch' is not in")
+case("toy-rung-and-concepts", "toy", lambda c: _concepts(c, "--rung", "distinct", *_pair("a=red,ball")), "either --rung")
+case("toy-no-concepts", "toy", lambda c: _concepts(c), "either --rung or --concept")
+case("toy-colour-unknown", "toy", lambda c: _concepts(c, *_pair("a=pink,ball")), "color 'pink' is not in the world")
+case("toy-colour-unknown-rungs-file", "toy", lambda c: _concepts(c, "--rungs_file", _rungs(c, "pink"), "--rung", "r"),
      "color 'pink' is not in the world")
-case("toy-class-unknown", "toy", lambda c: _toy(c, *_pair("a=red,cube")), "class 'cube' is not in the world")
-case("toy-mark-unknown", "toy", lambda c: _toy(c, *_pair("a=red,ball,stripe,blue")), "mark 'stripe'")
-case("toy-concept-no-class", "toy", lambda c: _toy(c, *_pair("a=red")), "NAME=COLOR,CLASS")
-case("toy-concept-twice", "toy", lambda c: _toy(c, *_pair("a=red,ball", "a=red,ball")), "twice")
-case("toy-concept-alone", "toy", lambda c: _toy(c, "--concept", "a=red,ball"), "two or more concepts")
-case("toy-concepts-same-object", "toy", lambda c: _toy(c, *_pair("a=red,ball", "b=red,ball")), "same object")
-case("toy-concept-name-upper", "toy", lambda c: _toy(c, *_pair("A=red,ball")), "lower-case")
-case("toy-rungs-file-missing", "toy", lambda c: _toy(c, "--rungs_file", str(c.tmp / "no.json"), "--rung", "r"),
+case("toy-class-unknown", "toy", lambda c: _concepts(c, *_pair("a=red,cube")), "class 'cube' is not in the world")
+case("toy-mark-unknown", "toy", lambda c: _concepts(c, *_pair("a=red,ball,stripe,blue")), "mark 'stripe'")
+case("toy-concept-no-class", "toy", lambda c: _concepts(c, *_pair("a=red")), "NAME=COLOR,CLASS")
+case("toy-concept-twice", "toy", lambda c: _concepts(c, *_pair("a=red,ball", "a=red,ball")), "twice")
+case("toy-concept-alone", "toy", lambda c: _concepts(c, "--concept", "a=red,ball"), "two or more concepts")
+case("toy-concepts-same-object", "toy", lambda c: _concepts(c, *_pair("a=red,ball", "b=red,ball")), "same object")
+case("toy-concept-name-upper", "toy", lambda c: _concepts(c, *_pair("A=red,ball")), "lower-case")
+case("toy-rungs-file-missing", "toy", lambda c: _concepts(c, "--rungs_file", str(c.tmp / "no.json"), "--rung", "r"),
      "cannot read")
 case("toy-out-exists", "toy", lambda c: ["concepts", "--out", str(_folder(c, "set", {})), "--rung", "distinct"],
      "already exists")
 case("toy-out-is-file", "toy", lambda c: ["concepts", "--out", str(_text(c, "o", b"x")), "--rung", "distinct"],
      "already exists")
-case("toy-images-0", "toy", lambda c: _toy(c, "--rung", "distinct", "--images", "0"), "--images: must be")
-case("toy-size-60", "toy", lambda c: _toy(c, "--rung", "distinct", "--size", "60"), "multiple of 8")
+case("toy-images-0", "toy", lambda c: _concepts(c, "--rung", "distinct", "--images", "0"), "--images: must be")
+case("toy-size-60", "toy", lambda c: _concepts(c, "--rung", "distinct", "--size", "60"), "multiple of 8")
 case("toy-referee-set-not-toyworld", "toy", lambda c: ["referee", "--images", str(c.gen), "--concepts", str(c.data),
                                                        "--out", str(c.tmp / "r.json")], "toyworld.json")
 case("toy-referee-no-images", "toy", lambda c: ["referee", "--images", str(_folder(c, "none", {})), "--concepts",
