@@ -166,7 +166,7 @@ def test_chain_clif_ti_lora_inference(family, tiny_models, concept_set, segmente
     assert init["initializer"] == "ball" and all(torch.isfinite(v).all() for v in r1.values())
     assert json.loads((s3 / "clif_manifest.json").read_text())["inputs"] == [str(s2.resolve())]
     paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(s3), "--prompt",
-                            "a <redball> on the left and a <bluebox> on the right", "--num_images_per_prompt", "1",
+                            "a <redball> on the left and a <bluebox> on the right", "--regions", "none", "--num_images_per_prompt", "1",
                             "--num_inference_steps", "2", "--output_dir", str(tmp_path / "gen")])
     assert Image.open(paths[0]).size == (64, 64)
 
@@ -243,7 +243,7 @@ def test_stage1_text_encoder_lora_is_carried(family, tiny_models, concept_set, s
     for stage in (s2, s3):
         prompt = "a <redball> next to a <bluebox>"
         paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt",
-                                prompt, "--num_images_per_prompt", "1", "--num_inference_steps", "3",
+                                prompt, "--regions", "none", "--num_images_per_prompt", "1", "--num_inference_steps", "3",
                                 "--output_dir", str(tmp_path / f"gen-{stage.name}")])
         pipe = stock_pipeline(model, family, stage)
         img = pipe([prompt], generator=[torch.Generator("cpu").manual_seed(0)], num_inference_steps=3, height=64,

@@ -298,7 +298,7 @@ def _pixels(paths):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_models, chains, tmp_path):
     model, stage = tiny_models[family], chains[family]
-    paths = _gen(model, stage, tmp_path / "iso", "--isolate", "mask", "--save_prompt_embeds")
+    paths = _gen(model, stage, tmp_path / "iso", "--regions", "none", "--isolate", "mask", "--save_prompt_embeds")
     side = json.loads(paths[0].with_suffix(".json").read_text())
     assert side["composition"]["isolation"] == {"by": "mask", "weight": 1.0, "end": "keep"}
     emb = load_file(str(tmp_path / "iso" / side["prompt_embeds"]))
@@ -315,7 +315,7 @@ def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_mode
     ).images
     for x, y in zip(_pixels(paths), stock):
         assert np.array_equal(x, np.asarray(y))
-    plain = _pixels(_gen(model, stage, tmp_path / "plain"))
+    plain = _pixels(_gen(model, stage, tmp_path / "plain", "--regions", "none"))
     assert not all(np.array_equal(x, y) for x, y in zip(plain, _pixels(paths)))  # isolation changed the image
     from clif.generate import remake
 
@@ -325,14 +325,12 @@ def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_mode
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_regions_in_inference(family, tiny_models, chains, tmp_path):
     model, stage = tiny_models[family], chains[family]
-    plain = _pixels(_gen(model, stage, tmp_path / "plain"))
-    paths = _gen(
-        model, stage, tmp_path / "reg", "--regions", "auto", "--region_prompt", "class", "--save_attention_maps"
-    )
+    plain = _pixels(_gen(model, stage, tmp_path / "plain", "--regions", "none"))
+    paths = _gen(model, stage, tmp_path / "reg", "--save_attention_maps")  # the default: regions, class prompts
     side = json.loads(paths[0].with_suffix(".json").read_text())
     reg = side["composition"]["regions"]
     assert reg["source"] == "layout words" and reg["boxes"] == {A: list(LEFT), B: list(RIGHT)}
-    assert reg["prompts"][B] == TWO.replace(A, "ball")  # the tiny set's class words
+    assert reg["prompts"][B] == TWO.replace(A, "ball") and reg["region_prompt"] == "class"  # the tiny set's classes
     assert (tmp_path / "reg" / side["attention_maps"]).is_file()
     maps = load_file(str(paths[0].with_name(paths[0].stem + ".attention.safetensors")))["maps"]
     assert maps.shape == (2, 8, 8) and torch.isfinite(maps).all()
@@ -347,11 +345,11 @@ def test_regions_in_inference(family, tiny_models, chains, tmp_path):
     att = _gen(model, stage, tmp_path / "att", "--regions", "attention", prompt=f"{A} hugging {B}")
     side = json.loads(att[1].with_suffix(".json").read_text())["composition"]["regions"]
     assert side["source"] == "attention maps" and side["boxes"] is None
-    plain_hug = _pixels(_gen(model, stage, tmp_path / "hug", prompt=f"{A} hugging {B}"))
+    plain_hug = _pixels(_gen(model, stage, tmp_path / "hug", "--regions", "none", prompt=f"{A} hugging {B}"))
     assert not all(np.array_equal(x, y) for x, y in zip(plain_hug, _pixels(att)))
     assert np.array_equal(np.asarray(remake(att[1].with_suffix(".json"))), _pixels(att)[1])
     # strength 0: the regions act with zero weight, the image is the plain one, bit for bit
-    zero = _pixels(_gen(model, stage, tmp_path / "zero", "--regions", "auto", "--region_strength", "0"))
+    zero = _pixels(_gen(model, stage, tmp_path / "zero", "--region_strength", "0"))
     assert all(np.array_equal(x, y) for x, y in zip(plain, zero))
 
 

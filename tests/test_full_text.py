@@ -80,7 +80,8 @@ def test_full_text_encoder_chain(family, tiny_models, concept_set, segmenter_dir
     # inference.py uses it: the same stage dir without its encoder folders draws something else
     def gen(stage, out):
         return ["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt", PROMPT,
-                "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--output_dir", str(out)]
+                "--regions", "none", "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--output_dir",
+                str(out)]  # the plain path, as stock diffusers draws it
 
     no_te = tmp_path / "s3-without-encoder"
     _without_encoders(s3, no_te, family)

@@ -45,7 +45,7 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
 
     prompt = "a <redball> next to a <bluebox>"
-    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt, "--regions", "none",
                             "--num_images_per_prompt", "2", "--batch_size", "2", "--num_inference_steps", "3",
                             "--output_dir", str(tmp_path / "gen")])
     ours = [np.asarray(Image.open(p)) for p in paths]
@@ -74,7 +74,7 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
     for x, y in zip(ours, from_kohya):
         assert np.abs(x.astype(int) - np.asarray(y).astype(int)).max() <= 2
     # A different LoRA scale changes the image (the LoRA is really applied).
-    half = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+    half = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt, "--regions", "none",
                            "--num_images_per_prompt", "1", "--num_inference_steps", "3", "--lora_scale", "0",
                            "--output_dir", str(tmp_path / "gen0")])
     assert not np.array_equal(np.asarray(Image.open(half[0])), ours[0])
@@ -94,7 +94,7 @@ def test_sidecar_alone_remakes_its_image(family, tiny_models, concept_set, ti_ru
         train_lora.main(lora_args(model, concept_set, ti_runs[family], stage, "--max_train_steps", "1"))
     for bs in (1, 4):
         paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(stage), "--prompt",
-                                "a <redball> next to a <bluebox>", "--num_images_per_prompt", "4", "--batch_size",
+                                "a <redball> next to a <bluebox>", "--regions", "none", "--num_images_per_prompt", "4", "--batch_size",
                                 str(bs), "--seed", "5", "--num_inference_steps", "2", "--output_dir",
                                 str(tmp_path / f"gen{bs}")])
         sidecar = paths[2].with_suffix(".json")

@@ -38,7 +38,7 @@ def test_train_then_infer_matches_stock_diffusers(family, tiny_models, concept_s
 
     prompt = "a <redball> next to a <bluebox>"
     gen_dir = tmp_path / "gen"
-    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt,
+    paths = inference.main(["--pretrained_model_name_or_path", str(model), "--stage_dir", str(out), "--prompt", prompt, "--regions", "none",
                             "--num_images_per_prompt", "3", "--batch_size", "3", "--num_inference_steps", "3",
                             "--seed", "7", "--output_dir", str(gen_dir)])
     assert len(paths) == 3 and (gen_dir / "contact_sheet.png").exists()

@@ -23,9 +23,9 @@ REGION_PROMPTS = ("same", "class", "alone")
 class Options:
     """Composition options; the defaults are inference.py's (chosen by the toy-world evidence, docs/toyworld.md)."""
 
-    regions: str = "none"  # 'auto': boxes from the layout words, else reading order; 'none': no regions
+    regions: str = "auto"  # 'auto': boxes from the layout words, else reading order; 'none': no regions
     boxes: dict[str, Box] = field(default_factory=dict)  # user boxes (they turn regions on)
-    region_prompt: str = "same"
+    region_prompt: str = "class"
     region_mode: str = "prompt"  # 'prompt': region prompts; 'bias': other concepts' tokens hidden in a region
     region_steps: tuple[float, float] = (0.0, 1.0)
     region_strength: float = 1.0

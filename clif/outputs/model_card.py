@@ -228,7 +228,7 @@ def write_model_card(
 
 
 # inference.py's default for a prompt naming two or more concepts (clif.compose.plan.Options; a test keeps them equal)
-MULTI_CONCEPT_DEFAULT = ""
+MULTI_CONCEPT_DEFAULT = "--regions auto --region_prompt class"
 
 
 def _two_concepts(concepts: list) -> list[str]:
