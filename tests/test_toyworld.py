@@ -325,24 +325,34 @@ def test_unet_stop_at_keeps_the_full_schedule_and_resumes_to_its_end(tmp_path):
     assert ck_full["step"] == 10 and len(log_full) == 10 and log_full[:4] == log_a
 
 
-def test_toyworld_blocks_are_generated_from_the_committed_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "results, block, docs",
+    [
+        ("ladder_results.json", "results", {"docs/toyworld.md": "results"}),
+        ("composition_results.json", "composition", {"docs/toyworld.md": "composition", "README.md": "composition-headline"}),
+    ],
+)
+def test_toyworld_blocks_are_generated_from_the_committed_results(results, block, docs, tmp_path, monkeypatch):
     """docs/toyworld.md's tables and the README's headline are exactly what `python -m clif.toyworld readme` writes
-    from the committed ladder_results.json: no hand-typed numbers."""
+    from the committed results JSON: no hand-typed numbers."""
     import shutil
 
     from clif.toyworld.__main__ import main as toyworld
-    from clif.toyworld.report import BEGIN, END, HEADLINE_BEGIN, HEADLINE_END
+    from clif.toyworld.report import markers
 
     before = {}
-    for name, begin, end in (("docs/toyworld.md", BEGIN, END), ("README.md", HEADLINE_BEGIN, HEADLINE_END)):
+    for name, marks in docs.items():
+        begin, end = markers(marks)
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
         before[name] = (tmp_path / name).read_text()
         assert before[name].count(begin) == 1 and before[name].count(end) == 1
-        head, block = before[name].split(begin)
-        (tmp_path / name).write_text(head + begin + block.replace("does not work", "stale"))  # what must be rewritten
+        head, rest = before[name].split(begin)
+        inside, tail = rest.split(end)
+        assert "work" in inside  # the decision stands in every block
+        (tmp_path / name).write_text(head + begin + inside.replace("work", "stale") + end + tail)  # to be rewritten
     (tmp_path / "pretrained" / "toyworld").mkdir(parents=True)  # the block names the JSON by its repository path
-    shutil.copy(REPO / "pretrained/toyworld/ladder_results.json", tmp_path / "pretrained/toyworld")
+    shutil.copy(REPO / "pretrained/toyworld" / results, tmp_path / "pretrained/toyworld")
     monkeypatch.chdir(tmp_path)
-    toyworld(["readme"])  # the default paths: docs/toyworld.md and README.md
+    toyworld(["readme", "--results", f"pretrained/toyworld/{results}", "--block", block])  # default documents
     assert {name: (tmp_path / name).read_text() for name in before} == before

@@ -59,7 +59,12 @@ def _main(argv: list[str] | None) -> None:
     )
     r.add_argument("--results", default="pretrained/toyworld/ladder_results.json", help="experiment's results.json")
     r.add_argument("--readme", default="docs/toyworld.md", help="The document with the generated block to replace.")
-    r.add_argument("--headline", default="README.md", help="The document with the headline block ('' for none).")
+    r.add_argument(
+        "--headline",
+        default=None,
+        help="The document with the block's headline ('' for none; default: README.md for the composition block, "
+        "none for the ladder, whose short form stands in docs/toyworld.md).",
+    )
     r.add_argument(
         "--block",
         default="results",
@@ -130,8 +135,9 @@ def _dispatch(args) -> None:
 
         from .report import update_readme
 
-        update_readme(Path(args.results), Path(args.readme), Path(args.headline) if args.headline else None, args.block)
-        print(f"{args.readme}, {args.headline or 'no headline'}: toy-world tables regenerated from {args.results}")
+        head = args.headline if args.headline is not None else ("README.md" if args.block == "composition" else "")
+        update_readme(Path(args.results), Path(args.readme), Path(head) if head else None, args.block)
+        print(f"{args.readme}, {head or 'no headline'}: toy-world tables regenerated from {args.results}")
     elif args.cmd == "confusion-study":
         confusion_study.run(args)
     elif args.cmd == "gate":

@@ -224,7 +224,7 @@ def attention_figure(base: Path, out: Path, concepts: dict, methods: list[str], 
             base,
             chain_dirs(m, out)[-1][1],
             out / f"maps-{m}",
-            [f"a photo of a {a} on the left and a {b} on the right"],
+            ["a photo of a {0} on the left and a {1} on the right"],  # a template: <a> left, <b> right
             1,
             args.inference_steps,
             out / "log.txt",
