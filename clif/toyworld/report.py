@@ -335,28 +335,26 @@ HEADLINE_BEGIN, HEADLINE_END = markers("headline")
 
 
 def headline(result: dict) -> str:
-    """The README's short form: confusion / fidelity (means over seeds) of every method on the qualifying rungs,
-    the lowest confusion of each rung in bold, then the decision."""
+    """The README's short form: confusion / correct / fidelity (means over seeds) of every method on the qualifying
+    rungs, then the decision."""
     rungs = {g: r["table"] for g, r in result["rungs"].items() if r["qualifies"]}
     methods = list(dict.fromkeys(m for t in rungs.values() for m in t))
-    best = {g: min(v["oracle_confusion"][0] for v in t.values()) for g, t in rungs.items()}
     lines = [
         (
-            f"Confusion / fidelity on the rungs where TI+LoRA confuses, mean of {len(result['seeds'])} seeds (lower "
-            "confusion is better; the lowest of each rung in bold):"
+            f"Confusion / correct / fidelity on the rungs where TI+LoRA confuses, mean of {len(result['seeds'])} seeds "
+            "(confusion: lower is better; correct: both objects right and on their sides):"
         ),
         "",
         "| method | " + " | ".join(rungs) + " |",
         "|---" * (len(rungs) + 1) + "|",
     ]
     for m in methods:
-        cells = []
-        for g, t in rungs.items():
-            if m not in t:
-                cells.append("–")
-                continue
-            c = f"{t[m]['oracle_confusion'][0]:.2f}"
-            cells.append(f"{f'**{c}**' if t[m]['oracle_confusion'][0] == best[g] else c} / {t[m]['fidelity'][0]:.2f}")
+        cells = [
+            f"{t[m]['oracle_confusion'][0]:.2f} / {t[m]['pair_correct'][0]:.2f} / {t[m]['fidelity'][0]:.2f}"
+            if m in t
+            else "–"
+            for t in rungs.values()
+        ]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", rule_text(result.get("rule", "v1")), ""]
     lines += [f"- {LABELS.get(m, m)}: " + v["text"] for m, v in decision(result).items()]
