@@ -57,4 +57,3 @@ def confusion_decision(sims: torch.Tensor | None, margin: float) -> tuple[bool, 
     best = sims.argmax(dim=1)
     gap = sims.max(dim=1).values - sims.min(dim=1).values
     return True, bool(best[0] == best[1] or (gap < margin).any())
-

@@ -271,7 +271,6 @@ def report(rows: list[dict], settings: kinds.Settings, grid: list[dict], tune_ru
     }
 
 
-
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--roots", nargs="+", default=["outputs/evidence", "outputs/metric22", "outputs/metric22b", "outputs/metric22c"]

@@ -320,8 +320,10 @@ def headline(result: dict) -> str:
     methods = list(dict.fromkeys(m for t in rungs.values() for m in t))
     best = {g: min(v["oracle_confusion"][0] for v in t.values()) for g, t in rungs.items()}
     lines = [
-        f"Confusion / fidelity on the rungs where TI+LoRA confuses, mean of {len(result['seeds'])} seeds (lower "
-        "confusion is better; the lowest of each rung in bold):",
+        (
+            f"Confusion / fidelity on the rungs where TI+LoRA confuses, mean of {len(result['seeds'])} seeds (lower "
+            "confusion is better; the lowest of each rung in bold):"
+        ),
         "",
         "| method | " + " | ".join(rungs) + " |",
         "|---" * (len(rungs) + 1) + "|",
