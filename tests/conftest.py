@@ -38,6 +38,25 @@ def pytest_runtest_setup(item):
             (pytest.fail if gate[0] == "fail" else pytest.skip)(gate[1])
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test session, shared by the pytest-xdist workers: the first worker to ask builds into
+    the session's common temporary folder under an exclusive lock; the others wait for it and reuse the folder (so
+    a fixture costs once, not once per worker). The builder must write only `folder`, and its users only read it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <session>/popen-gwN: the session's folder is common to the workers
+        root = root.parent
+    folder, done = root / "built-once" / name, root / "built-once" / f"{name}.done"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(root / "built-once" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if the build fails
+        if not done.exists():
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state: a run with another precision needs it reset, before and after."""

@@ -2,7 +2,9 @@
 
 A compiled run's losses equal the eager run's within TOL; a resumed compiled run ends bit-identical to an
 uninterrupted compiled run; what the compiled step cannot serve is refused in one line before anything is written.
-The first compiled run in a fresh inductor cache compiles for about a minute per graph on two CPU cores.
+The first compiled run in a fresh inductor cache compiles for about a minute per graph on two CPU cores, a cost per
+distinct kernel: the compiled runs use tiny models whose UNet keeps only its cross-attention level (about half the
+kernels of the two-level tiny UNet; `clif.fixtures.tiny.build(..., unet_levels=1)`).
 """
 
 from __future__ import annotations
@@ -58,10 +60,37 @@ def close_files(a, b, names, tol=TOL) -> None:
 EMBEDDINGS = ["embeddings/redball.safetensors", "embeddings/bluebox.safetensors"]
 
 
-def test_compiled_ti_on_sdxl_equals_eager_with_checkpointing_and_cached_latents(tiny_sdxl, concept_set, tmp_path):
-    eager, comp = tmp_path / "eager", tmp_path / "compiled"
-    assert graphs_compiled(lambda: train_ti.main(ti_args(tiny_sdxl, concept_set, eager, "--cache_latents"))) == 0
-    argv = ti_args(tiny_sdxl, concept_set, comp, "--cache_latents", "--gradient_checkpointing", "--torch_compile")
+@pytest.fixture(scope="module")
+def one_level(tmp_path_factory) -> dict:
+    """Tiny sd15 and sdxl pipelines with a one-level UNet (what the compiled runs compile)."""
+    from clif.fixtures.tiny import build
+
+    root = tmp_path_factory.mktemp("one_level")
+    return {family: build(family, root / family, unet_levels=1) for family in ("sd15", "sdxl")}
+
+
+def test_one_level_unets_keep_the_cross_attention_and_the_conditioning(one_level, tiny_models):
+    """What the compiled runs compile: one cross-attention level, the family's conditioning, the same text side."""
+    from diffusers import UNet2DConditionModel
+
+    from clif.fixtures.tiny import build
+
+    for family, folder in one_level.items():
+        one = UNet2DConditionModel.load_config(folder / "unet")
+        two = UNet2DConditionModel.load_config(tiny_models[family] / "unet")
+        assert one["down_block_types"] == ["CrossAttnDownBlock2D"] and len(two["down_block_types"]) == 2
+        assert one["addition_embed_type"] == two["addition_embed_type"]  # SDXL: text_time
+        assert one["cross_attention_dim"] == two["cross_attention_dim"]
+        same = (folder / "text_encoder" / "model.safetensors").read_bytes()
+        assert same == (tiny_models[family] / "text_encoder" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="unet_levels"):
+        build("sd15", "unused", unet_levels=3)
+
+
+def test_compiled_ti_on_sdxl_equals_eager_with_checkpointing_and_cached_latents(one_level, concept_set, tmp_path):
+    eager, comp, sdxl = tmp_path / "eager", tmp_path / "compiled", one_level["sdxl"]
+    assert graphs_compiled(lambda: train_ti.main(ti_args(sdxl, concept_set, eager, "--cache_latents"))) == 0
+    argv = ti_args(sdxl, concept_set, comp, "--cache_latents", "--gradient_checkpointing", "--torch_compile")
     assert graphs_compiled(lambda: train_ti.main(argv)) >= 1
     a, b = losses(eager), losses(comp)
     assert len(a) == len(b) == 3 and torch.allclose(a, b, **TOL), (a, b)
@@ -71,23 +100,23 @@ def test_compiled_ti_on_sdxl_equals_eager_with_checkpointing_and_cached_latents(
 
 
 @pytest.fixture(scope="module")
-def ti_stage(tiny_sd15, concept_set, tmp_path_factory):
+def ti_stage(one_level, concept_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "ti"
-    train_ti.main(ti_args(tiny_sd15, concept_set, out, "--max_train_steps", "2"))
+    train_ti.main(ti_args(one_level["sd15"], concept_set, out, "--max_train_steps", "2"))
     return out
 
 
-def test_compiled_lora_resume_equals_uninterrupted_and_eager(tiny_sd15, concept_set, ti_stage, tmp_path):
+def test_compiled_lora_resume_equals_uninterrupted_and_eager(one_level, concept_set, ti_stage, tmp_path):
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
              "--snr_gamma", "5", "--random_flip"]  # fmt: skip
-    eager, full, part = tmp_path / "eager", tmp_path / "full", tmp_path / "part"
-    train_lora.main(lora_args(tiny_sd15, concept_set, ti_stage, eager, *extra))
+    eager, full, part, sd15 = tmp_path / "eager", tmp_path / "full", tmp_path / "part", one_level["sd15"]
+    train_lora.main(lora_args(sd15, concept_set, ti_stage, eager, *extra))
     assert graphs_compiled(
-        lambda: train_lora.main(lora_args(tiny_sd15, concept_set, ti_stage, full, *extra, "--torch_compile"))
+        lambda: train_lora.main(lora_args(sd15, concept_set, ti_stage, full, *extra, "--torch_compile"))
     ) >= 1
     part.mkdir()
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
-    train_lora.main(lora_args(tiny_sd15, concept_set, ti_stage, part, *extra, "--torch_compile",
+    train_lora.main(lora_args(sd15, concept_set, ti_stage, part, *extra, "--torch_compile",
                               "--resume_from_checkpoint", "latest"))  # fmt: skip
     files = ["pytorch_lora_weights.safetensors", *EMBEDDINGS]
     same_files(full, part, files)  # resume = uninterrupted, bit for bit
@@ -107,7 +136,7 @@ def test_compiled_lora_v_prediction_bf16_caption_cache_dropout_resumes_bit_ident
     random numbers, drawn from torch's global generator, which checkpoints save)."""
     from clif.fixtures.tiny import build
 
-    model = build("sd15", tmp_path / "v", prediction_type="v_prediction")
+    model = build("sd15", tmp_path / "v", prediction_type="v_prediction", unet_levels=1)
     ti = tmp_path / "ti"
     train_ti.main(ti_args(model, concept_set, ti, "--max_train_steps", "1", "--mixed_precision", "bf16"))
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--mixed_precision", "bf16",

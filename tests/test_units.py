@@ -174,3 +174,25 @@ def test_missing_real_photos_skip_locally_and_fail_under_ci(monkeypatch, tmp_pat
     monkeypatch.delenv("CI")
     kind, msg = outcome()
     assert kind is pytest.skip.Exception and "no-such-set absent" in msg
+
+
+def test_built_once_builds_once_per_session_for_every_worker(monkeypatch, tmp_path):
+    """conftest.built_once: a second ask (another worker of the session) reuses the folder; under xdist the folder is
+    in the session's common folder, beside the workers' own."""
+    import conftest
+
+    factory = type("F", (), {"getbasetemp": lambda self: tmp_path / "session" / "popen-gw1"})()
+    (tmp_path / "session" / "popen-gw1").mkdir(parents=True)
+    calls = []
+
+    def build(out):
+        calls.append(out)
+        out.mkdir()
+        (out / "x").write_text("built")
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    first = conftest.built_once(factory, "thing", build)
+    assert conftest.built_once(factory, "thing", build) == first and len(calls) == 1
+    assert first == tmp_path / "session" / "built-once" / "thing" and (first / "x").read_text() == "built"
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")  # one process: the session's own folder
+    assert conftest.built_once(factory, "other", build).parent == tmp_path / "session" / "popen-gw1" / "built-once"
