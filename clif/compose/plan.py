@@ -7,6 +7,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from clif.errors import UserError
 
 from . import isolate
@@ -235,6 +237,7 @@ class Composer:
         if opts.regional or opts.save_attention_maps:
             install(pipe.unet, self.state)
         self._embeds: dict[str, tuple] = {}
+        self._regions: dict[str, torch.Tensor] = {}  # prompt -> its region prompts' states
 
     def embeds(self, plan: PromptPlan):
         """(prompt_embeds, pooled) this plan is generated from, or None when the pipeline encodes the prompt."""
@@ -267,8 +270,10 @@ class Composer:
             start = start or (ATTENTION_WARMUP if plan.from_maps else 0.0)
             st.window = (max(round(start * steps), int(plan.from_maps)), round(o.region_steps[1] * steps))
             rp = [plan.region_prompts[t] for t in plan.named]
-            if o.region_mode == "prompt":
-                st.region_states = self.enc.encode(self.enc.ids(rp))[0]
+            if o.region_mode == "prompt":  # encoded once per prompt, not once per batch
+                if plan.prompt not in self._regions:
+                    self._regions[plan.prompt] = self.enc.encode(self.enc.ids(rp))[0]
+                st.region_states = self._regions[plan.prompt]
             st.hidden = [[q for u in plan.named if u != t for q in glob[u]] for t in plan.named]
         if (o.save_attention_maps or plan.from_maps) and plan.named:
             rp_ids = self.enc.ids([plan.region_prompts[t] for t in plan.named])[0] if plan.region_prompts else []
