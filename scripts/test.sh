@@ -8,4 +8,6 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # subprocess start-up and small tensors. The threads are pinned for every process a test starts too, so a test that
 # compares an in-process run with a subprocess compares equal arithmetic.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q -rs -n auto tests "$@"  # -rs: every skip says why; -n 0: one process
+# --maxschedchunk 1: a test at a time to each worker, the heavy ones first (tests/conftest.py: heavy_first), so that the
+# workers end together. -rs: every skip says why; -n 0: one process.
+exec .venv/bin/python -m pytest -q -rs -n auto --maxschedchunk 1 tests "$@"

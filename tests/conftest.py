@@ -31,6 +31,24 @@ def data_gate(names, root: Path, ci: bool) -> tuple[str, str] | None:
     return ("fail", f"{reason} (CI=true: real-photo tests may not skip)") if ci else ("skip", reason)
 
 
+def heavy_first(items) -> None:
+    """Sort `items` in place: the tests marked `heavy(seconds)` first, longest first, then the rest in pytest's order.
+
+    scripts/test.sh hands pytest-xdist's workers one test at a time (`--maxschedchunk 1`), so with the longest tests
+    first the two workers finish together: with pytest's order a two-minute test near the end ran alone on one worker
+    while the other sat idle. The seconds are a test's cost from a fresh clone on 2 cores, rounded; only the order
+    uses them."""
+    def cost(item) -> float:
+        mark = item.get_closest_marker("heavy")
+        return -float(mark.args[0]) if mark else 0.0
+
+    items.sort(key=cost)  # stable: equal costs keep pytest's order
+
+
+def pytest_collection_modifyitems(items):
+    heavy_first(items)
+
+
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs_data"):
         gate = data_gate(mark.args, SHARED_DATA, os.environ.get("CI", "").lower() in ("true", "1"))

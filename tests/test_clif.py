@@ -128,6 +128,7 @@ def test_mechanism_confusion_drops(tiny_sd15, four, segmenter_dir, tmp_path):
     assert manifest["stage"] == "clif" and len(manifest["concepts"]) == 4
 
 
+@pytest.mark.heavy(20)
 def test_two_processes_same_loss_as_one(tiny_sd15, four, segmenter_dir, tmp_path):
     """1 process, batch 8 in one pass = 2 processes, batch 4 each in gradient-cached chunks of 3 and 1."""
     base = clif_args(tiny_sd15, four, None, segmenter_dir, tmp_path / "cache", "--max_train_steps", "3",
@@ -220,6 +221,7 @@ def test_segmenter_masks_cached_and_common_concepts_generated(tiny_sd15, segment
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.heavy(12)
 def test_stage1_text_encoder_lora_is_carried(family, tiny_models, concept_set, segmenter_dir, tmp_path):
     """--train_text_encoder lora: stage 2 trains against it and passes it on; stage 3 continues it;
     stock diffusers (load_textual_inversion + load_lora_weights) reproduces inference.py exactly."""

@@ -87,6 +87,7 @@ def test_one_level_unets_keep_the_cross_attention_and_the_conditioning(one_level
         build("sd15", "unused", unet_levels=3)
 
 
+@pytest.mark.heavy(85)
 def test_compiled_ti_on_sdxl_equals_eager_with_checkpointing_and_cached_latents(one_level, concept_set, tmp_path):
     eager, comp, sdxl = tmp_path / "eager", tmp_path / "compiled", one_level["sdxl"]
     assert graphs_compiled(lambda: train_ti.main(ti_args(sdxl, concept_set, eager, "--cache_latents"))) == 0
@@ -106,6 +107,7 @@ def ti_stage(one_level, concept_set, tmp_path_factory):
     return out
 
 
+@pytest.mark.heavy(60)
 def test_compiled_lora_resume_equals_uninterrupted_and_eager(one_level, concept_set, ti_stage, tmp_path):
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
              "--snr_gamma", "5", "--random_flip"]  # fmt: skip
@@ -130,6 +132,7 @@ def test_compiled_lora_resume_equals_uninterrupted_and_eager(one_level, concept_
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.heavy(75)
 def test_compiled_lora_v_prediction_bf16_caption_cache_dropout_resumes_bit_identical(concept_set, tmp_path):
     """The other combinations in one compiled run: an SD 2.x-style v-prediction model, bf16 autocast with bf16 frozen
     weights, frozen embeddings (the caption cache: no text encoder in the step) and LoRA dropout (inductor's own

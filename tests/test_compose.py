@@ -323,6 +323,7 @@ def test_saved_embeddings_reproduce_bitwise_in_stock_diffusers(family, tiny_mode
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.heavy(14)
 def test_regions_in_inference(family, tiny_models, chains, tmp_path):
     model, stage = tiny_models[family], chains[family]
     plain = _pixels(_gen(model, stage, tmp_path / "plain", "--regions", "none"))

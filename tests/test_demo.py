@@ -129,6 +129,7 @@ def test_demo_refuses_an_unknown_flag_in_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.heavy(75)
 def test_demo_runs_on_the_toy_world_at_reduced_steps(tmp_path):
     """The whole demo path (concept set, stages 1-3 through the run_train_*.sh scripts, inference, evaluate.py, the
     referee, the summary) at 2 steps a stage: the summary it prints is the one its files give."""

@@ -49,6 +49,7 @@ def weights(folder):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.heavy(16)
 def test_full_text_encoder_chain(family, tiny_models, concept_set, segmenter_dir, tmp_path, capsys):  # noqa: F811
     from diffusers import DiffusionPipeline
 

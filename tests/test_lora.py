@@ -81,6 +81,7 @@ def test_lora_chain_stock_and_kohya(family, tiny_models, concept_set, ti_runs, t
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.heavy(15)
 def test_sidecar_alone_remakes_its_image(family, tiny_models, concept_set, ti_runs, tmp_path):
     """Image 2 of 4, generated in batches of 1 and of 4 (SD 1.5 with embeddings, SDXL with LoRA), re-made bitwise
     from its sidecar alone: by clif.generate.remake and by the README's stock-diffusers recipe."""
@@ -198,6 +199,7 @@ def test_lora_bad_inputs(tiny_models, concept_set, ti_runs, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy(45)
 def test_full_sd15_architecture_one_step(tmp_path, concept_set):
     """The real SD1.5 architecture (random weights, no download): stage 2 then one stage-3 step, latents cached, at
     128 px (16x16 latents: every level of the UNet still runs; the VAE encodes dominate the cost at 256 px)."""

@@ -74,6 +74,7 @@ def test_sdxl_stage3_resume_is_bit_identical(tiny_sdxl, concept_set, tmp_path):
     assert any(k.startswith("text_encoder_2.") for k in lora) and any(k.startswith("unet.") for k in lora)
 
 
+@pytest.mark.heavy(20)
 def test_stage3_two_processes_match_one(tiny_sd15, concept_set, ti_sd15, tmp_path):
     """Stage 3 in 2 gloo processes (batch 1 each) = 1 process with the same global batch of 2."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -133,6 +134,7 @@ def test_prior_preservation_adds_the_class_loss(tiny_sd15, concept_set, ti_sd15,
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.heavy(35)
 def test_run_train_clif_and_lora_sh(tiny_sd15, concept_set, segmenter_dir, ti_sd15, tmp_path):
     """The stage-1 and stage-3 wrappers start `accelerate launch` with their defaults, overridable by flags."""
     s1, s3 = tmp_path / "s1", tmp_path / "s3"

@@ -16,6 +16,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.heavy(13)
 def test_run_train_ti_sh(tiny_sd15, concept_set, tmp_path):
     out = tmp_path / "ti"
     env = {**_env(), "MODEL": str(tiny_sd15), "DATA": str(concept_set), "OUT": str(out), "RES": "64",
@@ -29,6 +30,7 @@ def test_run_train_ti_sh(tiny_sd15, concept_set, tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # tensorboard is the default tracker
 
 
+@pytest.mark.heavy(15)
 def test_run_train_clif_sh_official_defaults(tiny_sd15, concept_set, tmp_path):
     """The stage-1 wrapper runs with the official settings: batch 2048 in gradient-cached chunks, lr 1e-4, wd 1e-2."""
     out = tmp_path / "clif"
@@ -85,6 +87,7 @@ def test_bad_flag_is_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "must be > 0" in r.stderr
 
 
+@pytest.mark.heavy(20)
 def test_stage2_two_processes_match_one(tiny_sd15, concept_set, tmp_path):
     """Stage 2 in 2 gloo processes (batch 1 each) = 1 process with the same global batch of 2."""
     from conftest import ti_args
