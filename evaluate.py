@@ -17,11 +17,7 @@ from clif import cli
 from clif.concepts import load_concept_set
 from clif.eval import dc, kinds, lookalikes, protocols, sources
 from clif.eval.evaluation import (
-    Backbone,
-    Detector,
-    Dino,
     References,
-    open_backbone,
     per_prompt,
     read_folder,
     score_folder,
@@ -184,18 +180,7 @@ def run(args) -> dict:
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     # every model named, before any loads: a mistyped path or a model that cannot load offline is named
     sources.check(args, metrics, {k: build_parser().get_default(k) for k in MODEL_FLAGS})
-    device, _ = auto_device_dtype("auto")
-    # the D&C model first: a bad --dc_model fails before other loads print their progress bars
-    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None
-    backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
-    if proto is not None:
-        if not isinstance(backbone, Backbone):
-            raise cli.UserError(f"--protocol {args.protocol} needs an open_clip model")
-        backbone.preprocess = protocols.clip_transform(proto)
-        dino = protocols.CDDino(args.dino, device, proto["dino_resize"], proto["dino_crop"])
-    else:
-        dino = Dino(args.dino, device) if args.dino else None
-    detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
+    dc_model, backbone, dino, detector = sources.open_models(args, metrics, proto, auto_device_dtype("auto")[0])
 
     refs = References.of(concepts, set_root, args.batch_size, backbone=backbone, dino=dino, dc_model=dc_model)
     settings = {

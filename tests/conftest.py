@@ -49,6 +49,25 @@ def pytest_collection_modifyitems(items):
     heavy_first(items)
 
 
+def pytest_collection_finish(session):
+    """Import what the tests' training and inference runs import (torch, diffusers, transformers, accelerate: ~300,000
+    long-lived objects), then move every object alive out of the garbage collector's reach: each later full
+    collection scans only what the tests make (0.2 s less for each of the hundreds of gc.collect() calls the runs
+    and libraries make). Nothing a test creates is frozen."""
+    import gc
+
+    import accelerate  # noqa: F401
+    import diffusers
+    import transformers
+
+    for name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel", "AutoencoderKL"):
+        getattr(diffusers, name)
+    for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPModel"):
+        getattr(transformers, name)
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("needs_data"):
         gate = data_gate(mark.args, SHARED_DATA, os.environ.get("CI", "").lower() in ("true", "1"))

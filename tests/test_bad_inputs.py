@@ -922,9 +922,11 @@ def empty_hub_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def loads(monkeypatch) -> list[str]:
     """The models evaluate.py loads, in order (the real loaders run)."""
+    from clif.eval import dc, evaluation  # what clif.eval.sources.open_models calls
+
     seen: list[str] = []
-    for owner, attr in [(evaluate, "open_backbone"), (evaluate, "Detector"), (evaluate, "Dino"),
-                        (evaluate.dc, "open_dc_model")]:
+    for owner, attr in [(evaluation, "open_backbone"), (evaluation, "Detector"), (evaluation, "Dino"),
+                        (dc, "open_dc_model")]:
         real = getattr(owner, attr)
         monkeypatch.setattr(owner, attr, lambda *a, _r=real, _n=attr, **k: (seen.append(_n), _r(*a, **k))[1])
     return seen

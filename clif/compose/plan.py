@@ -4,7 +4,7 @@ plan that generation follows: what the pipeline is called with, what the process
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -159,20 +159,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args) -> Options:
-    return Options(
-        regions=args.regions,
-        boxes=parse_boxes(args.region_box),
-        region_prompt=args.region_prompt,
-        region_mode=args.region_mode,
-        region_steps=tuple(args.region_steps),
-        region_strength=args.region_strength,
-        region_overlap=args.region_overlap,
-        isolate=args.isolate,
-        isolate_weight=args.isolate_weight,
-        isolate_end=args.isolate_end,
-        save_prompt_embeds=args.save_prompt_embeds,
-        save_attention_maps=args.save_attention_maps,
-    )
+    """inference.py's flags: one per field, named as the field, except --region_box (parsed into `boxes`)."""
+    flags = {f.name: getattr(args, f.name) for f in fields(Options) if f.name != "boxes"}
+    return Options(**{**flags, "boxes": parse_boxes(args.region_box), "region_steps": tuple(args.region_steps)})
 
 
 @dataclass
