@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clif import cli
 from clif.concepts import load_concept_set
-from clif.eval import dc, kinds, lookalikes, protocols, sources
+from clif.eval import backbones, dc, kinds, lookalikes, protocols, sources
 from clif.eval.evaluation import (
     References,
     per_prompt,
@@ -180,7 +180,7 @@ def run(args) -> dict:
     check_output_dir(out, overwrite=args.overwrite, deletes=False, inputs=inputs)
     # every model named, before any loads: a mistyped path or a model that cannot load offline is named
     sources.check(args, metrics, {k: build_parser().get_default(k) for k in MODEL_FLAGS})
-    dc_model, backbone, dino, detector = sources.open_models(args, metrics, proto, auto_device_dtype("auto")[0])
+    dc_model, backbone, dino, detector = backbones.open_models(args, metrics, proto, auto_device_dtype("auto")[0])
 
     refs = References.of(concepts, set_root, args.batch_size, backbone=backbone, dino=dino, dc_model=dc_model)
     settings = {

@@ -922,10 +922,10 @@ def empty_hub_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def loads(monkeypatch) -> list[str]:
     """The models evaluate.py loads, in order (the real loaders run)."""
-    from clif.eval import dc, evaluation  # what clif.eval.sources.open_models calls
+    from clif.eval import backbones, dc  # what clif.eval.backbones.open_models calls
 
     seen: list[str] = []
-    for owner, attr in [(evaluation, "open_backbone"), (evaluation, "Detector"), (evaluation, "Dino"),
+    for owner, attr in [(backbones, "open_backbone"), (backbones, "Detector"), (backbones, "Dino"),
                         (dc, "open_dc_model")]:
         real = getattr(owner, attr)
         monkeypatch.setattr(owner, attr, lambda *a, _r=real, _n=attr, **k: (seen.append(_n), _r(*a, **k))[1])

@@ -115,7 +115,7 @@ def test_pad_to_white_square():
 
 
 class _FakeDetector:
-    """Stands in for clif.eval.evaluation.Detector: records what it is asked, returns fixed boxes (OWLv2 coordinates)."""
+    """Stands in for clif.eval.backbones.Detector: records what it is asked, returns fixed boxes (OWLv2 coordinates)."""
 
     def __init__(self, boxes):
         self.device, self.seen, self.boxes = "cpu", {}, torch.tensor(boxes, dtype=torch.float32)

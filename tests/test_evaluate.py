@@ -15,7 +15,8 @@ import inference
 import train_ti
 from clif.concepts import load_concept_set
 from clif.eval import metrics
-from clif.eval.evaluation import Backbone, Item, score_folder, summarize
+from clif.eval.backbones import Backbone
+from clif.eval.evaluation import Item, score_folder, summarize
 
 DB = SHARED_DATA / "dreambench-mini"
 needs_db = needs_data("dreambench-mini")

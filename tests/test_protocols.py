@@ -91,7 +91,7 @@ def test_evaluate_protocol_end_to_end_on_tiny_models(tmp_path, monkeypatch):
     # both towers read their images through Custom Diffusion's transforms
     assert protocols.CLIP_MEAN in used and protocols.IMAGENET_MEAN in used
     # the text is the prompt with the token replaced by the class word, nothing prefixed; 2.5 x max(cos, 0)
-    from clif.eval.evaluation import Backbone
+    from clif.eval.backbones import Backbone
 
     b = Backbone(f"local-dir:{oc}", None, "cpu")
     b.preprocess = protocols.clip_transform(tiny)

@@ -174,7 +174,7 @@ def folder_rows(folder: Path, oracle_json: Path, metrics_json: Path, concepts_di
     """The joined per-image rows of one folder (`agreement` pools rows of many folders)."""
     from clif.concepts import load_concept_set, open_rgb
 
-    from .evaluation import open_backbone
+    from .backbones import open_backbone
     from .metrics import tokens_in
 
     oracle = json.loads(Path(oracle_json).read_text())["rows"]

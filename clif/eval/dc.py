@@ -104,7 +104,7 @@ def detect_boxes(detector, image: Image.Image, queries: list[str], threshold: fl
     """Every OWLv2 box scoring above `threshold` for any of `queries` (MuDI: raw class words, no NMS).
 
     `detector` has `.processor` (Owlv2Processor), `.model` (Owlv2ForObjectDetection) and `.device`, as
-    `clif.eval.evaluation.Detector`. Boxes are clamped to the image; empty ones (in OWLv2's padding) are dropped.
+    `clif.eval.backbones.Detector`. Boxes are clamped to the image; empty ones (in OWLv2's padding) are dropped.
     """
     image = image.convert("RGB")
     inputs = detector.processor(text=[list(queries)], images=image, return_tensors="pt")

@@ -55,22 +55,3 @@ def check(args, metrics: set[str], defaults: dict) -> None:
         avoid = "give --dc_model a local DINOv2 folder, or leave D&C out with --metrics clip confusion"
         models.append(ModelSource("--dc_model", args.dc_model, "D&C feature model", avoid, "dc_model" in named))
     check_models([m for m in models if m is not None])
-
-
-def open_models(args, metrics: set[str], proto: dict | None, device):
-    """(D&C model or None, CLIP backbone, DINO or None, detector or None), opened once sources.check passed; with a
-    protocol, its CLIP transform and DINO. The D&C model first: a bad --dc_model fails before other loads print."""
-    from clif.eval import dc, protocols
-    from clif.eval.evaluation import Backbone, Detector, Dino, open_backbone
-
-    dc_model = dc.open_dc_model(args.dc_model, device) if "dc" in metrics else None
-    backbone = open_backbone(args.clip_model, args.clip_pretrained, device)
-    if proto is not None:
-        if not isinstance(backbone, Backbone):
-            raise UserError(f"--protocol {args.protocol} needs an open_clip model")
-        backbone.preprocess = protocols.clip_transform(proto)
-        dino = protocols.CDDino(args.dino, device, proto["dino_resize"], proto["dino_crop"])
-    else:
-        dino = Dino(args.dino, device) if args.dino else None
-    detector = None if args.detector == "none" else Detector(args.detector, device, args.detector_threshold)
-    return dc_model, backbone, dino, detector
