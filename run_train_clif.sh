@@ -22,14 +22,14 @@ args=(
   --num_pairs 4096                # ours: twice the batch, so a batch is not mostly repeats
   --global_ratio 0.4 --region_ratio 0.2 --mix_ratio 0.4  # ours (not measured)
   --region_segments 8 --min_region_area 0.05 --regions_per_image 4  # ours: see clif/contrastive/regions.py
-  --holdout_images 1              # issue 9: >= 1 photo per concept held out for the confusion matrix
+  --holdout_images 1              # ours: >= 1 photo per concept held out for the confusion matrix
   --num_vectors 2                 # official code: two tokens per concept (<joe1> <joe2>)
   --train_batch_size 2048         # official code: 128 per GPU x 8 GPUs x 2 accumulation = 2048, here on one GPU
   --gradient_accumulation_steps 1 #   through gradient caching (next line) instead of 8 GPUs
   --text_chunk_size 256           # ours: text-encoder memory of 256 captions per pass (CPU numbers: README.md, "Performance")
   --learning_rate 1e-4            # official code
   --lr_scheduler constant         # official code
-  --adam_weight_decay 1e-2        # issue 9 (its reading of the official code)
+  --adam_weight_decay 1e-2        # our reading of the official code
   --max_train_steps 500           # ours (not measured; the official code runs 200 epochs of its pair set)
   --mixed_precision fp16          # official code
   --checkpointing_steps 250 --checkpoints_total_limit 2  # ours

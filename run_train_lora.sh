@@ -21,11 +21,11 @@ args=(
   --pretrained_model_name_or_path "$MODEL" --train_data_dir "$DATA" --stage_dir "$STAGE" --output_dir "$OUT"
   --resolution "$RES"             # official code: 1024 (SDXL)
   --rank 16                       # official code
-  --lora_alpha 16                 # issue 9 (its reading of the official code): alpha = rank
+  --lora_alpha 16                 # our reading of the official code: alpha = rank
   --lora_targets to_q,to_k,to_v,to_out.0  # official code: all attention projections
   --learning_rate 2e-4            # official code
-  --embedding_learning_rate 2e-4  # issue 9 (its reading of the official code): embeddings at the LoRA lr
-  --train_batch_size 4            # issue 9: effective 64 (the official code has 5 per GPU x 2 x 8 GPUs = 80);
+  --embedding_learning_rate 2e-4  # our reading of the official code: embeddings at the LoRA lr
+  --train_batch_size 4            # ours: effective 64 (the official code has 5 per GPU x 2 x 8 GPUs = 80);
   --gradient_accumulation_steps 16  # here 4 x 16 = 64 on one GPU (divide by the number of GPUs)
   --gradient_checkpointing        # official code
   --lr_scheduler constant         # official code

@@ -144,10 +144,15 @@ def test_demo_runs_on_the_toy_world_at_reduced_steps(tmp_path):
     assert printed == summary_lines(demo)
     for path in re.findall(r"(/\S+\.png)", printed[0]):
         assert Path(path).is_file(), path
-    # the stages ran in a chain at the asked steps
+    # the stages ran in a chain at the asked steps, through the run_train_*.sh wrappers: their defaults hold where
+    # the demo's flags do not override them
+    args = {}
     for stage, prev in (("s1-clif", None), ("s2-ti", "s1-clif"), ("s3-lora", "s2-ti")):
-        args = json.loads((demo / stage / "clif_manifest.json").read_text())["args"]
-        assert args["max_train_steps"] == 2 and (prev is None or Path(args["stage_dir"]).name == prev)
+        args[stage] = json.loads((demo / stage / "clif_manifest.json").read_text())["args"]
+        assert args[stage]["max_train_steps"] == 2 and (prev is None or Path(args[stage]["stage_dir"]).name == prev)
+    assert args["s1-clif"]["common_words"] in ("ball,box", ["ball", "box"]) and args["s1-clif"]["mix_ratio"] == 0.4
+    assert args["s2-ti"]["cache_latents"] is True and list((demo / "s2-ti" / "logs").rglob("events.out.tfevents.*"))
+    assert args["s3-lora"]["export_kohya"] is True and (demo / "s3-lora" / "s3-lora_kohya.safetensors").is_file()
     # referee.json is the referee's reading of the images the demo generated
     again = referee_read([demo / "images-single", demo / "images-pair"], demo / "concepts", tmp_path / "again.json")
     written = json.loads((demo / "referee.json").read_text())

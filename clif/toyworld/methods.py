@@ -24,7 +24,7 @@ TI, LORA = Stage("ti", "ti"), Stage("lora", "lora")
 CLIF = Stage("clif", "clif")  # the concept-token rows only
 CLIF_TE = Stage("clif_te", "clif", ("--train_text_encoder", "lora", "--text_encoder_lr", "1e-3"))
 CLIF_FULL = Stage("clif_full", "clif", ("--train_text_encoder", "full", "--text_encoder_lr", "1e-4"))
-# issue 23: today's sampling (uniform over images) against the default (each concept the same share)
+# the earlier sampling (uniform over images) against the default (each concept the same share)
 TI_BY_IMAGES = Stage("ti_by_images", "ti", ("--concept_balance", "images"))
 LORA_BY_IMAGES = Stage("lora_by_images", "lora", ("--concept_balance", "images"))
 # stage 2 skipped and stage 3's concept rows frozen: the rows the UNet sees are exactly stage 1's
