@@ -218,18 +218,19 @@ def load_model(
     quiet_loading()
     family = detect_family(path, revision)
     kw = {"revision": revision}
+    # fp32 whatever the files hold: transformers would keep a text encoder stored in fp16 in fp16 (diffusers casts
+    # to fp32); the stages cast the frozen weights themselves and train in fp32
+    weights = {**kw, "variant": variant, "dtype": torch.float32}
     with loading("model", path):
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
-        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)]
         if family == "sdxl":
             tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
-            encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant, **kw)
-            )
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights))
         unet = vae = None
         if not text_only:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     for m in (*encoders, unet, vae):
         if m is None:

@@ -1,5 +1,5 @@
-"""The suite's own machinery: its schedule (tests/conftest.py, scripts/test.sh: the heavy tests first, the longest
-first) and its set-up (scripts/setup.sh)."""
+"""The suite's own machinery: its schedule (tests/conftest.py, scripts/test.sh): the heavy tests first, the longest
+first."""
 
 from __future__ import annotations
 
@@ -33,18 +33,3 @@ def test_the_suite_is_collected_heavy_first_and_the_workers_get_one_test_at_a_ti
     assert len(ids) > 20 and all("test_compile.py::test_compiled_" in i for i in ids[:3]), ids[:4]
     assert not any("test_compile.py::test_compiled_" in i for i in ids[3:])
     assert "--maxschedchunk 1" in (REPO / "scripts" / "test.sh").read_text()
-
-
-def test_setup_installs_without_compiling_then_compiles_what_the_project_imports():
-    """scripts/setup.sh: pip --no-compile, then scripts/warm_bytecode.py, whose every module and class resolves."""
-    import importlib.util
-
-    setup = (REPO / "scripts" / "setup.sh").read_text()
-    pip = [ln for ln in setup.splitlines() if "-m pip install" in ln]
-    assert len(pip) == 2 and all("--no-compile" in ln for ln in pip) and "PYTHONDONTWRITEBYTECODE= " in setup
-    assert "scripts/warm_bytecode.py" in setup
-    spec = importlib.util.spec_from_file_location("warm_bytecode", REPO / "scripts" / "warm_bytecode.py")
-    warm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(warm)
-    warm.main()  # raises if a listed module or class is gone
-    assert len(warm.SCRIPTS) == 5 and all((REPO / f"{s}.py").is_file() for s in warm.SCRIPTS)

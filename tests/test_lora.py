@@ -202,11 +202,12 @@ def test_lora_bad_inputs(tiny_models, concept_set, ti_runs, tmp_path, capsys):
 @pytest.mark.heavy(45)
 def test_full_sd15_architecture_one_step(tmp_path, concept_set):
     """The real SD1.5 architecture (random weights, no download): stage 2 then one stage-3 step, latents cached, at
-    128 px (16x16 latents: every level of the UNet still runs; the VAE encodes dominate the cost at 256 px)."""
+    128 px (16x16 latents: every level of the UNet still runs; the VAE encodes dominate the cost at 256 px). Stored in
+    fp16, as many checkpoints are (half the bytes to write and read); it trains in fp32 all the same (test_tiny)."""
     from bench.benchmark import build_full_sd15
     from clif.fixtures.synthetic import write_concept_set
 
-    model = build_full_sd15(tmp_path / "sd15")
+    model = build_full_sd15(tmp_path / "sd15", dtype=torch.float16)
     data = write_concept_set(tmp_path / "data", n_concepts=2, n_images=2, size=128)
     common = ["--resolution", "128", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
               "--max_train_steps", "1", "--report_to", "none", "--cache_latents"]

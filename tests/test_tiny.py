@@ -49,3 +49,19 @@ def test_sdxl_architecture_and_paired_clip(tiny_sdxl):
         assert torch.equal(v, clip2.text_model.state_dict()[k]), k
     assert torch.equal(enc2.text_projection.weight, clip2.text_projection.weight)
     assert (tiny_sdxl / "paired_clip" / "model.safetensors").exists()
+
+
+def test_a_model_stored_in_half_precision_loads_for_training_in_fp32(tiny_sdxl, tmp_path):
+    """Many checkpoints are stored in fp16: load_model gives fp32 modules all the same (transformers alone would keep
+    the text encoders in fp16), holding the stored values."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from clif.models import load_model
+
+    StableDiffusionXLPipeline.from_pretrained(tiny_sdxl).to(torch.float16).save_pretrained(tmp_path / "half")
+    model = load_model(str(tmp_path / "half"))
+    modules = {"unet": model.unet, "vae": model.vae, "te1": model.text_encoders[0], "te2": model.text_encoders[1]}
+    assert {n: {p.dtype for p in m.parameters()} for n, m in modules.items()} == {n: {torch.float32} for n in modules}
+    half = load_file(str(tmp_path / "half" / "text_encoder_2" / "model.safetensors"))
+    k = next(k for k in half if k.endswith("q_proj.weight"))
+    assert torch.equal(dict(model.text_encoders[1].named_parameters())[k], half[k].float())
