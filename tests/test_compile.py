@@ -4,7 +4,7 @@ A compiled run's losses equal the eager run's within TOL; a resumed compiled run
 uninterrupted compiled run; what the compiled step cannot serve is refused in one line before anything is written.
 The first compiled run in a fresh inductor cache compiles for about a minute per graph on two CPU cores, a cost per
 distinct kernel: the compiled runs use tiny models whose UNet keeps only its cross-attention level (about half the
-kernels of the two-level tiny UNet; `clif.fixtures.tiny.build(..., unet_levels=1)`).
+kernels of the two-level tiny UNet; `clif.fixtures.tiny.build(..., unet_levels=1)`), and scalar kernels (below).
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def close_files(a, b, names, tol=TOL) -> None:
 EMBEDDINGS = ["embeddings/redball.safetensors", "embeddings/bluebox.safetensors"]
 
 
+@pytest.fixture(autouse=True)
+def scalar_kernels():
+    """Inductor writes scalar C++ kernels here (`cpp.vec_isa_ok=False`): the same graphs, the same assertions, and 40 %
+    less g++ time from a cold cache (the LoRA resume test: 65 s -> 40 s on 2 cores). What these tests check — the
+    compiled step equals the eager one, resumes bit for bit, saves clean keys — does not depend on how inductor
+    vectorizes a kernel, which is inductor's own business."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.vec_isa_ok": False}):
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_level(tmp_path_factory) -> dict:
     """Tiny sd15 and sdxl pipelines with a one-level UNet (what the compiled runs compile)."""
@@ -87,7 +99,7 @@ def test_one_level_unets_keep_the_cross_attention_and_the_conditioning(one_level
         build("sd15", "unused", unet_levels=3)
 
 
-@pytest.mark.heavy(85)
+@pytest.mark.heavy(45)
 def test_compiled_ti_on_sdxl_equals_eager_with_checkpointing_and_cached_latents(one_level, concept_set, tmp_path):
     eager, comp, sdxl = tmp_path / "eager", tmp_path / "compiled", one_level["sdxl"]
     assert graphs_compiled(lambda: train_ti.main(ti_args(sdxl, concept_set, eager, "--cache_latents"))) == 0
@@ -107,7 +119,7 @@ def ti_stage(one_level, concept_set, tmp_path_factory):
     return out
 
 
-@pytest.mark.heavy(60)
+@pytest.mark.heavy(40)
 def test_compiled_lora_resume_equals_uninterrupted_and_eager(one_level, concept_set, ti_stage, tmp_path):
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
              "--snr_gamma", "5", "--random_flip"]  # fmt: skip
@@ -132,7 +144,7 @@ def test_compiled_lora_resume_equals_uninterrupted_and_eager(one_level, concept_
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-@pytest.mark.heavy(75)
+@pytest.mark.heavy(45)
 def test_compiled_lora_v_prediction_bf16_caption_cache_dropout_resumes_bit_identical(concept_set, tmp_path):
     """The other combinations in one compiled run: an SD 2.x-style v-prediction model, bf16 autocast with bf16 frozen
     weights, frozen embeddings (the caption cache: no text encoder in the step) and LoRA dropout (inductor's own

@@ -33,3 +33,13 @@ def test_the_suite_is_collected_heavy_first_and_the_workers_get_one_test_at_a_ti
     assert len(ids) > 20 and all("test_compile.py::test_compiled_" in i for i in ids[:3]), ids[:4]
     assert not any("test_compile.py::test_compiled_" in i for i in ids[3:])
     assert "--maxschedchunk 1" in (REPO / "scripts" / "test.sh").read_text()
+
+
+def test_the_libraries_objects_are_out_of_the_collectors_reach():
+    """conftest.pytest_collection_finish froze what the imports made (diffusers' and transformers' model classes
+    included): a full collection scans only what tests make."""
+    import gc
+    import sys
+
+    assert gc.get_freeze_count() > 100_000
+    assert "diffusers.models.unets.unet_2d_condition" in sys.modules
