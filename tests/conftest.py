@@ -106,16 +106,17 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
+    """Built once for all workers (built_once): the stage folders other fixtures build once name this path."""
     from clif.fixtures.tiny import build
 
-    return build("sd15", tmp_path_factory.mktemp("tiny") / "sd15")
+    return built_once(tmp_path_factory, "tiny_sd15", lambda out: build("sd15", out / "sd15")) / "sd15"
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     from clif.fixtures.tiny import build
 
-    return build("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
+    return built_once(tmp_path_factory, "tiny_sdxl", lambda out: build("sdxl", out / "sdxl")) / "sdxl"
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +128,8 @@ def tiny_models(tiny_sd15, tiny_sdxl) -> dict[str, Path]:
 def concept_set(tmp_path_factory) -> Path:
     from clif.fixtures.synthetic import write_concept_set
 
-    return write_concept_set(tmp_path_factory.mktemp("data") / "set", n_concepts=2, n_images=3)
+    return built_once(tmp_path_factory, "concept_set", lambda out: write_concept_set(out / "set", n_concepts=2,
+                                                                                      n_images=3)) / "set"
 
 
 def colour_histogram(images):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import lora_args, stock_pipeline, ti_args
+from conftest import built_once, lora_args, stock_pipeline, ti_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -190,14 +190,16 @@ def test_region_masks_at_every_attention_resolution(family, pipes):
 
 @pytest.fixture(scope="module")
 def chains(tiny_models, concept_set, tmp_path_factory):
-    """Stage 3 (LoRA) on stage 2, both families: what inference and the probe load."""
-    out = {}
-    for family, model in tiny_models.items():
-        root = tmp_path_factory.mktemp(f"chain-{family}")
-        train_ti.main(ti_args(model, concept_set, root / "ti", "--max_train_steps", "2"))
-        train_lora.main(lora_args(model, concept_set, root / "ti", root / "lora", "--max_train_steps", "2"))
-        out[family] = root / "lora"
-    return out
+    """Stage 3 (LoRA) on stage 2, both families: what inference and the probe load (built once for all workers)."""
+
+    def build(root):
+        for family, model in tiny_models.items():
+            train_ti.main(ti_args(model, concept_set, root / family / "ti", "--max_train_steps", "2"))
+            train_lora.main(lora_args(model, concept_set, root / family / "ti", root / family / "lora",
+                                      "--max_train_steps", "2"))  # fmt: skip
+
+    root = built_once(tmp_path_factory, "compose-chains", build)
+    return {family: root / family / "lora" for family in tiny_models}
 
 
 def _encoder(family, tiny_models, chains):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, load_embedding, lora_args, needs_data, run_cli, stock_pipeline, ti_args
+from conftest import SHARED_DATA, built_once, load_embedding, lora_args, needs_data, run_cli, stock_pipeline, ti_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -21,12 +21,12 @@ import train_ti
 
 @pytest.fixture(scope="module")
 def ti_runs(tiny_models, concept_set, tmp_path_factory):
-    runs = {}
-    for family, model in tiny_models.items():
-        out = tmp_path_factory.mktemp("ti") / family
-        train_ti.main(ti_args(model, concept_set, out, "--max_train_steps", "2"))
-        runs[family] = out
-    return runs
+    def build(root):
+        for family, model in tiny_models.items():
+            train_ti.main(ti_args(model, concept_set, root / family, "--max_train_steps", "2"))
+
+    root = built_once(tmp_path_factory, "lora-ti-runs", build)
+    return {family: root / family for family in tiny_models}
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import HANG_GUARD_S, REPO, ti_args
+from conftest import HANG_GUARD_S, REPO, built_once, ti_args
 from safetensors.torch import load_file
 
 import train_clif
@@ -44,9 +44,8 @@ def _losses(out) -> list[float]:
 
 @pytest.fixture(scope="module")
 def ti_sd15(tiny_sd15, concept_set, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ti") / "sd15"
-    train_ti.main(ti_args(tiny_sd15, concept_set, out, "--max_train_steps", "1"))
-    return out
+    build = lambda out: train_ti.main(ti_args(tiny_sd15, concept_set, out / "sd15", "--max_train_steps", "1"))  # noqa: E731
+    return built_once(tmp_path_factory, "paths-ti-sd15", build) / "sd15"
 
 
 @pytest.fixture(scope="module")

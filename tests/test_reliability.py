@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG_GUARD_S, REPO, run_cli, ti_args
+from conftest import HANG_GUARD_S, REPO, built_once, run_cli, ti_args
 from safetensors.torch import load_file
 
 import train_lora
@@ -42,9 +42,10 @@ def _refused(main, argv, capsys, needle: str, *keep: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ti_run(tiny_sd15, concept_set, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("own") / "ti"
-    train_ti.main(ti_args(tiny_sd15, concept_set, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
-    return out
+    def build(out):
+        train_ti.main(ti_args(tiny_sd15, concept_set, out / "ti", "--max_train_steps", "2", "--checkpointing_steps", "1"))
+
+    return built_once(tmp_path_factory, "reliability-ti", build) / "ti"
 
 
 def test_overwrite_spares_foreign_folders(tiny_sd15, concept_set, ti_run, tmp_path, capsys):
@@ -214,9 +215,8 @@ if os.environ.get("CLIF_LONG_TESTS"):  # SDXL: passes, but ~75 s alone on 2 core
 
 @pytest.fixture(scope="module")
 def ti_run_xl(tiny_sdxl, concept_set, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("own") / "ti_xl"
-    train_ti.main(ti_args(tiny_sdxl, concept_set, out, "--max_train_steps", "1"))
-    return out
+    build = lambda out: train_ti.main(ti_args(tiny_sdxl, concept_set, out / "ti_xl", "--max_train_steps", "1"))  # noqa: E731
+    return built_once(tmp_path_factory, "reliability-ti-xl", build) / "ti_xl"
 
 
 @pytest.mark.parametrize("case", sorted(KILL_CASES))

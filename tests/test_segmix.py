@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import lora_args, run_cli, ti_args
+from conftest import built_once, lora_args, run_cli, ti_args
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -244,9 +244,8 @@ def test_masks_come_from_the_segmenter_when_the_set_has_none(concept_set, tmp_pa
 
 @pytest.fixture(scope="module")
 def ti_run(tiny_sd15, concept_set, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ti") / "sd15"
-    train_ti.main(ti_args(tiny_sd15, concept_set, out, "--max_train_steps", "2"))
-    return out
+    build = lambda out: train_ti.main(ti_args(tiny_sd15, concept_set, out / "sd15", "--max_train_steps", "2"))  # noqa: E731
+    return built_once(tmp_path_factory, "segmix-ti", build) / "sd15"
 
 
 def weights(out):
