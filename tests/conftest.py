@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """Import what the tests' training and inference runs import (torch, diffusers, transformers, accelerate: ~300,000
+    """Import what the tests' training and inference runs import (torch, diffusers, transformers, accelerate: ~500,000
     long-lived objects), then move every object alive out of the garbage collector's reach: each later full
     collection scans only what the tests make (0.2 s less for each of the hundreds of gc.collect() calls the runs
     and libraries make). Nothing a test creates is frozen."""
