@@ -621,6 +621,8 @@ for cmd, flags in TOY_COUNTS.items():
 for cmd, flag in [("experiment", "--seeds"), ("pretrain", "--seed")]:
     case(f"toy-{cmd}{flag}=-1", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, "-1"), f"{flag}: must be in [0, ")
     case(f"toy-{cmd}{flag}=2**63", "toy", lambda c, a=cmd, f=flag: _toy(c, a, f, str(2**63)), f"{flag}: must be")
+case("toy-experiment-rung-unknown", "toy", lambda c: _toy(c, "experiment", "--rungs", "distinct", "nonesuch"),
+     "--rungs: 'nonesuch' is not in")
 case("toy-experiment--seeds-one-bad", "toy", lambda c: _toy(c, "experiment", "--seeds", "0", "x"), "--seeds: expected")
 case("toy-pretrain--unet_stop_at=-1", "toy", lambda c: _toy(c, "pretrain", "--unet_stop_at", "-1"),
      "--unet_stop_at: must be in [0, 10000000], got -1")

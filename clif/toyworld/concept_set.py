@@ -16,12 +16,12 @@ from clif.cli import image_size, non_negative, positive
 from clif.errors import UserError
 
 from .ladder import (
-    DEFAULT_RUNGS_FILE,
     FIELDS,
     PAIR_PROMPTS,
     SINGLE_PROMPTS,
+    add_rungs_file_arg,
     check_concepts,
-    load_rungs,
+    select_rungs,
     write_concept_set,
 )
 from .world import Obj
@@ -38,11 +38,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="A rung of --rungs_file (e.g. distinct: a red ball and a blue box); or give --concept twice or more.",
     )
-    p.add_argument(
-        "--rungs_file",
-        default=str(DEFAULT_RUNGS_FILE),
-        help="JSON of rungs (default: clif/toyworld/rungs.json, the ladder: distinct, lookalike, twin, ...).",
-    )
+    add_rungs_file_arg(p)
     p.add_argument(
         "--concept",
         action="append",
@@ -63,9 +59,7 @@ def concepts_from_args(args) -> dict[str, Obj]:
     if bool(args.rung) == bool(args.concept):
         raise UserError("give either --rung or --concept (twice or more)")
     if args.rung:
-        rungs = load_rungs(args.rungs_file)
-        if args.rung not in rungs:
-            raise UserError(f"--rung: {args.rung!r} is not in {args.rungs_file} (it has: {', '.join(rungs)})")
+        rungs = select_rungs(args.rungs_file, [args.rung], "--rung")
         spec = {
             name: {"class": o.cls, "color": o.color, "mark": o.pattern, "mark_color": o.pattern_color}
             | ({"images": rungs[args.rung].images[name]} if args.images is None else {})

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 from clif import cli
-from clif.errors import UserError
 from clif.eval.agreement import agreement, folder_rows
 
 from .gate import referee_and_gate
-from .ladder import DEFAULT_RUNGS_FILE, load_rungs, prompt_set, write_concept_set
+from .ladder import add_rungs_file_arg, prompt_set, select_rungs, write_concept_set
 from .methods import LABELS, LADDER, METHODS, chain_dirs, generation_options, stage_argv
 from .probe import fresh_views, leak_figure, stage_rows, words_row
 from .referee import Referee
@@ -246,11 +245,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     base, work = Path(args.base), Path(args.out)
-    all_rungs = load_rungs(args.rungs_file)
-    missing = [r for r in args.rungs or [] if r not in all_rungs]
-    if missing:
-        raise UserError(f"--rungs: {missing[0]!r} is not in {args.rungs_file} (it has: {', '.join(all_rungs)})")
-    RUNGS = {r: all_rungs[r] for r in args.rungs or all_rungs}
+    RUNGS = select_rungs(args.rungs_file, args.rungs, "--rungs")
     work.mkdir(parents=True, exist_ok=True)
     size = json.loads((base / "toyworld.json").read_text())["size"]
     steps = {"size": size, "clif": args.clif_steps, "ti": args.ti_steps, "lora": args.lora_steps}
@@ -331,12 +326,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Referee folder (loaded if there, else trained on the base VAE's round trips; default OUT/referee).",
     )
-    p.add_argument(
-        "--rungs_file",
-        default=str(DEFAULT_RUNGS_FILE),
-        help="JSON of the ladder's rungs (default: clif/toyworld/rungs.json; format in its _about and "
-        "docs/toyworld.md).",
-    )
+    add_rungs_file_arg(p)
     p.add_argument("--rungs", nargs="+", default=None, help="Rungs of --rungs_file to run (default: all of them).")
     p.add_argument("--seeds", type=cli.seed_type(), nargs="+", default=[0, 1, 2], help="Training/generation seeds.")
     p.add_argument(

@@ -39,6 +39,25 @@ def load_rungs(path: str | Path = DEFAULT_RUNGS_FILE) -> dict[str, dict[str, Obj
     return {rung: check_concepts(concepts, f"--rungs_file {path}: rung {rung!r}") for rung, concepts in rungs.items()}
 
 
+def select_rungs(path: str | Path, names: list[str] | None, flag: str) -> dict[str, Rung]:
+    """The rungs `names` of the rungs file (all of them when None); a name the file lacks is a UserError naming
+    `flag`."""
+    rungs = load_rungs(path)
+    missing = [n for n in names or () if n not in rungs]
+    if missing:
+        raise UserError(f"{flag}: {missing[0]!r} is not in {path} (it has: {', '.join(rungs)})")
+    return rungs if names is None else {n: rungs[n] for n in names}
+
+
+def add_rungs_file_arg(p) -> None:
+    p.add_argument(
+        "--rungs_file",
+        default=str(DEFAULT_RUNGS_FILE),
+        help="JSON of the ladder's rungs (default: clif/toyworld/rungs.json: distinct, lookalike, twin, ...; format in "
+        "its _about and docs/toyworld.md).",
+    )
+
+
 def check_concepts(concepts, where: str) -> Rung:
     """`{concept: {"class", "color", "mark"?, "mark_color"?, "images"?}}` checked against the world's vocabulary;
     a mistake is one UserError line that starts with `where` and names the concept and field."""
